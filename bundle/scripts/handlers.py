@@ -1,0 +1,56 @@
+"""Two small ignite handlers MONAI does not ship: the learning rate in TensorBoard and metrics as a JSON file."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from ignite.engine import Engine, Events
+from torch.utils.tensorboard import SummaryWriter
+
+
+class LearningRateLogger:
+    """Write the optimizer's learning rate to TensorBoard after every epoch (scheduled LRs are worth watching)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, log_dir: str, tag: str = "learning_rate") -> None:
+        self.optimizer, self.log_dir, self.tag = optimizer, log_dir, tag
+        self._writer: SummaryWriter | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+        engine.add_event_handler(Events.COMPLETED, lambda _: self._writer and self._writer.flush())
+
+    def __call__(self, engine: Engine) -> None:
+        if self._writer is None:
+            self._writer = SummaryWriter(log_dir=self.log_dir)
+        self._writer.add_scalar(self.tag, self.optimizer.param_groups[0]["lr"], engine.state.epoch)
+
+
+class MetricsJSONSaver:
+    """At the end of a run, write `engine.state.metrics` to `<output_dir>/<filename>` atomically."""
+
+    def __init__(self, output_dir: str, filename: str = "metrics.json", extra: dict | None = None) -> None:
+        self.path = Path(output_dir) / filename
+        self.extra = extra or {}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        metrics = {k: float(v) if isinstance(v, (int, float, torch.Tensor)) else v for k, v in engine.state.metrics.items()}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps({**self.extra, "metrics": metrics}, indent=2))
+        os.replace(tmp, self.path)
+
+
+def require_checkpoint(path: str) -> str:
+    """Fail early, with the way out, when the weights an evaluation or inference needs are missing."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"no trained weights at {path}. Train first (python -m monai.bundle run training --config_file "
+            f"configs/train.json ...), or copy a model.pt state dict there, or pass --checkpoint /path/to/model.pt."
+        )
+    return path

@@ -1,0 +1,162 @@
+"""Convert one PanNuke fold, once, into a compact cache the data loaders can read tile by tile.
+
+A fold is about 12.5 GB of float64; the cache holds the same information in about 1.2 GB (uint8 RGB, uint16
+instance map, uint8 type map, uint8 7-class label map, tissue names).  The source is read through short-lived
+memory maps of a few dozen tiles and the cache is written with plain sequential writes, so peak memory stays near
+one chunk whatever the fold size.  Every value check (NaN, integer masks, 0-255 scale) runs during this single pass,
+before any training; a cache is rebuilt when its source files change (size or modification time).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+from tqdm import tqdm
+
+from scripts.pannuke_files import FoldFiles, NpyHeader, PanNukeFormatError, read_npy_header
+from scripts.pannuke_format import TILE_SIZE
+from scripts.targets import label_map, masks_to_instances
+
+logger = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+CHUNK_TILES = 32
+CACHE_ARRAYS: dict[str, tuple[np.dtype, tuple[int, ...]]] = {
+    "image": (np.dtype(np.uint8), (TILE_SIZE, TILE_SIZE, 3)),
+    "inst": (np.dtype(np.uint16), (TILE_SIZE, TILE_SIZE)),
+    "type": (np.dtype(np.uint8), (TILE_SIZE, TILE_SIZE)),
+    "label": (np.dtype(np.uint8), (TILE_SIZE, TILE_SIZE)),
+}
+
+
+def fingerprint(files: FoldFiles) -> dict:
+    """What the cache was built from: a changed size or modification time means a rebuild."""
+    sources = {str(p.resolve()): [p.stat().st_size, p.stat().st_mtime_ns] for p in files.sources()}
+    return {"version": CACHE_VERSION, "fold": files.fold, "sources": sources}
+
+
+def cache_path(files: FoldFiles, cache_dir: str | os.PathLike) -> Path:
+    key = hashlib.sha1(str(files.images.resolve()).encode()).hexdigest()[:10]
+    return Path(cache_dir) / f"fold{files.fold}-{key}"
+
+
+def ensure_fold_cache(files: FoldFiles, cache_dir: str | os.PathLike) -> Path:
+    """Return the cache folder of a fold, building it first if it is missing or stale."""
+    root = cache_path(files, cache_dir)
+    expected = fingerprint(files)
+    meta = root / "meta.json"
+    if meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == expected:
+        logger.info(f"fold {files.fold}: using cache {root}")
+        return root
+    logger.info(f"fold {files.fold}: converting {files.images.parent} into the cache {root} (once per fold)")
+    tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        n = convert_fold(files, tmp)
+        (tmp / "meta.json").write_text(json.dumps({"fingerprint": expected, "tiles": n}, indent=1))
+        shutil.rmtree(root, ignore_errors=True)
+        tmp.rename(root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def open_fold_cache(root: Path) -> dict[str, np.ndarray]:
+    """Memory-map a built cache (read-only): tiles are read from disk only when a loader asks for them."""
+    arrays = {key: np.load(root / f"{key}.npy", mmap_mode="r") for key in CACHE_ARRAYS}
+    arrays["tissue"] = np.load(root / "tissue.npy")
+    return arrays
+
+
+def convert_fold(files: FoldFiles, out_dir: Path) -> int:
+    """Single validating pass over one fold, writing the cache arrays chunk by chunk."""
+    images_header, masks_header = read_npy_header(files.images), read_npy_header(files.masks)
+    n = images_header.shape[0]
+    tissues = load_tissue_names(files.types)
+    np.save(out_dir / "tissue.npy", tissues)
+    outputs = {key: open(out_dir / f"{key}.npy", "wb") for key in CACHE_ARRAYS}
+    try:
+        for key, f in outputs.items():
+            dtype, shape = CACHE_ARRAYS[key]
+            _write_npy_header(f, dtype, (n, *shape))
+        with tqdm(total=n, desc=f"fold {files.fold}", unit="tile", mininterval=2.0) as bar:
+            for start in range(0, n, CHUNK_TILES):
+                stop = min(start + CHUNK_TILES, n)
+                images = check_images(read_tiles(files.images, images_header, start, stop), files.images, start)
+                masks = check_masks(read_tiles(files.masks, masks_header, start, stop), files.masks, start)
+                chunk = convert_chunk(images, masks)
+                for key, f in outputs.items():
+                    f.write(np.ascontiguousarray(chunk[key], dtype=CACHE_ARRAYS[key][0]).tobytes())
+                bar.update(stop - start)
+    finally:
+        for f in outputs.values():
+            f.close()
+    return n
+
+
+def convert_chunk(images: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarray]:
+    """float64 tiles -> compact cache arrays for one chunk."""
+    out = {"image": np.rint(images).astype(np.uint8)}
+    pairs = [masks_to_instances(m) for m in masks]
+    out["inst"] = np.stack([p[0] for p in pairs])
+    out["type"] = np.stack([p[1] for p in pairs])
+    out["label"] = np.stack([label_map(i, t) for i, t in pairs])
+    return out
+
+
+def read_tiles(path: Path, header: NpyHeader, start: int, stop: int) -> np.ndarray:
+    """Copy tiles [start, stop) out of a .npy file through a memory map that is dropped right away."""
+    tile_bytes = int(np.prod(header.shape[1:])) * header.dtype.itemsize
+    mm = np.memmap(path, header.dtype, "r", offset=header.offset + start * tile_bytes, shape=(stop - start, *header.shape[1:]))
+    try:
+        return np.array(mm)
+    finally:
+        del mm
+
+
+def check_images(images: np.ndarray, path: Path, start: int) -> np.ndarray:
+    bad = ~np.isfinite(images)
+    if bad.any():
+        raise PanNukeFormatError(f"{path}: tile {start + np.argwhere(bad)[0][0]} holds NaN or infinite values.")
+    lo, hi = float(images.min()), float(images.max())
+    if lo < 0 or hi > 255:
+        raise PanNukeFormatError(f"{path}: pixel values must lie in 0-255, found {lo:g}..{hi:g} in tiles {start}+.")
+    if hi <= 1.0:
+        raise PanNukeFormatError(
+            f"{path}: pixel values lie in 0..{hi:g}, a 0-1 scale; PanNuke images are 0-255. Multiply by 255 and save."
+        )
+    return images
+
+
+def check_masks(masks: np.ndarray, path: Path, start: int) -> np.ndarray:
+    type_ids = masks[..., :5]
+    if not np.isfinite(type_ids).all():
+        raise PanNukeFormatError(f"{path}: tiles {start}+ hold NaN or infinite values in the type channels.")
+    if (type_ids < 0).any() or not np.array_equal(type_ids, np.rint(type_ids)):
+        raise PanNukeFormatError(
+            f"{path}: channels 0-4 must be non-negative integer instance ids, found fractional or negative values "
+            f"in tiles {start}+. These are not PanNuke instance masks (were they resized with interpolation?)."
+        )
+    return masks
+
+
+def load_tissue_names(path: Path) -> np.ndarray:
+    """Tissue names as a plain unicode array; some copies store them as an object array, which needs pickle."""
+    try:
+        names = np.load(path)
+    except ValueError:
+        names = np.load(path, allow_pickle=True)  # object array of str written by the PanNuke authors
+    return np.asarray(names).astype(str)
+
+
+def _write_npy_header(f: BinaryIO, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(f, header)

@@ -1,0 +1,97 @@
+"""The PanNuke folds a run uses, as MONAI datasets.
+
+`PanNuke` finds and header-checks every fold the run will touch (train, validation and test) when the config is
+parsed, so a missing or broken fold fails before any training and before any checkpoint is written.  Each fold is
+converted into its compact cache the first time a dataset asks for it.  `PanNukeDataset` then reads one tile at a
+time from the memory-mapped cache and hands MONAI transforms a dict of numpy arrays.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from monai.data import Dataset
+from monai.transforms import apply_transform
+
+from scripts.demo_data import ensure_demo_dataset
+from scripts.pannuke_cache import ensure_fold_cache, open_fold_cache
+from scripts.pannuke_files import FoldFiles, locate_folds
+
+logger = logging.getLogger(__name__)
+
+
+def as_fold_list(folds: int | str | Sequence) -> list[int]:
+    """Accept the forms a command-line override takes (1, "1,3", [1, 3]) and nested lists such as [[1, 3], 2, 3]."""
+    if isinstance(folds, str):
+        return [int(f) for f in folds.replace("[", "").replace("]", "").split(",") if f.strip()]
+    if isinstance(folds, (int, np.integer)):
+        return [int(folds)]
+    return [f for item in folds for f in as_fold_list(item)]
+
+
+class PanNuke:
+    """Checked, cached PanNuke folds under `dataset_dir` (synthetic demo data when `dataset_dir` is empty)."""
+
+    def __init__(
+        self,
+        dataset_dir: str | os.PathLike | None,
+        cache_dir: str | os.PathLike,
+        folds: int | str | Sequence[int] = (1, 2, 3),
+        demo_dir: str | os.PathLike | None = None,
+    ) -> None:
+        if not dataset_dir:
+            if demo_dir is None:
+                raise ValueError("dataset_dir is empty and no demo_dir was given: pass --dataset_dir /path/to/pannuke")
+            dataset_dir = ensure_demo_dataset(demo_dir)
+        self.dataset_dir = Path(dataset_dir)
+        self.cache_dir = Path(cache_dir)
+        self.files: dict[int, FoldFiles] = locate_folds(self.dataset_dir, as_fold_list(folds))
+
+    def cache(self, fold: int) -> Path:
+        if fold not in self.files:
+            raise ValueError(f"fold {fold} was not among the folds checked at start-up ({sorted(self.files)})")
+        return ensure_fold_cache(self.files[fold], self.cache_dir)
+
+
+class PanNukeDataset(Dataset):
+    """Tiles of one or more folds; each item is a dict with `keys` (image HWC uint8, label/inst/type HW) + tissue."""
+
+    def __init__(
+        self,
+        pannuke: PanNuke,
+        folds: int | str | Sequence[int],
+        transform: Callable | None = None,
+        keys: Sequence[str] = ("image", "label"),
+    ) -> None:
+        self.keys = tuple(keys)
+        self.roots = {fold: pannuke.cache(fold) for fold in as_fold_list(folds)}
+        records = []
+        for fold, root in self.roots.items():
+            tissues = np.load(root / "tissue.npy")
+            records += [{"fold": fold, "index": i, "tissue": str(t)} for i, t in enumerate(tissues)]
+        self._arrays: dict[int, dict[str, np.ndarray]] = {}
+        super().__init__(data=records, transform=transform)
+
+    def tissues(self) -> list[str]:
+        return [r["tissue"] for r in self.data]
+
+    def load(self, index: int) -> dict:
+        """Copy one tile out of the cache (memory maps are opened lazily, once per worker process)."""
+        record = self.data[index]
+        if record["fold"] not in self._arrays:
+            self._arrays[record["fold"]] = open_fold_cache(self.roots[record["fold"]])
+        arrays = self._arrays[record["fold"]]
+        return {**record, **{key: np.array(arrays[key][record["index"]]) for key in self.keys}}
+
+    def _transform(self, index: int):
+        item = self.load(index)
+        return apply_transform(self.transform, item) if self.transform is not None else item
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_arrays"] = {}  # memory maps are reopened in each worker, never pickled
+        return state

@@ -1,0 +1,146 @@
+"""Find the PanNuke folds on disk and check their array headers before anything is read.
+
+Two layouts are in use: the official zips (``Fold 1/images/fold1/images.npy``, ``Fold 1/masks/fold1/masks.npy``) and
+the Kaggle copy (``Part 1/Images/images.npy``, ``Part 1/Masks/masks.npy``).  Header checks are cheap (a few hundred
+bytes per file), so every fold a run needs is checked up front and a broken download fails before any training.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from scripts.pannuke_format import TILE_SIZE
+
+logger = logging.getLogger(__name__)
+
+LAYOUTS: dict[str, dict[str, str]] = {
+    "official": {
+        "images": "Fold {k}/images/fold{k}/images.npy",
+        "types": "Fold {k}/images/fold{k}/types.npy",
+        "masks": "Fold {k}/masks/fold{k}/masks.npy",
+    },
+    "kaggle": {
+        "images": "Part {k}/Images/images.npy",
+        "types": "Part {k}/Images/types.npy",
+        "masks": "Part {k}/Masks/masks.npy",
+    },
+}
+FOLDS = (1, 2, 3)
+DOWNLOAD_HINT = (
+    "Download PanNuke from https://warwick.ac.uk/fac/cross_fac/tia/data/pannuke (unzip 'Fold 1', 'Fold 2', 'Fold 3' "
+    "into one folder) or the Kaggle copy ('Part 1', 'Part 2', 'Part 3'), and pass that folder as --dataset_dir."
+)
+
+
+class PanNukeFormatError(ValueError):
+    """A PanNuke file is missing or not what the format promises; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class NpyHeader:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    offset: int  # bytes before the first element
+    fortran_order: bool
+
+
+@dataclass(frozen=True)
+class FoldFiles:
+    fold: int
+    layout: str
+    images: Path
+    masks: Path
+    types: Path
+
+    def sources(self) -> tuple[Path, Path, Path]:
+        return (self.images, self.masks, self.types)
+
+
+def read_npy_header(path: Path) -> NpyHeader:
+    """Read a .npy header without mapping the data, and check the file holds every byte the header promises."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran_order, dtype = read_header(f)
+            offset = f.tell()
+    except (OSError, ValueError) as e:
+        raise PanNukeFormatError(f"{path}: not a readable .npy file ({e}). Re-download or re-extract it.") from e
+    if dtype.hasobject:
+        return NpyHeader(tuple(shape), dtype, offset, fortran_order)
+    expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    actual = os.path.getsize(path)
+    if actual < expected:
+        raise PanNukeFormatError(
+            f"{path}: truncated, the header promises shape {tuple(shape)} {dtype} ({expected:,} bytes) but the file "
+            f"has {actual:,} bytes. The download or unzip was interrupted: fetch this file again."
+        )
+    return NpyHeader(tuple(shape), dtype, offset, fortran_order)
+
+
+def find_fold(dataset_dir: Path, fold: int) -> FoldFiles:
+    """Locate one fold in either layout; the error lists every path tried."""
+    tried = []
+    for layout, pattern in LAYOUTS.items():
+        paths = {key: dataset_dir / p.format(k=fold) for key, p in pattern.items()}
+        if paths["images"].is_file() or paths["masks"].is_file():
+            missing = [str(p) for p in paths.values() if not p.is_file()]
+            if missing:
+                raise PanNukeFormatError(
+                    f"fold {fold} ({layout} layout) in {dataset_dir} is incomplete, missing: {', '.join(missing)}. "
+                    + DOWNLOAD_HINT
+                )
+            return FoldFiles(fold, layout, paths["images"], paths["masks"], paths["types"])
+        tried.append(str(paths["images"]))
+    raise PanNukeFormatError(f"fold {fold} not found in {dataset_dir}: looked for {' and '.join(tried)}. " + DOWNLOAD_HINT)
+
+
+def check_fold_headers(files: FoldFiles) -> int:
+    """Check shapes, dtypes and counts of one fold from the headers alone; returns the number of tiles."""
+    images, masks = read_npy_header(files.images), read_npy_header(files.masks)
+    types = read_npy_header(files.types)
+    _expect_shape(files.images, images, (TILE_SIZE, TILE_SIZE, 3), "(N, 256, 256, 3) RGB tiles")
+    _expect_shape(files.masks, masks, (TILE_SIZE, TILE_SIZE, 6), "(N, 256, 256, 6): 5 type channels + background")
+    for path, header in ((files.images, images), (files.masks, masks)):
+        if header.dtype.kind not in "fiu" or header.fortran_order:
+            raise PanNukeFormatError(
+                f"{path}: expected a C-ordered numeric array (PanNuke ships float64), found dtype {header.dtype}"
+                f"{' in Fortran order' if header.fortran_order else ''}. Re-download the file."
+            )
+    if len(types.shape) != 1 or types.dtype.kind not in "UOS":
+        raise PanNukeFormatError(
+            f"{files.types}: expected (N,) tissue names, found shape {types.shape} dtype {types.dtype}."
+        )
+    counts = {files.images: images.shape[0], files.masks: masks.shape[0], files.types: types.shape[0]}
+    if len(set(counts.values())) != 1:
+        listing = ", ".join(f"{p} has {n}" for p, n in counts.items())
+        raise PanNukeFormatError(f"fold {files.fold}: tile counts differ ({listing}); the three files must match.")
+    if images.shape[0] == 0:
+        raise PanNukeFormatError(f"{files.images}: holds no tiles.")
+    return images.shape[0]
+
+
+def _expect_shape(path: Path, header: NpyHeader, tail: tuple[int, ...], what: str) -> None:
+    if len(header.shape) != 4 or header.shape[1:] != tail:
+        raise PanNukeFormatError(f"{path}: expected shape {what}, found {header.shape}.")
+
+
+def locate_folds(dataset_dir: str | os.PathLike, folds: list[int]) -> dict[int, FoldFiles]:
+    """Find and header-check every requested fold, logging which layout was found."""
+    root = Path(dataset_dir)
+    if not root.is_dir():
+        raise PanNukeFormatError(f"dataset_dir {root} is not a folder. " + DOWNLOAD_HINT)
+    found = {}
+    for fold in sorted(set(folds)):
+        if fold not in FOLDS:
+            raise PanNukeFormatError(f"fold {fold} does not exist: PanNuke has folds 1, 2 and 3.")
+        files = find_fold(root, fold)
+        n = check_fold_headers(files)
+        logger.info(f"PanNuke fold {fold}: {n} tiles, {files.layout} layout, {files.images.parent}")
+        found[fold] = files
+    return found
