@@ -88,13 +88,18 @@ def _render(rng: np.random.Generator, hema: np.ndarray, size: int) -> np.ndarray
     return np.clip(np.rint(rgb), 0, 255)
 
 
-def write_demo_dataset(root: str | os.PathLike, tiles_per_fold: tuple[int, ...] = DEMO_TILES_PER_FOLD, seed: int = 0) -> Path:
-    """Write folds 1..3 in the official layout; the same seed always gives the same files."""
+def write_demo_dataset(
+    root: str | os.PathLike,
+    tiles_per_fold: tuple[int, ...] = DEMO_TILES_PER_FOLD,
+    seed: int = 0,
+    layout: str = "official",
+) -> Path:
+    """Write folds 1..3 in the official (or Kaggle) layout; the same seed always gives the same files."""
     root = Path(root)
     for fold, n in enumerate(tiles_per_fold, start=1):
         rng = np.random.default_rng([seed, fold])
         tiles = [make_tile(rng) for _ in range(n)]
-        paths = {key: root / p.format(k=fold) for key, p in LAYOUTS["official"].items()}
+        paths = {key: root / p.format(k=fold) for key, p in LAYOUTS[layout].items()}
         for path in paths.values():
             path.parent.mkdir(parents=True, exist_ok=True)
         np.save(paths["images"], np.stack([t[0] for t in tiles]))
@@ -125,8 +130,9 @@ def main() -> None:
     parser.add_argument("output_dir")
     parser.add_argument("--tiles_per_fold", type=int, nargs=3, default=DEMO_TILES_PER_FOLD)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layout", choices=sorted(LAYOUTS), default="official")
     args = parser.parse_args()
-    print(write_demo_dataset(args.output_dir, tuple(args.tiles_per_fold), args.seed))
+    print(write_demo_dataset(args.output_dir, tuple(args.tiles_per_fold), args.seed, args.layout))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,107 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+from pannuke_fixtures import fold_path, rewrite, write_dataset
+from scripts.pannuke_cache import ensure_fold_cache, open_fold_cache
+from scripts.pannuke_files import PanNukeFormatError, locate_folds
+from scripts.targets import label_map, masks_to_instances
+
+
+def _cache(root, tmp_path, fold=1):
+    return ensure_fold_cache(locate_folds(root, [fold])[fold], tmp_path / "cache")
+
+
+@pytest.mark.parametrize("layout", ["official", "kaggle"])
+def test_cache_holds_the_fold(tmp_path, layout):
+    root = write_dataset(tmp_path / "data", layout=layout)
+    cache = open_fold_cache(_cache(root, tmp_path))
+    images = np.load(fold_path(root, 1, "images", layout))
+    masks = np.load(fold_path(root, 1, "masks", layout))
+    assert cache["image"].dtype == np.uint8 and np.array_equal(cache["image"], images.astype(np.uint8))
+    for i in range(len(images)):
+        inst, types = masks_to_instances(masks[i])
+        assert np.array_equal(cache["inst"][i], inst)
+        assert np.array_equal(cache["type"][i], types)
+        assert np.array_equal(cache["label"][i], label_map(inst, types))
+        # every PanNuke nucleus (channel, id) is one cached instance
+        n_source = sum(len(np.unique(masks[i, ..., c])) - 1 for c in range(5))
+        assert cache["inst"][i].max() == n_source
+    assert list(cache["tissue"]) == list(np.load(fold_path(root, 1, "types", layout)))
+
+
+def test_cache_is_reused_and_rebuilt_when_source_changes(tmp_path):
+    root = write_dataset(tmp_path / "data")
+    first = _cache(root, tmp_path)
+    stamp = (first / "meta.json").stat().st_mtime_ns
+    assert _cache(root, tmp_path) == first and (first / "meta.json").stat().st_mtime_ns == stamp
+    rewrite(root, 1, "images", lambda a: 255 - a)
+    rebuilt = _cache(root, tmp_path)
+    assert json.loads((rebuilt / "meta.json").read_text())["tiles"] == 3
+    assert np.array_equal(open_fold_cache(rebuilt)["image"], np.load(fold_path(root, 1, "images")).astype(np.uint8))
+
+
+def test_zero_one_images_rejected(tmp_path):
+    root = write_dataset(tmp_path / "data")
+    rewrite(root, 1, "images", lambda a: a / 255.0)
+    with pytest.raises(PanNukeFormatError, match="0-1 scale.*Multiply by 255"):
+        _cache(root, tmp_path)
+
+
+def test_nan_image_rejected_with_tile_index(tmp_path):
+    root = write_dataset(tmp_path / "data")
+
+    def poison(a):
+        a[2, 10, 10, 1] = np.nan
+        return a
+
+    rewrite(root, 1, "images", poison)
+    with pytest.raises(PanNukeFormatError, match="images.npy: tile 2 holds NaN"):
+        _cache(root, tmp_path)
+
+
+def test_nan_mask_rejected(tmp_path):
+    root = write_dataset(tmp_path / "data")
+
+    def poison(a):
+        a[1, 0, 0, 3] = np.nan
+        return a
+
+    rewrite(root, 1, "masks", poison)
+    with pytest.raises(PanNukeFormatError, match="masks.npy.*NaN"):
+        _cache(root, tmp_path)
+
+
+def test_interpolated_masks_rejected(tmp_path):
+    root = write_dataset(tmp_path / "data")
+    rewrite(root, 1, "masks", lambda a: a * 0.5)
+    with pytest.raises(PanNukeFormatError, match="integer instance ids"):
+        _cache(root, tmp_path)
+
+
+def test_failed_conversion_leaves_no_cache(tmp_path):
+    root = write_dataset(tmp_path / "data")
+    rewrite(root, 1, "images", lambda a: a / 255.0)
+    with pytest.raises(PanNukeFormatError):
+        _cache(root, tmp_path)
+    assert not any((tmp_path / "cache").iterdir())
+
+
+def test_object_array_tissue_names(tmp_path):
+    root = write_dataset(tmp_path / "data")
+    rewrite(root, 1, "types", lambda a: a.astype(object))
+    cache = open_fold_cache(_cache(root, tmp_path))
+    assert cache["tissue"].dtype.kind == "U" and len(cache["tissue"]) == 3
+
+
+def test_large_chunked_fold_matches(tmp_path, monkeypatch):
+    """Chunk boundaries do not shift tiles: a fold longer than one chunk converts exactly."""
+    import scripts.pannuke_cache as pc
+
+    monkeypatch.setattr(pc, "CHUNK_TILES", 2)
+    root = write_dataset(tmp_path / "data", tiles=(5, 1, 1))
+    cache = open_fold_cache(_cache(root, tmp_path))
+    assert np.array_equal(cache["image"], np.load(fold_path(root, 1, "images")).astype(np.uint8))
+    assert os.path.getsize(_cache(root, tmp_path) / "image.npy") > 5 * 256 * 256 * 3
