@@ -1,0 +1,608 @@
+"""Convert a lab's images + instance masks (+ optional type masks) into one PanNuke-format fold.
+
+So the bundle can train on a lab's own annotations, this writes exactly what the official PanNuke release holds:
+
+  <output_dir>/Fold K/images/foldK/images.npy   (N, 256, 256, 3) float64, 0-255
+  <output_dir>/Fold K/images/foldK/types.npy    (N,) numpy unicode tissue names
+  <output_dir>/Fold K/masks/foldK/masks.npy     (N, 256, 256, 6) float64: channels 0-4 = instance ids of each
+                                                 PanNuke type (TYPE_NAMES order), channel 5 = 1 where no nucleus
+
+Inputs, paired by file stem:
+  --images DIR  PNG / JPG / TIFF / NPY RGB images (RGBA is composited on white; grayscale and 16-bit are rejected)
+  --masks DIR   PNG / TIFF / NPY instance maps, or NPZ with `inst_map` and optionally `type_map`
+  --types DIR   optional per-pixel type maps (PNG / TIFF / NPY, or NPZ with `type_map`); they win over an NPZ type_map
+
+A nucleus's type is the most common non-zero type-map value inside it (0 if it has none). Source type ids go
+through --class_map (default: ids 1-5 are already PanNuke order); ids outside the map are dropped, or put in
+--unmapped. Dropped nuclei become background in the fold, i.e. the network learns them as "no nucleus".
+
+Example (CoNSeP):
+  python scripts/convert_to_pannuke.py --images consep/images --masks consep/labels --output_dir data/lab \\
+      --fold 1 --tissue Colon --class_map "1:Dead,2:Inflammatory,3:Neoplastic,4:Connective"
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a file (python scripts/convert_to_pannuke.py): make `scripts` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts.pannuke_format import NUM_TYPES, TILE_SIZE, TYPE_NAMES
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy")
+LABEL_EXTS = (".png", ".tif", ".tiff", ".npy", ".npz")
+WHITE = 255
+
+
+class ConversionError(Exception):
+    """A problem with one input file (or the arguments) that the user can fix; the message says how."""
+
+
+# ---------------------------------------------------------------- fold layout
+
+
+def fold_dir(root: Path, fold: int) -> Path:
+    """The official PanNuke folder name, with its space."""
+    return Path(root) / f"Fold {fold}"
+
+
+def fold_files(folder: Path, fold: int) -> dict[str, Path]:
+    """Paths of the three arrays inside one fold folder, in the official layout."""
+    return {
+        "images": folder / "images" / f"fold{fold}" / "images.npy",
+        "types": folder / "images" / f"fold{fold}" / "types.npy",
+        "masks": folder / "masks" / f"fold{fold}" / "masks.npy",
+    }
+
+
+# ---------------------------------------------------------------- arguments
+
+
+def parse_type_name(name: str) -> int:
+    """PanNuke channel (0-based) of a type name, case-insensitive; 'Connective/Soft tissue' is accepted too."""
+    key = name.strip().lower().split("/")[0]
+    for channel, known in enumerate(TYPE_NAMES):
+        if known.lower() == key:
+            return channel
+    raise ConversionError(f"unknown PanNuke type {name!r}; use one of {', '.join(TYPE_NAMES)}")
+
+
+def parse_class_map(text: str | None) -> dict[int, int]:
+    """'1:Inflammatory,2:Neoplastic' -> {source id: PanNuke channel}; None -> ids 1..5 are PanNuke order."""
+    if not text:
+        return {i + 1: i for i in range(NUM_TYPES)}
+    mapping: dict[int, int] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        source, sep, name = item.partition(":")
+        if not sep or not source.strip().isdigit():
+            raise ConversionError(f"bad --class_map entry {item!r}: write SOURCE_ID:TYPE_NAME, e.g. 2:Inflammatory")
+        if int(source) in mapping:
+            raise ConversionError(f"--class_map maps source id {int(source)} twice")
+        mapping[int(source)] = parse_type_name(name)
+    return mapping
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """All options; see the module docstring for the formats."""
+    p = argparse.ArgumentParser(
+        prog="convert_to_pannuke",
+        description="Convert images + instance masks (+ type masks) into one PanNuke-format fold "
+        "(<output_dir>/Fold K/images/foldK/{images,types}.npy, masks/foldK/masks.npy).",
+        epilog="example (CoNSeP): --images consep/images --masks consep/labels --output_dir data/lab --fold 1 "
+        "--tissue Colon --class_map '1:Dead,2:Inflammatory,3:Neoplastic,4:Connective'",
+    )
+    p.add_argument("--images", required=True, type=Path, help="folder of RGB images (png, jpg, tif, npy)")
+    p.add_argument("--masks", required=True, type=Path, help="folder of instance maps with the images' stems "
+                   "(png, tif, npy, or npz with inst_map and optional type_map)")
+    p.add_argument("--types", type=Path, default=None, help="optional folder of per-pixel type maps (same stems)")
+    p.add_argument("--output_dir", required=True, type=Path, help="PanNuke root; the fold goes in '<root>/Fold K'")
+    p.add_argument("--fold", required=True, type=int, choices=(1, 2, 3), help="fold number")
+    p.add_argument("--tissue", default="Unknown", help="tissue name stored in types.npy for every tile "
+                   "(default: Unknown)")
+    p.add_argument("--class_map", default=None, help="source type id -> PanNuke type, e.g. "
+                   "'1:Dead,2:Inflammatory,3:Neoplastic,4:Connective'; default: ids 1-5 are PanNuke order "
+                   f"({', '.join(TYPE_NAMES)})")
+    p.add_argument("--unmapped", default=None, help="PanNuke type for nuclei whose source type is not in the map "
+                   "(default: drop them, which makes them background)")
+    p.add_argument("--default_type", default=None, help="PanNuke type for every nucleus of files with no type map "
+                   "(required if some have none)")
+    p.add_argument("--stride", type=int, default=TILE_SIZE, help=f"step between tiles, 1..{TILE_SIZE} "
+                   f"(default: {TILE_SIZE}; smaller = overlapping tiles)")
+    p.add_argument("--skip_empty", action="store_true", help="do not write tiles that contain no nucleus")
+    p.add_argument("--skip_bad", action="store_true", help="warn about and skip bad pairs instead of failing")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--append", action="store_true", help="add tiles to an existing fold")
+    mode.add_argument("--overwrite", action="store_true", help="replace an existing fold")
+    return p
+
+
+@dataclass(frozen=True)
+class TypeRules:
+    """How source type ids become PanNuke channels (-1 = drop)."""
+
+    class_map: dict[int, int]
+    unmapped: int | None
+    default: int | None
+
+    def channel(self, source_type: int) -> int:
+        """Channel of one source type id."""
+        if source_type in self.class_map:
+            return self.class_map[source_type]
+        return -1 if self.unmapped is None else self.unmapped
+
+
+def type_rules(args: argparse.Namespace) -> TypeRules:
+    """Parse the three type options once, so a typo fails before any file is read."""
+    return TypeRules(
+        class_map=parse_class_map(args.class_map),
+        unmapped=None if args.unmapped is None else parse_type_name(args.unmapped),
+        default=None if args.default_type is None else parse_type_name(args.default_type),
+    )
+
+
+# ---------------------------------------------------------------- pairing
+
+
+@dataclass(frozen=True)
+class Pair:
+    """One image with its instance mask and optional type mask."""
+
+    image: Path
+    mask: Path
+    types: Path | None
+
+
+def _by_stem(folder: Path, exts: tuple[str, ...]) -> dict[str, list[Path]]:
+    """Files of the given extensions in a folder, grouped by stem (several per stem = ambiguous)."""
+    if not folder.is_dir():
+        raise ConversionError(f"{folder} is not a folder")
+    found: dict[str, list[Path]] = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.suffix.lower() in exts:
+            found.setdefault(path.stem, []).append(path)
+    return found
+
+
+def find_pairs(images: Path, masks: Path, types: Path | None) -> tuple[list[Pair], list[str], list[Path]]:
+    """Pair files by stem; return (pairs, problems naming each bad image, masks that have no image)."""
+    image_files = _by_stem(images, IMAGE_EXTS)
+    mask_files = _by_stem(masks, LABEL_EXTS)
+    type_files = _by_stem(types, LABEL_EXTS) if types is not None else {}
+    if not image_files:
+        raise ConversionError(f"no images ({', '.join(IMAGE_EXTS)}) in {images}")
+    pairs, problems = [], []
+    for stem, imgs in image_files.items():
+        found_masks = mask_files.get(stem, [])
+        found_types = type_files.get(stem, [])
+        if len(imgs) > 1:
+            problems.append(f"{imgs[0]}: several images share the stem {stem!r} ({', '.join(p.name for p in imgs)}); "
+                            "rename or remove all but one")
+        elif not found_masks:
+            problems.append(f"{imgs[0]}: no mask named {stem}.{{png,tif,tiff,npy,npz}} in {masks}")
+        elif len(found_masks) > 1:
+            problems.append(f"{imgs[0]}: several masks match ({', '.join(str(p) for p in found_masks)}); keep one")
+        elif types is not None and len(found_types) != 1:
+            what = "no type mask" if not found_types else "several type masks"
+            problems.append(f"{imgs[0]}: {what} named {stem}.* in {types}")
+        else:
+            pairs.append(Pair(imgs[0], found_masks[0], found_types[0] if found_types else None))
+    orphans = [paths[0] for stem, paths in mask_files.items() if stem not in image_files]
+    return pairs, problems, orphans
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _read_raster(path: Path, labels: bool = False) -> np.ndarray:
+    """Pixels of a PNG / JPG / TIFF / NPY file as stored (TIFF via tifffile, which reads what Pillow cannot).
+
+    A palette ("P") PNG is an image's colours for images but its palette indices are the ids for label maps.
+    """
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        return np.load(path, allow_pickle=False)
+    if suffix in (".tif", ".tiff"):
+        import tifffile
+
+        return tifffile.imread(path)
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.mode in ("P", "PA") and not labels:
+            im = im.convert("RGBA")
+        elif im.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+            im = im.convert("RGB")
+        return np.asarray(im)
+
+
+def to_rgb_uint8(pixels: np.ndarray, path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB; RGBA is composited on white (PanNuke's padding colour), anything ambiguous is refused."""
+    if pixels.ndim == 3 and pixels.shape[0] in (3, 4) and pixels.shape[2] not in (3, 4):
+        pixels = np.moveaxis(pixels, 0, -1)  # planar TIFF / CHW npy
+    if pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] in (1, 2)):
+        raise ConversionError(f"{path}: grayscale image {pixels.shape}; H&E input must be RGB. Convert it to RGB, "
+                              "or check that a mask did not end up in the images folder")
+    if pixels.ndim != 3 or pixels.shape[2] not in (3, 4):
+        raise ConversionError(f"{path}: expected an (H, W, 3) RGB or (H, W, 4) RGBA image, got shape {pixels.shape}")
+    if pixels.dtype in (np.uint16, np.int32, np.uint32, np.int64, np.uint64):
+        raise ConversionError(f"{path}: {pixels.dtype} (16-bit or deeper) image; convert it to 8-bit RGB first "
+                              "(e.g. with the scanner software or skimage.util.img_as_ubyte)")
+    if np.issubdtype(pixels.dtype, np.floating):
+        if pixels.min() < 0 or pixels.max() > 255 or pixels.max() <= 1:
+            raise ConversionError(f"{path}: float image with range [{pixels.min():g}, {pixels.max():g}]; "
+                                  "save it with values 0-255 (or as uint8)")
+        pixels = np.rint(pixels).astype(np.uint8)
+    elif pixels.dtype == np.bool_ or pixels.dtype != np.uint8:
+        raise ConversionError(f"{path}: unsupported image dtype {pixels.dtype}; save as 8-bit RGB")
+    if pixels.shape[2] == 4:
+        alpha = pixels[..., 3:].astype(np.float64) / 255.0
+        pixels = np.rint(pixels[..., :3] * alpha + WHITE * (1.0 - alpha)).astype(np.uint8)
+    return np.ascontiguousarray(pixels)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Load one image as (H, W, 3) uint8 RGB, with a message naming the file if it cannot be used."""
+    try:
+        pixels = _read_raster(path)
+    except Exception as err:  # Pillow, tifffile and numpy raise many types for a corrupt file
+        raise ConversionError(f"{path}: cannot read image ({err})") from err
+    return to_rgb_uint8(np.asarray(pixels), path)
+
+
+def to_label_map(values: np.ndarray, path: Path, what: str) -> np.ndarray:
+    """(H, W) int64 label map; colour-coded or fractional masks are refused since ids would be guessed."""
+    if values.ndim == 3 and values.shape[2] == 1:
+        values = values[..., 0]
+    if values.ndim != 2:
+        raise ConversionError(f"{path}: {what} must be a single-channel (H, W) label image, got shape {values.shape}"
+                              " (colour-coded masks are not supported: save one integer id per pixel)")
+    if np.issubdtype(values.dtype, np.floating):
+        if not np.all(np.isfinite(values)) or not np.array_equal(values, np.round(values)):
+            raise ConversionError(f"{path}: {what} has non-integer values; save integer ids")
+    elif not (np.issubdtype(values.dtype, np.integer) or values.dtype == np.bool_):
+        raise ConversionError(f"{path}: {what} has unsupported dtype {values.dtype}")
+    values = values.astype(np.int64)
+    if values.size and values.min() < 0:
+        raise ConversionError(f"{path}: {what} has negative values; ids must be >= 0 (0 = background)")
+    if values.size and values.max() >= 2**32:
+        raise ConversionError(f"{path}: {what} has ids >= 2**32; relabel it "
+                              "(e.g. skimage.segmentation.relabel_sequential)")
+    return values
+
+
+def read_label(path: Path, key: str, what: str, required: bool = True) -> np.ndarray | None:
+    """Load a label map from PNG/TIFF/NPY or from one key of an NPZ (None if an optional key is absent)."""
+    try:
+        if path.suffix.lower() == ".npz":
+            with np.load(path, allow_pickle=False) as npz:
+                if key not in npz.files:
+                    if not required:
+                        return None
+                    raise ConversionError(f"{path}: no {key!r} array in the npz (it has {', '.join(npz.files)})")
+                values = npz[key]
+        else:
+            values = _read_raster(path, labels=True)
+    except ConversionError:
+        raise
+    except Exception as err:
+        raise ConversionError(f"{path}: cannot read {what} ({err})") from err
+    return to_label_map(np.asarray(values), path, what)
+
+
+# ---------------------------------------------------------------- typing nuclei
+
+
+def instance_types(inst: np.ndarray, types: np.ndarray) -> dict[int, int]:
+    """Majority non-zero type id inside each instance (0 if the type map is empty there); ties go to the lower id."""
+    fg = inst > 0
+    ids, inverse = np.unique(inst[fg], return_inverse=True)
+    if ids.size == 0:
+        return {}
+    counts = np.zeros((ids.size, int(types.max(initial=0)) + 1), dtype=np.int64)
+    np.add.at(counts, (inverse, types[fg]), 1)
+    counts[:, 0] = 0
+    majority = np.where(counts.sum(axis=1) > 0, np.argmax(counts, axis=1), 0)
+    return dict(zip(ids.tolist(), majority.tolist()))
+
+
+def channel_map(inst: np.ndarray, types: np.ndarray | None, rules: TypeRules, path: Path,
+                dropped: Counter) -> np.ndarray:
+    """(H, W) int8 PanNuke channel per pixel, -1 where there is no (kept) nucleus; counts drops by source type."""
+    chan = np.full(inst.shape, -1, dtype=np.int8)
+    if types is None:
+        if rules.default is None:
+            raise ConversionError(f"{path}: no type map (no type_map in the npz and no --types folder); pass "
+                                  "--default_type NAME to put every nucleus in one channel")
+        chan[inst > 0] = rules.default
+        return chan
+    source = instance_types(inst, types)  # ids in ascending order
+    lut_ids = np.array(list(source), dtype=np.int64)
+    lut_channels = np.array([rules.channel(t) for t in source.values()], dtype=np.int8)
+    for src_type, ch in zip(source.values(), lut_channels.tolist()):
+        if ch < 0:
+            dropped[src_type] += 1
+    if lut_ids.size:
+        fg = inst > 0
+        chan[fg] = lut_channels[np.searchsorted(lut_ids, inst[fg])]
+    return chan
+
+
+# ---------------------------------------------------------------- tiling
+
+
+def tile_origins(length: int, tile: int = TILE_SIZE, stride: int = TILE_SIZE) -> list[int]:
+    """Tile starts covering [0, length); the last one is shifted back to end at the edge instead of padding."""
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile + 1, stride))
+    if starts[-1] + tile < length:
+        starts.append(length - tile)
+    return starts
+
+
+def pad_to_tile(array: np.ndarray, fill: int, tile: int = TILE_SIZE) -> np.ndarray:
+    """Pad bottom / right up to one tile where the image is smaller (white image, empty mask)."""
+    pad_h, pad_w = max(0, tile - array.shape[0]), max(0, tile - array.shape[1])
+    if not pad_h and not pad_w:
+        return array
+    widths = [(0, pad_h), (0, pad_w)] + [(0, 0)] * (array.ndim - 2)
+    return np.pad(array, widths, constant_values=fill)
+
+
+@dataclass
+class Tile:
+    """One 256² tile kept compact (uint8 image, instance ids, channel per pixel) until the fold is written."""
+
+    image: np.ndarray
+    inst: np.ndarray
+    chan: np.ndarray
+
+
+def cut_tiles(image: np.ndarray, inst: np.ndarray, chan: np.ndarray, stride: int, skip_empty: bool) -> list[Tile]:
+    """All tiles of one image; dropped nuclei are already -1 in chan and become 0 in inst here."""
+    inst = np.where(chan >= 0, inst, 0)
+    image, inst, chan = pad_to_tile(image, WHITE), pad_to_tile(inst, 0), pad_to_tile(chan, -1)
+    tiles = []
+    for y in tile_origins(image.shape[0], TILE_SIZE, stride):
+        for x in tile_origins(image.shape[1], TILE_SIZE, stride):
+            window = (slice(y, y + TILE_SIZE), slice(x, x + TILE_SIZE))
+            tile_inst = inst[window]
+            if skip_empty and not tile_inst.any():
+                continue
+            tiles.append(Tile(image[window].copy(), tile_inst.astype(np.uint32), chan[window].copy()))
+    return tiles
+
+
+def tile_masks(tile: Tile) -> np.ndarray:
+    """(256, 256, 6) float64 PanNuke mask of one tile: instance ids per type channel, then background."""
+    masks = np.zeros((*tile.inst.shape, NUM_TYPES + 1), dtype=np.float64)
+    for channel in range(NUM_TYPES):
+        masks[..., channel] = np.where(tile.chan == channel, tile.inst, 0)
+    masks[..., NUM_TYPES] = tile.inst == 0
+    return masks
+
+
+# ---------------------------------------------------------------- conversion
+
+
+@dataclass
+class Summary:
+    """What a run read and wrote, printed at the end."""
+
+    images: int = 0
+    tiles: int = 0
+    nuclei: Counter = field(default_factory=Counter)  # channel -> nucleus-in-tile occurrences
+    dropped: Counter = field(default_factory=Counter)  # source type -> nuclei dropped
+    skipped: list[str] = field(default_factory=list)
+
+
+def convert_pair(pair: Pair, rules: TypeRules, stride: int, skip_empty: bool, dropped: Counter) -> list[Tile]:
+    """Read, check and tile one image / mask (/ type mask) triple."""
+    image = read_image(pair.image)
+    inst = read_label(pair.mask, "inst_map", "instance mask")
+    sizes = {pair.image: image.shape[:2], pair.mask: inst.shape}
+    if pair.types is not None:
+        types = read_label(pair.types, "type_map", "type mask")
+        sizes[pair.types] = types.shape
+    elif pair.mask.suffix.lower() == ".npz":
+        types = read_label(pair.mask, "type_map", "type mask", required=False)
+        if types is not None and types.shape != inst.shape:
+            raise ConversionError(f"{pair.mask}: inst_map is {inst.shape} but type_map is {types.shape}")
+    else:
+        types = None
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{p} is {s[0]}x{s[1]}" for p, s in sizes.items())
+        raise ConversionError(f"size mismatch: {listed}; image and masks must have the same height and width")
+    return cut_tiles(image, inst, channel_map(inst, types, rules, pair.mask, dropped), stride, skip_empty)
+
+
+def convert_all(pairs: list[Pair], rules: TypeRules, stride: int, skip_empty: bool,
+                summary: Summary) -> list[Tile]:
+    """Tile every pair, recording each bad one in summary.skipped instead of stopping at the first."""
+    tiles = []
+    for pair in pairs:
+        try:
+            new = convert_pair(pair, rules, stride, skip_empty, summary.dropped)
+        except ConversionError as err:
+            summary.skipped.append(str(err))
+            continue
+        tiles.extend(new)
+        summary.images += 1
+    return tiles
+
+
+# ---------------------------------------------------------------- writing
+
+
+def check_existing_fold(files: dict[str, Path]) -> int:
+    """Validate an existing fold for --append and return its tile count; names the file at fault."""
+    for path in files.values():
+        if not path.is_file():
+            raise ConversionError(f"--append: {path} is missing, so this is not a complete PanNuke fold; "
+                                  "use --overwrite to replace it")
+    try:
+        images = np.load(files["images"], mmap_mode="r")
+        masks = np.load(files["masks"], mmap_mode="r")
+        types = np.load(files["types"], allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise ConversionError(f"--append: cannot read the existing fold in {files['images'].parents[2]} ({err}); "
+                              "use --overwrite to replace it") from err
+    n = images.shape[0]
+    expected = {files["images"]: (images, (n, TILE_SIZE, TILE_SIZE, 3)),
+                files["masks"]: (masks, (n, TILE_SIZE, TILE_SIZE, NUM_TYPES + 1))}
+    for path, (arr, shape) in expected.items():
+        if arr.shape != shape or arr.dtype != np.float64:
+            raise ConversionError(f"--append: {path} is {arr.shape} {arr.dtype}, expected {shape} float64")
+    if types.shape != (n,) or types.dtype.kind not in "US":
+        raise ConversionError(f"--append: {files['types']} is {types.shape} {types.dtype}, expected ({n},) strings")
+    return n
+
+
+def write_fold_arrays(target: dict[str, Path], tiles: list[Tile], tissue: str,
+                      existing: dict[str, Path] | None) -> None:
+    """Write the three arrays (existing fold's tiles first when appending) without holding them all in memory."""
+    old_n = 0 if existing is None else check_existing_fold(existing)
+    n = old_n + len(tiles)
+    for path in target.values():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    images = np.lib.format.open_memmap(target["images"], mode="w+", dtype=np.float64,
+                                       shape=(n, TILE_SIZE, TILE_SIZE, 3))
+    masks = np.lib.format.open_memmap(target["masks"], mode="w+", dtype=np.float64,
+                                      shape=(n, TILE_SIZE, TILE_SIZE, NUM_TYPES + 1))
+    old_types = np.zeros(0, dtype=str)
+    if existing is not None:
+        old_images = np.load(existing["images"], mmap_mode="r")
+        old_masks = np.load(existing["masks"], mmap_mode="r")
+        for i in range(old_n):  # one tile at a time keeps memory flat for large folds
+            images[i] = old_images[i]
+            masks[i] = old_masks[i]
+        old_types = np.load(existing["types"], allow_pickle=False).astype(str)
+    for i, tile in enumerate(tiles, start=old_n):
+        images[i] = tile.image
+        masks[i] = tile_masks(tile)
+    images.flush()
+    masks.flush()
+    del images, masks
+    np.save(target["types"], np.concatenate([old_types, np.array([tissue] * len(tiles), dtype=str)]).astype(str))
+
+
+def replace_fold(tmp_fold: Path, final: Path) -> None:
+    """Swap the finished temp fold into place; the old fold is only deleted once the new one is in."""
+    backup = None
+    if final.exists():
+        backup = final.with_name(f".{final.name}.old")
+        if backup.exists():
+            shutil.rmtree(backup)
+        final.rename(backup)
+    try:
+        tmp_fold.rename(final)
+    except BaseException:
+        if backup is not None:
+            backup.rename(final)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup)
+
+
+def write_fold(root: Path, fold: int, tiles: list[Tile], tissue: str, append: bool) -> Path:
+    """Write the fold into a temp folder beside it, then rename: a crash never leaves half a fold."""
+    final = fold_dir(root, fold)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp_fold = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    try:
+        existing = fold_files(final, fold) if append and final.exists() else None
+        write_fold_arrays(fold_files(tmp_fold, fold), tiles, tissue, existing)
+        replace_fold(tmp_fold, final)
+    except BaseException:
+        shutil.rmtree(tmp_fold, ignore_errors=True)
+        raise
+    return final
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def check_target(args: argparse.Namespace) -> None:
+    """Refuse to touch an existing fold unless asked, before any work is done."""
+    final = fold_dir(args.output_dir, args.fold)
+    if final.exists() and not (args.append or args.overwrite):
+        raise ConversionError(f"{final} already exists; pass --append to add tiles to it or --overwrite to replace it")
+    if not 1 <= args.stride <= TILE_SIZE:
+        raise ConversionError(f"--stride must be 1..{TILE_SIZE} (a larger step would skip pixels), got {args.stride}")
+    if args.append and final.exists():
+        check_existing_fold(fold_files(final, args.fold))
+    if args.append and not final.exists():
+        print(f"note: --append but {final} does not exist yet; creating it")
+
+
+def print_summary(summary: Summary, final: Path, orphans: list[Path]) -> None:
+    """Counts a user can sanity-check against their annotation tool."""
+    print(f"wrote {final}")
+    print(f"  images converted: {summary.images}, tiles written: {summary.tiles}")
+    per_type = ", ".join(f"{TYPE_NAMES[c]} {summary.nuclei[c]}" for c in range(NUM_TYPES))
+    print(f"  nuclei per type (a nucleus counts once per tile it appears in): {per_type}")
+    if summary.dropped:
+        drops = ", ".join(f"source type {t}: {n}" for t, n in sorted(summary.dropped.items()))
+        print(f"  dropped nuclei (not in --class_map; now background, use --unmapped to keep them): {drops}")
+    if summary.skipped:
+        print(f"  skipped {len(summary.skipped)} bad input(s) (see the warning above)")
+    for orphan in orphans:
+        print(f"  ignored mask with no image: {orphan}")
+
+
+def count_nuclei(tiles: list[Tile]) -> Counter:
+    """Nucleus-in-tile occurrences per PanNuke channel."""
+    counts: Counter = Counter()
+    for tile in tiles:
+        for channel in range(NUM_TYPES):
+            counts[channel] += int(np.unique(tile.inst[tile.chan == channel]).size)
+    return counts
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Whole conversion: check arguments and target, read and tile everything, then write the fold at once."""
+    rules = type_rules(args)
+    check_target(args)
+    pairs, problems, orphans = find_pairs(args.images, args.masks, args.types)
+    summary = Summary(skipped=problems)
+    tiles = convert_all(pairs, rules, args.stride, args.skip_empty, summary)
+    if summary.skipped:
+        listed = "\n  ".join(summary.skipped)
+        if not args.skip_bad:
+            raise ConversionError(f"{len(summary.skipped)} bad input(s), nothing written "
+                                  f"(fix them, or pass --skip_bad to skip them):\n  {listed}")
+        warnings.warn(f"--skip_bad: skipped {len(summary.skipped)} bad input(s):\n  {listed}", stacklevel=2)
+    if not tiles:
+        raise ConversionError("no tiles to write (no valid pairs, or every tile empty with --skip_empty)")
+    summary.tiles = len(tiles)
+    summary.nuclei = count_nuclei(tiles)
+    final = write_fold(args.output_dir, args.fold, tiles, args.tissue, args.append)
+    print_summary(summary, final, orphans)
+    return final
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; user errors exit with status 2 and a message, not a traceback."""
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except ConversionError as err:
+        print(f"convert_to_pannuke: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

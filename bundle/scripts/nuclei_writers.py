@@ -1,0 +1,344 @@
+"""Writers for one image's inference output: label maps, QuPath GeoJSON, a measurements CSV and a PNG overlay.
+
+Inputs shared by every writer (one image):
+  inst         (H, W) integer instance map, 0 = background, one id per nucleus
+  inst_types   (N+1,) uint8, inst_types[id] = PanNuke type 1..5 (TYPE_NAMES order); index 0 unused
+  inst_probs   (N+1,) float32, probability of the predicted type per id
+  image        (H, W, 3) uint8 RGB
+
+Coordinates: GeoJSON polygons follow QuPath's own labelled-image tracing (ContourTracing): they run along pixel
+edges, so pixel (row r, col c) is the square x in [c, c+1], y in [r, r+1] and a polygon's area equals its pixel
+count. The CSV uses array-index coordinates (pixel centre = integer index, as skimage and HoVer-Net do), so QuPath's
+own "Centroid X px" of an imported polygon is the CSV's centroid_x + 0.5.
+
+Every writer writes a temp file next to the target and renames it into place, so a reader never sees half a file,
+and refuses to replace an existing file unless overwrite=True.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from scripts.pannuke_format import NUM_TYPES, TYPE_COLOURS, TYPE_NAMES
+
+PathLike = str | os.PathLike
+
+# unit steps along a pixel-edge outline, in (dx, dy) image coordinates (y grows downwards)
+_RIGHT, _DOWN, _LEFT, _UP = (1, 0), (0, 1), (-1, 0), (0, -1)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _check_inst(inst: np.ndarray) -> np.ndarray:
+    """Reject label maps that would silently write garbage (floats, 3-D, negative ids)."""
+    inst = np.asarray(inst)
+    if inst.ndim != 2:
+        raise ValueError(f"inst must be a 2-D (H, W) instance map, got shape {inst.shape}")
+    if not np.issubdtype(inst.dtype, np.integer):
+        raise ValueError(f"inst must have an integer dtype, got {inst.dtype}")
+    if inst.size and inst.min() < 0:
+        raise ValueError("inst has negative ids; ids must be >= 0 (0 = background)")
+    return inst
+
+
+def _check_per_instance(inst: np.ndarray, inst_types: np.ndarray, inst_probs: np.ndarray | None) -> np.ndarray:
+    """Check the per-id arrays cover every id in inst and every present type is a PanNuke type; return present ids."""
+    ids = np.unique(inst)
+    ids = ids[ids != 0]
+    inst_types = np.asarray(inst_types)
+    for name, arr in (("inst_types", inst_types), ("inst_probs", inst_probs)):
+        if arr is not None and (np.ndim(arr) != 1 or len(arr) <= (int(ids.max()) if ids.size else 0)):
+            raise ValueError(
+                f"{name} must be 1-D with an entry for every id up to inst.max()={int(inst.max(initial=0))}, "
+                f"got shape {np.shape(arr)}"
+            )
+    if ids.size:
+        bad = ids[(inst_types[ids] < 1) | (inst_types[ids] > NUM_TYPES)]
+        if bad.size:
+            raise ValueError(
+                f"inst_types must be 1..{NUM_TYPES} (PanNuke order) for every nucleus; ids {bad[:10].tolist()} have "
+                f"types {inst_types[bad[:10]].tolist()}"
+            )
+    return ids
+
+
+def _label_dtype(inst: np.ndarray) -> np.dtype:
+    """Smallest unsigned type that keeps every id: uint16 for usual images, uint32 for whole slides."""
+    top = int(inst.max(initial=0))
+    if top >= 2**32:
+        raise ValueError(f"inst max id {top} does not fit in uint32")
+    return np.dtype(np.uint16) if top < 2**16 else np.dtype(np.uint32)
+
+
+# ---------------------------------------------------------------- atomic writes
+
+
+def _atomic_write(path: PathLike, write: Callable[[Path], None], overwrite: bool) -> Path:
+    """Run write(tmp) on a temp file in the target's folder, then os.replace it onto path (all or nothing)."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # the temp name ends with the target's name so extension-driven writers (nibabel: .nii / .nii.gz) pick the format
+    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=f"-{path.name}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ---------------------------------------------------------------- label maps
+
+
+def write_label_tiff(path: PathLike, inst: np.ndarray, overwrite: bool = False) -> Path:
+    """Lossless zlib TIFF of the instance map (uint16, or uint32 past 65535 ids) that QuPath and Fiji open."""
+    import tifffile
+
+    inst = _check_inst(inst)
+    data = inst.astype(_label_dtype(inst))
+    return _atomic_write(path, lambda tmp: tifffile.imwrite(tmp, data, compression="zlib"), overwrite)
+
+
+def write_label_nifti(path: PathLike, inst: np.ndarray, overwrite: bool = False) -> Path:
+    """NIfTI (.nii / .nii.gz) of the instance map for MONAI / 3D Slicer style tools.
+
+    NIfTI's first axis is x, so the array is stored transposed, (W, H), as MONAI's own PNG -> NIfTI saving does;
+    read it back with np.asarray(nib.load(path).dataobj).T.
+    """
+    import nibabel as nib
+
+    inst = _check_inst(inst)
+    name = Path(path).name
+    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
+        raise ValueError(f"{path}: a NIfTI file name must end in .nii or .nii.gz")
+    img = nib.Nifti1Image(np.ascontiguousarray(inst.T.astype(_label_dtype(inst))), affine=np.eye(4))
+    img.header.set_intent("label")
+    return _atomic_write(path, lambda tmp: nib.save(img, str(tmp)), overwrite)
+
+
+# ---------------------------------------------------------------- outlines
+
+
+def _largest_part(mask: np.ndarray) -> np.ndarray:
+    """Keep the biggest 4-connected piece and fill its holes: QuPath detections are one simple polygon each."""
+    labels, n = ndimage.label(mask)
+    if n > 1:
+        sizes = np.bincount(labels.ravel())[1:]
+        mask = labels == (int(np.argmax(sizes)) + 1)
+    return ndimage.binary_fill_holes(mask)
+
+
+def _boundary_edges(mask: np.ndarray) -> dict[tuple[int, int], list[tuple[int, int]]]:
+    """Unit pixel-edge segments between mask and non-mask, oriented with the mask on the walker's right on screen.
+
+    That orientation makes the traced ring's shoelace area positive in (x, y) numbers, i.e. counter-clockwise in the
+    y-up sense RFC 7946 asks of exterior rings.  Keys are start vertices (x, y); values the end vertices.
+    """
+    padded = np.pad(mask, 1)
+    inner = padded[1:-1, 1:-1]
+    edges: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    sides = (
+        (padded[:-2, 1:-1], (0, 0), (1, 0)),  # background above: top edge, left to right
+        (padded[1:-1, 2:], (1, 0), (1, 1)),  # background right: right edge, downwards
+        (padded[2:, 1:-1], (1, 1), (0, 1)),  # background below: bottom edge, right to left
+        (padded[1:-1, :-2], (0, 1), (0, 0)),  # background left: left edge, upwards
+    )
+    for neighbour, (sx, sy), (ex, ey) in sides:
+        rows, cols = np.nonzero(inner & ~neighbour)
+        for r, c in zip(rows.tolist(), cols.tolist()):
+            edges.setdefault((c + sx, r + sy), []).append((c + ex, r + ey))
+    return edges
+
+
+def _trace_ring(edges: dict[tuple[int, int], list[tuple[int, int]]]) -> list[tuple[int, int]]:
+    """Walk the outer boundary from its top-left vertex; at a pinch point turn right so diagonal touches stay apart."""
+    start = min(edges, key=lambda v: (v[1], v[0]))
+    ring = [start]
+    here, heading = start, None
+    while True:
+        options = edges[here]
+        if len(options) == 1 or heading is None:
+            nxt = options.pop(0)
+        else:  # pinch point: prefer the right turn (screen coordinates), which hugs the current pixel
+            right = (-heading[1], heading[0])
+            pick = next((i for i, e in enumerate(options) if (e[0] - here[0], e[1] - here[1]) == right), 0)
+            nxt = options.pop(pick)
+        if not options:
+            del edges[here]
+        heading = (nxt[0] - here[0], nxt[1] - here[1])
+        if nxt == start:
+            break
+        ring.append(nxt)
+        here = nxt
+    return ring
+
+
+def _drop_collinear(ring: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Keep only corners, so a staircase outline costs one vertex per turn, then close the ring."""
+    n = len(ring)
+    corners = []
+    for i in range(n):
+        prev, cur, nxt = ring[i - 1], ring[i], ring[(i + 1) % n]
+        if (cur[0] - prev[0], cur[1] - prev[1]) != (nxt[0] - cur[0], nxt[1] - cur[1]):
+            corners.append(cur)
+    return [*corners, corners[0]]
+
+
+def outline_polygon(mask: np.ndarray, offset_xy: tuple[int, int] = (0, 0)) -> list[list[int]]:
+    """Closed pixel-edge outline [[x, y], ...] (first == last) of a binary mask's largest part, holes filled."""
+    part = _largest_part(np.asarray(mask, dtype=bool))
+    if not part.any():
+        raise ValueError("outline_polygon got an empty mask")
+    ring = _drop_collinear(_trace_ring(_boundary_edges(part)))
+    ox, oy = offset_xy
+    return [[x + ox, y + oy] for x, y in ring]
+
+
+# ---------------------------------------------------------------- GeoJSON
+
+
+def _classification(type_id: int) -> dict:
+    """QuPath (v0.4+) reads a PathClass from {"name", "color": [r, g, b]}."""
+    return {"name": TYPE_NAMES[type_id - 1], "color": list(TYPE_COLOURS[type_id - 1])}
+
+
+def instances_to_geojson(inst: np.ndarray, inst_types: np.ndarray, inst_probs: np.ndarray) -> dict:
+    """One QuPath detection Feature per nucleus, in (x = column, y = row) pixel-edge coordinates.
+
+    An instance in several pieces, or with holes, is drawn as its largest piece with holes filled (a single Polygon
+    per nucleus keeps QuPath's counts one-per-nucleus); "Area px" still counts every pixel of the id in the label map.
+    The top-level "id" is the label-map id; QuPath only adopts UUID-shaped ids and ignores others, so the id is also
+    kept as the "Nucleus id" measurement (visible in QuPath) and the "nucleus_id" property.
+    """
+    inst = _check_inst(inst)
+    ids = _check_per_instance(inst, inst_types, inst_probs)
+    areas = np.bincount(inst.ravel()) if ids.size else np.zeros(1, dtype=np.int64)
+    boxes = ndimage.find_objects(inst.astype(np.intp, copy=False)) if ids.size else []
+    features = []
+    for nucleus_id in ids.tolist():
+        rows, cols = boxes[nucleus_id - 1]
+        ring = outline_polygon(inst[rows, cols] == nucleus_id, offset_xy=(cols.start, rows.start))
+        type_id = int(inst_types[nucleus_id])
+        features.append(
+            {
+                "type": "Feature",
+                "id": nucleus_id,
+                "geometry": {"type": "Polygon", "coordinates": [ring]},
+                "properties": {
+                    "objectType": "detection",
+                    "classification": _classification(type_id),
+                    "measurements": {
+                        "Nucleus id": nucleus_id,
+                        "Type probability": round(float(inst_probs[nucleus_id]), 6),
+                        "Area px": int(areas[nucleus_id]),
+                    },
+                    "nucleus_id": nucleus_id,
+                },
+            }
+        )
+    return {"type": "FeatureCollection", "features": features}
+
+
+def write_geojson(path: PathLike, fc: Mapping, overwrite: bool = False) -> Path:
+    """Compact UTF-8 GeoJSON; QuPath imports it by drag and drop or File > Import objects."""
+    if fc.get("type") != "FeatureCollection":
+        raise ValueError("write_geojson expects a GeoJSON FeatureCollection dict (see instances_to_geojson)")
+    text = json.dumps(fc, separators=(",", ":"))
+    return _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite)
+
+
+# ---------------------------------------------------------------- measurements
+
+
+def measurements_table(inst: np.ndarray, inst_types: np.ndarray, inst_probs: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-nucleus shape and class columns, one row per id present in inst, sorted by id.
+
+    Centroids are array-index coordinates (x = column, y = row; pixel centres on integers).
+    """
+    from skimage.measure import regionprops_table
+
+    inst = _check_inst(inst)
+    _check_per_instance(inst, inst_types, inst_probs)
+    props = regionprops_table(inst, properties=("label", "centroid", "area", "perimeter", "eccentricity"))
+    ids = props["label"].astype(np.int64)
+    type_ids = np.asarray(inst_types)[ids].astype(np.uint8)
+    return {
+        "id": ids,
+        "centroid_x": props["centroid-1"].astype(np.float64),
+        "centroid_y": props["centroid-0"].astype(np.float64),
+        "area": props["area"].astype(np.int64),
+        "perimeter": props["perimeter"].astype(np.float64),
+        "eccentricity": props["eccentricity"].astype(np.float64),
+        "type": np.array([TYPE_NAMES[t - 1] for t in type_ids.tolist()], dtype=str),
+        "type_id": type_ids,
+        "probability": np.asarray(inst_probs)[ids].astype(np.float32),
+    }
+
+
+def _csv_cell(value: object) -> str:
+    """Floats to 4 decimals (sub-pixel enough, diff-friendly); everything else as text."""
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):.4f}"
+    return str(value)
+
+
+def write_csv(path: PathLike, table: Mapping[str, np.ndarray], overwrite: bool = False) -> Path:
+    """One header row of column names, then one row per nucleus."""
+    lengths = {name: len(col) for name, col in table.items()}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(f"all table columns must have the same length, got {lengths}")
+    columns = [np.asarray(col).tolist() for col in table.values()]
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            out = csv.writer(f)
+            out.writerow(list(table))
+            for row in zip(*columns):
+                out.writerow([_csv_cell(v) for v in row])
+
+    return _atomic_write(path, write, overwrite)
+
+
+# ---------------------------------------------------------------- overlay
+
+
+def overlay_image(image: np.ndarray, inst: np.ndarray, inst_types: np.ndarray) -> np.ndarray:
+    """Copy of image with each nucleus's inner boundary pixels painted in its type colour."""
+    from skimage.segmentation import find_boundaries
+
+    inst = _check_inst(inst)
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8 RGB, got shape {image.shape} dtype {image.dtype}")
+    if image.shape[:2] != inst.shape:
+        raise ValueError(f"image is {image.shape[:2]} but inst is {inst.shape}; they must be the same size")
+    _check_per_instance(inst, inst_types, None)
+    out = image.copy()
+    edge = find_boundaries(inst, mode="inner") & (inst > 0)
+    palette = np.array([(0, 0, 0), *TYPE_COLOURS], dtype=np.uint8)
+    out[edge] = palette[np.asarray(inst_types)[inst[edge]]]
+    return out
+
+
+def overlay_png(
+    path: PathLike, image: np.ndarray, inst: np.ndarray, inst_types: np.ndarray, overwrite: bool = False
+) -> Path:
+    """PNG of overlay_image for a quick visual check of the predictions."""
+    from PIL import Image
+
+    picture = Image.fromarray(overlay_image(image, inst, inst_types))
+    return _atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"), overwrite)
