@@ -1,8 +1,8 @@
 """The PanNuke folds a run uses, as MONAI datasets.
 
-`PanNuke` finds and header-checks every fold the run will touch (train, validation and test) when the config is
+`PanNuke` finds, checks and caches every fold the run will touch (train, validation and test) when the config is
 parsed, so a missing or broken fold fails before any training and before any checkpoint is written.  Each fold is
-converted into its compact cache the first time a dataset asks for it.  `PanNukeDataset` then reads one tile at a
+converted into its compact cache once; later runs reuse it.  `PanNukeDataset` then reads one tile at a
 time from the memory-mapped cache and hands MONAI transforms a dict of numpy arrays.
 """
 
@@ -50,11 +50,13 @@ class PanNuke:
         self.dataset_dir = Path(dataset_dir)
         self.cache_dir = Path(cache_dir)
         self.files: dict[int, FoldFiles] = locate_folds(self.dataset_dir, as_fold_list(folds))
+        # every value check runs in the cache conversion: do it for all folds now, before any training starts
+        self.caches: dict[int, Path] = {fold: ensure_fold_cache(f, self.cache_dir) for fold, f in self.files.items()}
 
     def cache(self, fold: int) -> Path:
-        if fold not in self.files:
-            raise ValueError(f"fold {fold} was not among the folds checked at start-up ({sorted(self.files)})")
-        return ensure_fold_cache(self.files[fold], self.cache_dir)
+        if fold not in self.caches:
+            raise ValueError(f"fold {fold} was not among the folds checked at start-up ({sorted(self.caches)})")
+        return self.caches[fold]
 
 
 class PanNukeDataset(Dataset):

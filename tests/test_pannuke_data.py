@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+
+from pannuke_fixtures import rewrite, write_dataset
+from scripts.pannuke_data import PanNuke, PanNukeDataset, as_fold_list
+from scripts.pannuke_files import PanNukeFormatError
+
+
+def test_fold_list_forms():
+    assert as_fold_list(1) == [1]
+    assert as_fold_list("1,3") == [1, 3]
+    assert as_fold_list("[2]") == [2]
+    assert as_fold_list([[1, 3], 2, np.int64(3)]) == [1, 3, 2, 3]
+
+
+def test_dataset_items(tmp_path):
+    root = write_dataset(tmp_path / "data")
+    pannuke = PanNuke(root, tmp_path / "cache", [[1], 2, 3])
+    ds = PanNukeDataset(pannuke, [1, 2], keys=("image", "label", "inst"))
+    assert len(ds) == 5
+    item = ds[4]
+    assert item["fold"] == 2 and item["index"] == 1 and isinstance(item["tissue"], str)
+    assert item["image"].shape == (256, 256, 3) and item["image"].dtype == np.uint8
+    assert item["label"].shape == (256, 256) and item["inst"].dtype == np.uint16
+    assert ds.tissues()[:3] == list(np.load(root / "Fold 1/images/fold1/types.npy"))
+
+
+def test_every_fold_is_value_checked_up_front(tmp_path):
+    """A bad test fold stops a training run before it starts, not at evaluation time."""
+    root = write_dataset(tmp_path / "data")
+    rewrite(root, 3, "images", lambda a: a / 255.0)
+    with pytest.raises(PanNukeFormatError, match="Fold 3.*0-1 scale"):
+        PanNuke(root, tmp_path / "cache", [1, 2, 3])
+
+
+def test_demo_data_when_no_dataset_dir(tmp_path, caplog):
+    pannuke = PanNuke("", tmp_path / "cache", [1, 2, 3], demo_dir=tmp_path / "demo")
+    assert (tmp_path / "demo" / "DEMO_DATA_IS_SYNTHETIC.txt").is_file()
+    assert "SYNTHETIC demo data" in caplog.text
+    assert sorted(pannuke.caches) == [1, 2, 3]
+
+
+def test_fold_not_prepared(tmp_path):
+    root = write_dataset(tmp_path / "data")
+    with pytest.raises(ValueError, match="fold 3 was not among"):
+        PanNukeDataset(PanNuke(root, tmp_path / "cache", [1]), [3])
