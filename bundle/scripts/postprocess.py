@@ -1,0 +1,219 @@
+"""Turn the network's 7-class probabilities into nucleus instances with a PanNuke type each.
+
+The network predicts, per pixel, background, the interior of each of the 5 nucleus types, and a boundary class
+(the inner 1-pixel outline of every nucleus).  Touching nuclei are only separated by their boundaries, so the
+interiors are the seeds of the instances and the boundary pixels are handed to the nearest interior by a
+watershed.  The type of a nucleus is decided once per instance, by summing the type probabilities over its pixels,
+because per-pixel types are noisy at the edges.
+
+Class decisions are taken on three merged classes (background, interior = sum of the 5 type probabilities,
+boundary) rather than on the 7 raw classes: a nucleus whose type is uncertain spreads its probability over several
+type channels, and a raw argmax would then call it background.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+from scipy import ndimage as ndi
+from scipy.special import softmax as np_softmax
+from skimage.segmentation import watershed
+
+from scripts.pannuke_format import BACKGROUND, BOUNDARY, NUM_CLASSES, NUM_TYPES
+
+__all__ = ["instances_from_probabilities", "type_map_from_instances", "NucleiInstancesd"]
+
+# 3x3 structuring elements: 4-connectivity (edge neighbours) and 8-connectivity (edge and corner neighbours)
+_CONNECTIVITY = {1: ndi.generate_binary_structure(2, 1), 2: ndi.generate_binary_structure(2, 2)}
+
+
+def _check_probs(probs: np.ndarray) -> np.ndarray:
+    """Reject anything but one decollated (7,H,W) map early, with a message that says what was expected."""
+    probs = np.asarray(probs)
+    if probs.ndim != 3:
+        raise ValueError(
+            f"expected probabilities of shape ({NUM_CLASSES}, H, W), got shape {probs.shape}; "
+            "post-processing works on one decollated item, not a batch"
+        )
+    if probs.shape[0] != NUM_CLASSES:
+        raise ValueError(
+            f"expected {NUM_CLASSES} channels (background, {NUM_TYPES} types, boundary), got {probs.shape[0]}"
+        )
+    return probs.astype(np.float32, copy=False)
+
+
+def _foreground_box(foreground: np.ndarray) -> tuple[slice, slice] | None:
+    """Bounding box of the foreground, so that the costly steps skip empty margins; None when there is none."""
+    rows = np.flatnonzero(foreground.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(foreground.any(axis=0))
+    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+
+
+def _grow_seeds(interior: np.ndarray, seeds: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+    """Label every foreground pixel: seeds flood the boundary pixels, seedless components become instances.
+
+    The flood goes from the most interior-like pixels outwards, so a contested boundary pixel goes to the nucleus
+    whose interior it resembles most; with equal values it is a geodesic nearest-seed assignment.  Growth uses
+    4-connectivity because a neighbour's interior can touch a nucleus' outline at a corner, which would make the
+    two seeds tie for that pixel; the seedless components use 8-connectivity because an inner outline is only
+    8-connected at its corners.
+    """
+    flood = (255.0 * (1.0 - interior)).astype(np.uint8)  # quantised: ties fall back to distance from the seed
+    labels = watershed(flood, seeds, mask=foreground, connectivity=1)
+    leftover = foreground & (labels == 0)
+    if leftover.any():
+        extra, _ = ndi.label(leftover, structure=_CONNECTIVITY[2])
+        labels[leftover] = extra[leftover] + seeds.max()
+    return labels
+
+
+def _drop_small(labels: np.ndarray, min_size: int) -> np.ndarray:
+    """Remove instances under min_size pixels and renumber the rest 1..N, in one look-up."""
+    sizes = np.bincount(labels.ravel())
+    keep = sizes >= min_size
+    keep[0] = False
+    lookup = np.zeros(sizes.size, dtype=np.int32)
+    lookup[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    return lookup[labels]
+
+
+def _vote_types(inst: np.ndarray, type_probs: np.ndarray, num_instances: int) -> tuple[np.ndarray, np.ndarray]:
+    """Type of each instance = argmax of its summed type probabilities, for all instances in one bincount.
+
+    The confidence is the chosen type's share of the instance's type-probability mass, sum_pixels p_t /
+    sum_pixels sum_k p_k, i.e. a mean of per-pixel type shares weighted by how nuclear each pixel is, so boundary
+    pixels (low type mass) count less.  It lies in [1/5, 1]; an instance with no type mass at all (only possible
+    with exactly one-hot inputs, e.g. a nucleus predicted as boundary only) gets type 1 and confidence 0.
+    """
+    inside = inst > 0
+    ids = inst[inside].astype(np.int64)
+    weights = type_probs[:, inside].astype(np.float64)  # (5, M)
+    flat = (ids[None, :] * NUM_TYPES + np.arange(NUM_TYPES)[:, None]).ravel()
+    sums = np.bincount(flat, weights=weights.ravel(), minlength=(num_instances + 1) * NUM_TYPES)
+    sums = sums.reshape(num_instances + 1, NUM_TYPES)
+    chosen = sums.argmax(axis=1)
+    total = sums.sum(axis=1)
+    share = np.divide(sums[np.arange(num_instances + 1), chosen], total, out=np.zeros_like(total), where=total > 0)
+    inst_types = (chosen + 1).astype(np.uint8)
+    inst_types[0] = 0
+    inst_probs = share.astype(np.float32)
+    inst_probs[0] = 0.0
+    return inst_types, inst_probs
+
+
+def instances_from_probabilities(
+    probs: np.ndarray, min_size: int = 10, seed_connectivity: int = 1
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Split the (7,H,W) softmax of one tile into typed nucleus instances.
+
+    Args:
+        probs: per-pixel class probabilities (background, 5 type interiors, boundary), summing to 1 over axis 0.
+        min_size: instances with fewer pixels are dropped (noise specks); 0 or 1 keeps everything.
+        seed_connectivity: 1 (4-neighbours, default) or 2 (8-neighbours) for the interior seeds; 4-connectivity
+            keeps two nuclei apart when a noisy boundary lets their interiors touch only at a corner.
+
+    Returns:
+        inst: (H,W) int32, instances numbered 1..N, 0 = background.
+        inst_types: (N+1,) uint8, inst_types[i] in 1..5 is the PanNuke type of instance i (entry 0 is 0).
+        inst_probs: (N+1,) float32, the chosen type's share of instance i's type probability (entry 0 is 0).
+    """
+    probs = _check_probs(probs)
+    if seed_connectivity not in _CONNECTIVITY:
+        raise ValueError(f"seed_connectivity must be 1 or 2, got {seed_connectivity}")
+    type_probs = probs[1 : NUM_TYPES + 1]  # interior of type t is class t
+    interior = type_probs.sum(axis=0)
+    foreground = np.maximum(interior, probs[BOUNDARY]) > probs[BACKGROUND]
+    inst = np.zeros(probs.shape[1:], dtype=np.int32)
+    box = _foreground_box(foreground)
+    if box is None:
+        return inst, np.zeros(1, np.uint8), np.zeros(1, np.float32)
+    interior, foreground = interior[box], foreground[box]
+    seeds, _ = ndi.label(foreground & (interior >= probs[BOUNDARY][box]), structure=_CONNECTIVITY[seed_connectivity])
+    inst[box] = _drop_small(_grow_seeds(interior, seeds, foreground), min_size)
+    num_instances = int(inst[box].max())
+    inst_types, inst_probs = _vote_types(inst[box], type_probs[(slice(None), *box)], num_instances)
+    return inst, inst_types, inst_probs
+
+
+def type_map_from_instances(inst: np.ndarray, inst_types: np.ndarray) -> np.ndarray:
+    """Paint each instance with its type (0 = background), the per-pixel map PanNuke-style metrics expect."""
+    inst_types = np.asarray(inst_types, dtype=np.uint8)
+    if inst_types.size == 0 or inst_types[0] != 0:
+        raise ValueError("inst_types must have an entry 0 equal to 0 for the background")
+    if inst.size and int(inst.max()) >= inst_types.size:
+        raise ValueError(f"instance id {int(inst.max())} has no type: inst_types has {inst_types.size} entries")
+    return inst_types[inst]
+
+
+def _to_probabilities(pred: np.ndarray | torch.Tensor, softmax: bool) -> np.ndarray:
+    """Bring a logits/probability tensor or array to a numpy float32 probability map on the CPU."""
+    if isinstance(pred, torch.Tensor):
+        pred = (pred.as_tensor() if isinstance(pred, MetaTensor) else pred).detach().float()
+        return (torch.softmax(pred, dim=0) if softmax else pred).cpu().numpy()
+    pred = np.asarray(pred, dtype=np.float32)
+    return np_softmax(pred, axis=0).astype(np.float32, copy=False) if softmax else pred
+
+
+class NucleiInstancesd(MapTransform):
+    """MONAI post transform: nucleus instances and types from one decollated (7,H,W) prediction.
+
+    Adds to the dictionary:
+        inst_map: (1,H,W) torch.int32, instances 1..N (0 = background);
+        type_map: (1,H,W) torch.uint8, PanNuke type 1..5 of each nucleus pixel (0 = background);
+        inst_types: (N+1,) numpy uint8, type per instance id; inst_probs: (N+1,) numpy float32, its confidence.
+    The maps are torch tensors (MetaTensors carrying the prediction's metadata when the prediction is one) so that
+    they flow through later MONAI transforms and savers like the prediction does; they live on the CPU, where
+    the post-processing ran.  Output key names are parameters; a single input key is accepted since the outputs
+    of several would overwrite each other.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "pred",
+        softmax: bool = True,
+        min_size: int = 10,
+        seed_connectivity: int = 1,
+        inst_key: str = "inst_map",
+        type_key: str = "type_map",
+        inst_types_key: str = "inst_types",
+        inst_probs_key: str = "inst_probs",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if len(self.keys) != 1:
+            raise ValueError(f"NucleiInstancesd takes exactly one key, got {self.keys}")
+        self.softmax = softmax
+        self.min_size = min_size
+        self.seed_connectivity = seed_connectivity
+        self.out_keys = (inst_key, type_key, inst_types_key, inst_probs_key)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            pred = d[key]
+            probs = _to_probabilities(pred, self.softmax)
+            inst, inst_types, inst_probs = instances_from_probabilities(probs, self.min_size, self.seed_connectivity)
+            type_map = type_map_from_instances(inst, inst_types)
+            inst_key, type_key, types_key, probs_key = self.out_keys
+            d[inst_key] = _like_prediction(inst[None], pred)
+            d[type_key] = _like_prediction(type_map[None], pred)
+            d[types_key] = inst_types
+            d[probs_key] = inst_probs
+        return d
+
+
+def _like_prediction(array: np.ndarray, pred: object) -> torch.Tensor:
+    """Wrap a (1,H,W) map as a tensor, keeping the prediction's metadata (affine, filename) when it has some."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if isinstance(pred, MetaTensor):
+        out = MetaTensor(tensor)
+        out.copy_meta_from(pred, copy_attr=True)
+        return out
+    return tensor

@@ -1,0 +1,195 @@
+"""Post-processing: from 7-class probabilities back to typed nucleus instances."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+from skimage.draw import ellipse
+
+from scripts.pannuke_format import BACKGROUND, BOUNDARY, NUM_CLASSES
+from scripts.postprocess import NucleiInstancesd, instances_from_probabilities, type_map_from_instances
+from scripts.targets import label_map
+
+
+def one_hot_probs(inst: np.ndarray, types: np.ndarray) -> np.ndarray:
+    """Ideal network output for a GT instance map: the training target's classes as one-hot probabilities."""
+    return np.eye(NUM_CLASSES, dtype=np.float32)[label_map(inst, types)].transpose(2, 0, 1)
+
+
+def touching_ellipses(seed: int, count: int = 20, size: int = 96) -> np.ndarray:
+    """GT-like instance map: ellipses cut along the bisectors of their centres, so that they touch.
+
+    Each pixel goes to its nearest centre if that centre's ellipse covers it, which keeps every nucleus convex
+    (ellipse intersected with a Voronoi cell); centres at least 9 px apart leave every nucleus an interior.
+    """
+    rng = np.random.default_rng(seed)
+    centres = np.empty((0, 2))
+    while len(centres) < count:
+        centre = rng.uniform(10, size - 10, 2)
+        if len(centres) == 0 or np.hypot(*(centres - centre).T).min() >= 9:
+            centres = np.vstack([centres, centre])
+    rows, cols = np.mgrid[:size, :size]
+    nearest = np.argmin([np.hypot(rows - r, cols - c) for r, c in centres], axis=0) + 1
+    inst = np.zeros((size, size), dtype=np.int32)
+    for i, (r, c) in enumerate(centres, start=1):
+        rr, cc = ellipse(r, c, rng.uniform(5, 9), rng.uniform(5, 9), shape=inst.shape, rotation=rng.uniform(0, np.pi))
+        mine = nearest[rr, cc] == i
+        inst[rr[mine], cc[mine]] = i
+    return inst
+
+
+def touching_pairs(inst: np.ndarray) -> int:
+    """Number of distinct pairs of instances sharing an edge, to check the fixture really has touching nuclei."""
+    pairs = set()
+    for a, b in ((inst[:, :-1], inst[:, 1:]), (inst[:-1], inst[1:])):
+        edge = (a != b) & (a > 0) & (b > 0)
+        pairs |= {tuple(sorted(p)) for p in zip(a[edge].tolist(), b[edge].tolist())}
+    return len(pairs)
+
+
+def soft_probs(classes: dict[int, float], shape: tuple[int, int]) -> np.ndarray:
+    """Probability map with the same class distribution at every pixel (rest on background)."""
+    probs = np.zeros((NUM_CLASSES, *shape), dtype=np.float32)
+    for cls, p in classes.items():
+        probs[cls] = p
+    probs[BACKGROUND] = 1.0 - probs.sum(axis=0) + probs[BACKGROUND]
+    return probs
+
+
+def test_two_touching_nuclei_split_by_boundary():
+    inst = np.zeros((20, 30), dtype=np.int32)
+    inst[4:16, 3:15] = 1
+    inst[4:16, 15:27] = 2  # shares an edge with nucleus 1: only the boundary class separates them
+    types = np.array([0, 1, 3])[inst]
+    out, inst_types, _ = instances_from_probabilities(one_hot_probs(inst, types))
+    assert out.max() == 2
+    assert {tuple(np.unique(out[inst == i])) for i in (1, 2)} == {(1,), (2,)}
+    assert sorted(inst_types[1:].tolist()) == [1, 3]
+
+
+def test_single_nucleus_type_and_confidence():
+    inst = np.zeros((24, 24), dtype=np.int32)
+    rr, cc = ellipse(12, 12, 7, 5)
+    inst[rr, cc] = 1
+    out, inst_types, inst_probs = instances_from_probabilities(one_hot_probs(inst, 5 * inst))
+    np.testing.assert_array_equal(out, inst)
+    assert out.dtype == np.int32 and inst_types.dtype == np.uint8 and inst_probs.dtype == np.float32
+    assert inst_types.tolist() == [0, 5]
+    assert inst_probs[1] == pytest.approx(1.0)
+
+
+def test_tiny_nucleus_without_interior_is_an_instance():
+    probs = soft_probs({}, (10, 10))
+    probs[:, 4:6, 4:7] = soft_probs({BOUNDARY: 0.6, 4: 0.3}, (2, 3))  # every pixel is boundary, none interior
+    out, inst_types, inst_probs = instances_from_probabilities(probs, min_size=1)
+    assert out.max() == 1 and (out == 1).sum() == 6
+    assert inst_types[1] == 4  # the type still comes from the residual type probability
+    assert inst_probs[1] == pytest.approx(1.0)
+
+
+def test_type_is_a_majority_vote_over_the_instance():
+    inst = np.zeros((20, 20), dtype=np.int32)
+    inst[5:15, 5:15] = 1
+    types = 2 * inst
+    types[5:15, 12:15] = 4  # 30% of the nucleus says type 4, 70% says type 2
+    probs = one_hot_probs(inst, types)
+    probs[2:6, inst > 0] = probs[2:6, inst > 0] * 0.8 + 0.1  # soften, as a network would
+    probs /= probs.sum(axis=0, keepdims=True)
+    out, inst_types, inst_probs = instances_from_probabilities(probs)
+    assert out.max() == 1  # a change of type inside a nucleus must not split it
+    assert inst_types[1] == 2
+    assert 0.5 < inst_probs[1] < 0.8
+
+
+def test_uncertain_type_is_still_foreground():
+    # background 0.3 beats each type (0.175) but not the merged interior (0.7): this is a nucleus
+    probs = soft_probs({1: 0.175, 2: 0.175, 3: 0.175, 5: 0.175}, (12, 12))
+    out, inst_types, _ = instances_from_probabilities(probs)
+    assert out.max() == 1 and (out == 1).all()
+    assert inst_types[1] in (1, 2, 3, 5)
+
+
+def test_empty_prediction_has_no_instances():
+    out, inst_types, inst_probs = instances_from_probabilities(soft_probs({BOUNDARY: 0.2, 1: 0.3}, (32, 32)))
+    assert out.shape == (32, 32) and not out.any()
+    assert inst_types.tolist() == [0] and inst_probs.tolist() == [0.0]
+
+
+def test_small_instances_are_dropped_and_ids_stay_contiguous():
+    inst = np.zeros((30, 30), dtype=np.int32)
+    inst[2:5, 2:5] = 1  # 9 pixels: under min_size
+    inst[10:20, 10:20] = 2
+    inst[22:28, 2:8] = 3
+    out, inst_types, _ = instances_from_probabilities(one_hot_probs(inst, 3 * (inst > 0)), min_size=10)
+    assert not out[inst == 1].any()
+    assert sorted(np.unique(out).tolist()) == [0, 1, 2]
+    assert inst_types.shape == (3,)
+    keep_all, _, _ = instances_from_probabilities(one_hot_probs(inst, 3 * (inst > 0)), min_size=9)
+    assert keep_all.max() == 3
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_round_trip_recovers_touching_ellipses(seed):
+    inst = touching_ellipses(seed)
+    assert inst.max() == 20 and touching_pairs(inst) >= 5
+    types = np.random.default_rng(seed).integers(1, 6, inst.max() + 1)[inst] * (inst > 0)
+    out, inst_types, _ = instances_from_probabilities(one_hot_probs(inst, types), min_size=10)
+    gt_ids = [i for i in range(1, inst.max() + 1) if (inst == i).sum() >= 10]
+    assert out.max() == len(gt_ids)
+    for i in gt_ids:
+        gt = inst == i
+        match = np.bincount(out[gt]).argmax()
+        iou = (gt & (out == match)).sum() / (gt | (out == match)).sum()
+        assert match > 0 and iou > 0.9, f"GT nucleus {i}: IoU {iou:.2f}"
+        assert inst_types[match] == types[gt][0]
+    np.testing.assert_array_equal(type_map_from_instances(out, inst_types) > 0, out > 0)
+
+
+def test_type_map_paints_instances():
+    inst = np.array([[0, 1, 1], [2, 2, 0]], dtype=np.int32)
+    np.testing.assert_array_equal(type_map_from_instances(inst, np.array([0, 4, 1])), [[0, 4, 4], [1, 1, 0]])
+    with pytest.raises(ValueError):
+        type_map_from_instances(inst, np.array([0, 4]))
+
+
+def test_transform_on_torch_logits():
+    inst = touching_ellipses(3, count=8, size=64)
+    probs = one_hot_probs(inst, 2 * (inst > 0))
+    logits = MetaTensor(torch.from_numpy(8.0 * probs), meta={"filename_or_obj": "tile_7.png"})
+    out = NucleiInstancesd(keys="pred")({"pred": logits, "label": "kept"})
+    assert out["label"] == "kept" and out["pred"] is logits
+    assert out["inst_map"].shape == (1, 64, 64) and out["inst_map"].dtype == torch.int32
+    assert out["type_map"].shape == (1, 64, 64) and out["type_map"].dtype == torch.uint8
+    assert out["inst_map"].meta["filename_or_obj"] == "tile_7.png"
+    direct, inst_types, _ = instances_from_probabilities(probs)
+    np.testing.assert_array_equal(out["inst_map"][0].numpy(), direct)
+    assert out["inst_types"].tolist() == inst_types.tolist() and set(inst_types[1:].tolist()) == {2}
+    np.testing.assert_array_equal(out["type_map"][0].numpy(), 2 * (direct > 0))
+    on_numpy = NucleiInstancesd(keys="pred", softmax=False)({"pred": probs})
+    np.testing.assert_array_equal(on_numpy["inst_map"].numpy(), out["inst_map"].numpy())
+
+
+@pytest.mark.parametrize("shape", [(6, 16, 16), (1, 7, 16, 16), (16, 16)])
+def test_wrong_shapes_raise(shape):
+    with pytest.raises(ValueError, match="expected"):
+        instances_from_probabilities(np.zeros(shape, dtype=np.float32))
+    with pytest.raises(ValueError, match="expected"):
+        NucleiInstancesd(keys="pred")({"pred": torch.zeros(shape)})
+
+
+def test_transform_takes_one_key():
+    with pytest.raises(ValueError, match="one key"):
+        NucleiInstancesd(keys=["pred", "other"])
+
+
+def test_transform_from_bundle_config():
+    from monai.bundle import ConfigParser
+
+    config = {"post": {"_target_": "scripts.postprocess.NucleiInstancesd", "keys": "pred", "min_size": 5}}
+    transform = ConfigParser(config).get_parsed_content("post")
+    probs = soft_probs({}, (16, 16))
+    probs[:, 4:10, 4:10] = soft_probs({3: 0.9}, (6, 6))
+    out = transform({"pred": torch.from_numpy(np.log(probs))})
+    assert out["inst_map"].sum() == 36 and out["inst_types"].tolist() == [0, 3]
