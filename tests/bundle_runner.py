@@ -4,25 +4,19 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
-from conftest import BUNDLE_ROOT
+from scripts.official_protocol import bundle_command
 
 
 def run_bundle(run_id: str, configs: list[str], work: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    config_files = "[" + ",".join(repr(str(BUNDLE_ROOT / "configs" / c)) for c in configs) + "]"
-    cmd = [
-        sys.executable, "-m", "monai.bundle", "run", run_id,
-        "--config_file", config_files,
-        "--logging_file", str(BUNDLE_ROOT / "configs" / "logging.conf"),
-        "--bundle_root", str(BUNDLE_ROOT),
+    cmd = bundle_command(run_id, configs, [
         "--ckpt_dir", str(work / "models"),
         "--output_dir", str(work / "eval"),
         "--cache_dir", str(work / "cache"),
         "--num_workers", "0",
         *overrides,
-    ]
+    ])
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
     proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=env, timeout=900)
     if check and proc.returncode != 0:

@@ -39,6 +39,13 @@ def test_evaluate_writes_metrics(trained):
     assert set(metrics["metrics"]) >= {"val_mean_dice", "val_pixel_accuracy", "val_loss"}
     assert 0.0 <= metrics["metrics"]["val_pixel_accuracy"] <= 1.0
     assert (work / "eval" / "metrics.csv").read_text().startswith("val_mean_dice,")
+    # the official PanNuke score of the test fold, per tissue and per class
+    scores = json.loads((work / "eval" / "pannuke_scores.json").read_text())
+    assert scores["overall"]["n_images"] == 2
+    assert set(scores["per_class"]) == {"Neoplastic", "Inflammatory", "Connective", "Dead", "Epithelial"}
+    assert set(scores["per_tissue"]) <= {"Breast", "Colon"}
+    assert "bPQ" in metrics["metrics"] and "PQ_Neoplastic" in metrics["metrics"]
+    assert (work / "eval" / "pannuke_scores_per_tissue.csv").is_file()
 
 
 def test_evaluate_without_weights_explains(trained, tmp_path):

@@ -1,0 +1,144 @@
+"""The official PanNuke protocol in one command: train and score the 3 splits, then report their mean and spread.
+
+Splits (train, validation, test) = (1, 2, 3), (2, 1, 3), (3, 2, 1), as in the PanNuke paper.  Each split trains with
+configs/train.json and scores its test fold with configs/evaluate.json, in its own folder, through `monai.bundle` in
+a fresh process.  A split whose scores already exist is not run again (pass --force to redo it), so an interrupted
+protocol continues where it stopped and finished splits are never lost.
+
+    cd bundle
+    python -m scripts.official_protocol --output_dir runs/protocol --dataset_dir /data/pannuke --epochs 100
+
+Every option this script does not know (--dataset_dir, --epochs, --batch_size, ...) goes to monai.bundle as an
+override.  Results: <output_dir>/split<k>/{models,eval}/ per split, and protocol_scores.json / protocol_scores.csv /
+a printed table with the mean and standard deviation over the splits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+SPLITS: dict[int, tuple[int, int, int]] = {1: (1, 2, 3), 2: (2, 1, 3), 3: (3, 2, 1)}
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+SCORES_FILE = "pannuke_scores.json"
+
+
+def split_overrides(split: int, run_dir: Path) -> list[str]:
+    train, val, test = SPLITS[split]
+    return [
+        "--train_folds", f"[{train}]", "--val_fold", str(val), "--test_fold", str(test),
+        "--ckpt_dir", str(run_dir / "models"), "--output_dir", str(run_dir / "eval"),
+    ]  # fmt: skip
+
+
+def bundle_command(run_id: str, configs: list[str], overrides: list[str]) -> list[str]:
+    config_files = "[" + ",".join(repr(str(BUNDLE_ROOT / "configs" / c)) for c in configs) + "]"
+    return [
+        sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_files,
+        "--logging_file", str(BUNDLE_ROOT / "configs" / "logging.conf"), "--bundle_root", str(BUNDLE_ROOT),
+        *overrides,
+    ]  # fmt: skip
+
+
+def run_split(split: int, output_dir: Path, extra: list[str], force: bool) -> Path:
+    """Train and evaluate one split unless its scores exist; returns its scores file."""
+    run_dir = output_dir / f"split{split}"
+    scores = run_dir / "eval" / SCORES_FILE
+    if scores.is_file() and not force:
+        print(f"split {split}: scores exist in {scores}, not run again (--force to redo)")
+        return scores
+    overrides = split_overrides(split, run_dir) + extra
+    print(f"split {split}: train fold {SPLITS[split][0]}, validate {SPLITS[split][1]}, test {SPLITS[split][2]}")
+    for run_id, configs in (("training", ["train.json"]), ("run", ["train.json", "evaluate.json"])):
+        subprocess.run(bundle_command(run_id, configs, overrides), check=True)
+    if not scores.is_file():
+        raise RuntimeError(f"split {split}: evaluation finished without writing {scores}")
+    return scores
+
+
+def _stats(values: list[float | None]) -> dict[str, float]:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    if not finite:
+        return {"mean": math.nan, "std": math.nan, "n_splits": 0}
+    return {"mean": float(np.mean(finite)), "std": float(np.std(finite)), "n_splits": len(finite)}
+
+
+def combine_splits(score_files: dict[int, Path]) -> dict:
+    """Mean and standard deviation over splits of every overall score, per-class PQ and per-tissue bPQ/mPQ."""
+    per_split = {split: json.loads(Path(f).read_text()) for split, f in score_files.items()}
+    first = next(iter(per_split.values()))
+    overall_keys = [k for k in first["overall"] if k not in ("n_images", "n_tissues")]
+    table = {
+        "splits": {str(s): list(SPLITS[s]) for s in per_split},
+        "overall": {k: _stats([p["overall"].get(k) for p in per_split.values()]) for k in overall_keys},
+        "per_class": {k: _stats([p["per_class"].get(k) for p in per_split.values()]) for k in first["per_class"]},
+        "per_tissue": {},
+    }
+    tissues = sorted({t for p in per_split.values() for t in p["per_tissue"]})
+    for tissue in tissues:
+        table["per_tissue"][tissue] = {
+            key: _stats([p["per_tissue"].get(tissue, {}).get(key) for p in per_split.values()]) for key in ("bPQ", "mPQ")
+        }
+    return table
+
+
+def write_protocol_tables(table: dict, output_dir: Path) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "protocol_scores.json").write_text(json.dumps(_json_safe(table), indent=2) + "\n")
+    with open(output_dir / "protocol_scores.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["group", "name", "metric", "mean", "std", "n_splits"])
+        for key, s in table["overall"].items():
+            writer.writerow(["overall", "", key, s["mean"], s["std"], s["n_splits"]])
+        for name, s in table["per_class"].items():
+            writer.writerow(["class", name, "PQ", s["mean"], s["std"], s["n_splits"]])
+        for tissue, metrics in table["per_tissue"].items():
+            for key, s in metrics.items():
+                writer.writerow(["tissue", tissue, key, s["mean"], s["std"], s["n_splits"]])
+
+
+def format_table(table: dict) -> str:
+    fmt = lambda s: f"{s['mean']:.4f} ± {s['std']:.4f}"  # noqa: E731
+    lines = [f"PanNuke official protocol, mean ± std over splits {', '.join(table['splits'])}"]
+    lines += [f"  {key:<16} {fmt(s)}" for key, s in table["overall"].items()]
+    lines += [f"  PQ {name:<13} {fmt(s)}" for name, s in table["per_class"].items()]
+    lines += [f"  {tissue:<16} bPQ {fmt(m['bPQ'])}  mPQ {fmt(m['mPQ'])}" for tissue, m in table["per_tissue"].items()]
+    return "\n".join(lines)
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Run the official PanNuke 3-split protocol; unknown options go to monai.bundle as overrides.",
+        epilog="example: python -m scripts.official_protocol --output_dir runs/protocol --dataset_dir /data/pannuke",
+    )
+    parser.add_argument("--output_dir", required=True, type=Path, help="one subfolder per split goes here")
+    parser.add_argument("--splits", default="1,2,3", help="which splits to run (default: all three)")
+    parser.add_argument("--force", action="store_true", help="re-run splits whose scores already exist")
+    args, extra = parser.parse_known_args(argv)
+    splits = [int(s) for s in args.splits.split(",")]
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown:
+        parser.error(f"unknown split(s) {unknown}: the protocol has splits 1, 2, 3")
+    score_files = {s: run_split(s, args.output_dir.resolve(), extra, args.force) for s in splits}
+    table = combine_splits(score_files)
+    write_protocol_tables(table, args.output_dir)
+    print(format_table(table))
+    print(f"written: {args.output_dir / 'protocol_scores.json'}, {args.output_dir / 'protocol_scores.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

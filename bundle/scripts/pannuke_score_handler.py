@@ -1,0 +1,93 @@
+"""Score an evaluation run with the official PanNuke protocol while it runs.
+
+MONAI's PanopticQualityMetric pools TP/FP/FN over a batch, which is not the PanNuke number, so this handler scores
+each tile as soon as its prediction exists (the instances come from `NucleiInstancesd` in the post-processing) and
+keeps only the per-image rows.  At the end it writes the per-image / per-tissue CSVs and the JSON summary, logs the
+summary table, puts bPQ, mPQ and every class PQ into `engine.state.metrics` (so MetricsSaver and the JSON writer
+pick them up) and into TensorBoard.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from torch.utils.tensorboard import SummaryWriter
+
+from scripts.pannuke_metric import CLASS_KEYS, TISSUE_MEAN_KEYS, format_summary, score_image, write_score_tables
+
+logger = logging.getLogger(__name__)
+
+
+def _plane(value: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(1, H, W) or (H, W) tensor/array -> (H, W) numpy."""
+    array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    return array.reshape(array.shape[-2:])
+
+
+class PanNukeScoreHandler:
+    """Per-image PanNuke scores of an evaluator, written and logged when the run completes."""
+
+    def __init__(
+        self,
+        output_dir: str,
+        log_dir: str | None = None,
+        pred_inst_key: str = "inst_map",
+        pred_type_key: str = "type_map",
+        true_inst_key: str = "inst",
+        true_type_key: str = "type",
+        tissue_key: str = "tissue",
+    ) -> None:
+        self.output_dir, self.log_dir = output_dir, log_dir
+        self.pred_keys = (pred_inst_key, pred_type_key)
+        self.true_keys = (true_inst_key, true_type_key)
+        self.tissue_key = tissue_key
+        self.rows: list[dict[str, float]] = []
+        self.tissues: list[str] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.score_batch)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.complete)
+
+    def reset(self, engine: Engine) -> None:
+        self.rows, self.tissues = [], []
+
+    def score_batch(self, engine: Engine) -> None:
+        for batch_item, output_item in zip(engine.state.batch, engine.state.output):
+            item = {**batch_item, **output_item}
+            missing = [k for k in (*self.pred_keys, *self.true_keys, self.tissue_key) if k not in item]
+            if missing:
+                raise KeyError(
+                    f"PanNukeScoreHandler needs {missing} in each item: add NucleiInstancesd to the post-processing "
+                    "and 'inst', 'type' to the dataset keys (see configs/evaluate.json)"
+                )
+            true_inst, true_type = (_plane(item[k]) for k in self.true_keys)
+            pred_inst, pred_type = (_plane(item[k]) for k in self.pred_keys)
+            self.rows.append(score_image(true_inst, true_type, pred_inst, pred_type))
+            self.tissues.append(str(item[self.tissue_key]))
+
+    def complete(self, engine: Engine) -> None:
+        if not self.rows:
+            logger.warning("PanNukeScoreHandler: no images were scored")
+            return
+        agg = write_score_tables(self.rows, self.tissues, self.output_dir)
+        logger.info("\n" + format_summary(agg))
+        overall = agg["overall"]
+        headline = {key: overall[key] for key in (*TISSUE_MEAN_KEYS, *CLASS_KEYS)}
+        engine.state.metrics.update(headline)
+        if self.log_dir:
+            self._write_tensorboard(agg, engine.state.epoch)
+
+    def _write_tensorboard(self, agg: dict, step: int) -> None:
+        writer = SummaryWriter(log_dir=self.log_dir)
+        try:
+            for key in (*TISSUE_MEAN_KEYS, *CLASS_KEYS):
+                writer.add_scalar(f"pannuke/{key}", agg["overall"][key], step)
+            for tissue, scores in agg["per_tissue"].items():
+                writer.add_scalar(f"pannuke_tissue_bPQ/{tissue}", scores["bPQ"], step)
+                writer.add_scalar(f"pannuke_tissue_mPQ/{tissue}", scores["mPQ"], step)
+        finally:
+            writer.close()
