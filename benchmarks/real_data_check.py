@@ -1,0 +1,107 @@
+"""Train and score on real H&E pixels: CoNSeP + MoNuSeg for training, CoNSeP test + NuCLS for scoring.
+
+PanNuke is not reachable from the development machines, so this is the project's honest check on real tissue.
+It converts the public sets in ../shared/data with scripts/convert_to_pannuke.py into a PanNuke-format dataset:
+
+  fold 1 (train):      CoNSeP train images 1-24 (patches) + MoNuSeg training images 1-27 (cut into 256² tiles)
+  fold 2 (validation): CoNSeP train images 25-27 + MoNuSeg images 28-30 (never scored, only for model selection)
+  fold 3 (test):       CoNSeP test (14 images, patches) + NuCLS (15 tiles): never trained on
+
+Type mapping (../shared/data/README.md): CoNSeP inflammatory -> Inflammatory, spindle -> Connective, epithelial ->
+Neoplastic (adenocarcinoma), other -> Dead (a catch-all: ignore its class score); NuCLS tumor -> Neoplastic,
+non-tumor -> Connective (score NuCLS as binary only); MoNuSeg is untyped: its nuclei go to Neoplastic, which biases
+the type head (documented in bundle/docs/real_data.md).  Tissue names carry the source, so the per-tissue table
+gives one row per dataset.
+
+    python benchmarks/real_data_check.py --work /tmp/realdata --epochs 30 [--device cuda] [-- extra overrides]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE = REPO / "bundle"
+SHARED = REPO.parent / "shared" / "data"
+CONSEP_CLASSES = "1:Dead,2:Inflammatory,3:Neoplastic,4:Connective"
+NUCLS_CLASSES = "1:Connective,2:Neoplastic"
+
+
+def _link_subset(src: Path, dst: Path, keep) -> Path:
+    """A folder of symlinks to the images/labels whose stem passes `keep` (the converter pairs by stem)."""
+    for sub in ("images", "labels"):
+        (dst / sub).mkdir(parents=True, exist_ok=True)
+        for f in (src / sub).iterdir():
+            if keep(f.stem) and not (dst / sub / f.name).exists():
+                (dst / sub / f.name).symlink_to(f)
+    return dst
+
+
+def _convert(source: Path, out: Path, fold: int, tissue: str, extra: list[str], append: bool) -> None:
+    cmd = [sys.executable, str(BUNDLE / "scripts" / "convert_to_pannuke.py"), "--images", str(source / "images"),
+           "--masks", str(source / "labels"), "--output_dir", str(out), "--fold", str(fold), "--tissue", tissue, *extra]
+    subprocess.run(cmd + (["--append"] if append else []), check=True)
+
+
+def build_dataset(work: Path) -> Path:
+    out = work / "pannuke_format"
+    if (out / "Fold 3").is_dir():
+        print(f"dataset exists: {out}")
+        return out
+    consep_image = lambda stem: int(stem.split("_")[1])  # noqa: E731  train_<img>_<patch>
+    monuseg = sorted(p.stem for p in (SHARED / "monuseg_train" / "images").iterdir())
+    links = work / "links"
+    train_consep = _link_subset(SHARED / "consep/train", links / "c_tr", lambda s: consep_image(s) <= 24)
+    val_consep = _link_subset(SHARED / "consep/train", links / "c_va", lambda s: consep_image(s) > 24)
+    train_monuseg = _link_subset(SHARED / "monuseg_train", links / "m_tr", lambda s: s in monuseg[:27])
+    val_monuseg = _link_subset(SHARED / "monuseg_train", links / "m_va", lambda s: s in monuseg[27:])
+    typed = ["--class_map", CONSEP_CLASSES]
+    untyped = ["--default_type", "Neoplastic"]
+    _convert(train_consep, out, 1, "Colon (CoNSeP)", typed, append=False)
+    _convert(train_monuseg, out, 1, "Mixed (MoNuSeg)", untyped, append=True)
+    _convert(val_consep, out, 2, "Colon (CoNSeP)", typed, append=False)
+    _convert(val_monuseg, out, 2, "Mixed (MoNuSeg)", untyped, append=True)
+    _convert(SHARED / "consep/test", out, 3, "Colon (CoNSeP)", typed, append=False)
+    _convert(SHARED / "nucls", out, 3, "Breast (NuCLS)", ["--class_map", NUCLS_CLASSES], append=True)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", type=Path, default=Path("/tmp/pannuke_real_data"))
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--batch_size", type=int, default=16)
+    args, extra = parser.parse_known_args()
+    if not SHARED.is_dir():
+        print(f"{SHARED} is absent: nothing to check")
+        return 1
+    sys.path.insert(0, str(BUNDLE))
+    from scripts.official_protocol import bundle_command
+
+    data = build_dataset(args.work)
+    overrides = ["--dataset_dir", str(data), "--cache_dir", str(args.work / "cache"), "--ckpt_dir",
+                 str(args.work / "models"), "--output_dir", str(args.work / "eval"), "--epochs", str(args.epochs),
+                 "--batch_size", str(args.batch_size), *extra]
+    start = time.time()
+    subprocess.run(bundle_command("training", ["train.json"], overrides), check=True, cwd=BUNDLE)
+    minutes = (time.time() - start) / 60
+    subprocess.run(bundle_command("run", ["train.json", "evaluate.json"], overrides), check=True, cwd=BUNDLE)
+    scores = json.loads((args.work / "eval" / "pannuke_scores.json").read_text())
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+    print(f"device {device}, torch {torch.__version__}, python {platform.python_version()}, "
+          f"epochs {args.epochs}, batch {args.batch_size}, training {minutes:.1f} min")
+    print(json.dumps(scores, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
