@@ -13,7 +13,7 @@ non-tumor -> Connective (score NuCLS as binary only); MoNuSeg is untyped: its nu
 the type head (documented in bundle/docs/real_data.md).  Tissue names carry the source, so the per-tissue table
 gives one row per dataset.
 
-    python benchmarks/real_data_check.py --work /tmp/realdata --epochs 30 [--device cuda] [-- extra overrides]
+    python benchmarks/real_data_check.py --work /tmp/realdata --epochs 30 [--reduced] [extra monai.bundle overrides]
 """
 
 from __future__ import annotations
@@ -52,17 +52,22 @@ def _convert(source: Path, out: Path, fold: int, tissue: str, extra: list[str], 
     subprocess.run(cmd + (["--append"] if append else []), check=True)
 
 
-def build_dataset(work: Path) -> Path:
+def build_dataset(work: Path, reduced: bool) -> Path:
+    """reduced (for CPU): 6 of the 16 overlapping CoNSeP patches per training image, every third MoNuSeg image."""
     out = work / "pannuke_format"
     if (out / "Fold 3").is_dir():
         print(f"dataset exists: {out}")
         return out
     consep_image = lambda stem: int(stem.split("_")[1])  # noqa: E731  train_<img>_<patch>
+    consep_patch = lambda stem: int(stem.split("_")[2])  # noqa: E731
+    use_patch = (lambda stem: consep_patch(stem) < 6) if reduced else (lambda stem: True)
     monuseg = sorted(p.stem for p in (SHARED / "monuseg_train" / "images").iterdir())
     links = work / "links"
-    train_consep = _link_subset(SHARED / "consep/train", links / "c_tr", lambda s: consep_image(s) <= 24)
+    train_consep = _link_subset(
+        SHARED / "consep/train", links / "c_tr", lambda s: consep_image(s) <= 24 and use_patch(s)
+    )
     val_consep = _link_subset(SHARED / "consep/train", links / "c_va", lambda s: consep_image(s) > 24)
-    train_monuseg = _link_subset(SHARED / "monuseg_train", links / "m_tr", lambda s: s in monuseg[:27])
+    train_monuseg = _link_subset(SHARED / "monuseg_train", links / "m_tr", lambda s: s in monuseg[:27][:: 3 if reduced else 1])
     val_monuseg = _link_subset(SHARED / "monuseg_train", links / "m_va", lambda s: s in monuseg[27:])
     typed = ["--class_map", CONSEP_CLASSES]
     untyped = ["--default_type", "Neoplastic"]
@@ -80,6 +85,7 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/pannuke_real_data"))
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--reduced", action="store_true", help="fewer training tiles, for a CPU-only check")
     args, extra = parser.parse_known_args()
     if not SHARED.is_dir():
         print(f"{SHARED} is absent: nothing to check")
@@ -87,7 +93,7 @@ def main() -> int:
     sys.path.insert(0, str(BUNDLE))
     from scripts.official_protocol import bundle_command
 
-    data = build_dataset(args.work)
+    data = build_dataset(args.work, args.reduced)
     overrides = ["--dataset_dir", str(data), "--cache_dir", str(args.work / "cache"), "--ckpt_dir",
                  str(args.work / "models"), "--output_dir", str(args.work / "eval"), "--epochs", str(args.epochs),
                  "--batch_size", str(args.batch_size), *extra]
@@ -98,7 +104,7 @@ def main() -> int:
     scores = json.loads((args.work / "eval" / "pannuke_scores.json").read_text())
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
     print(f"device {device}, torch {torch.__version__}, python {platform.python_version()}, "
-          f"epochs {args.epochs}, batch {args.batch_size}, training {minutes:.1f} min")
+          f"epochs {args.epochs}, batch {args.batch_size}, reduced {args.reduced}, training {minutes:.1f} min")
     print(json.dumps(scores, indent=1))
     return 0
 
