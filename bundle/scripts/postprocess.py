@@ -6,9 +6,11 @@ interiors are the seeds of the instances and the boundary pixels are handed to t
 watershed.  The type of a nucleus is decided once per instance, by summing the type probabilities over its pixels,
 because per-pixel types are noisy at the edges.
 
-Class decisions are taken on three merged classes (background, interior = sum of the 5 type probabilities,
-boundary) rather than on the 7 raw classes: a nucleus whose type is uncertain spreads its probability over several
-type channels, and a raw argmax would then call it background.
+Foreground is where the 7-class argmax is not background, exactly as the validation Dice counts nuclei.  Summing
+the 5 type probabilities against the background (1 - p_background > 0.5) would be the Bayes decision for calibrated
+probabilities, but a DiceCE-trained network spreads mass over the rare classes: on the demo model that rule almost
+doubled the nucleus area (Dice 0.60 against 0.98 for the argmax, bPQ 0.11 against 0.43).  Within the foreground,
+seeds are the pixels whose summed interior probability beats the boundary's, so an uncertain type still seeds.
 """
 
 from __future__ import annotations
@@ -129,7 +131,7 @@ def instances_from_probabilities(
         raise ValueError(f"seed_connectivity must be 1 or 2, got {seed_connectivity}")
     type_probs = probs[1 : NUM_TYPES + 1]  # interior of type t is class t
     interior = type_probs.sum(axis=0)
-    foreground = np.maximum(interior, probs[BOUNDARY]) > probs[BACKGROUND]
+    foreground = probs.argmax(axis=0) != BACKGROUND
     inst = np.zeros(probs.shape[1:], dtype=np.int32)
     box = _foreground_box(foreground)
     if box is None:
