@@ -201,3 +201,12 @@ def test_transform_from_bundle_config():
     probs[:, 4:10, 4:10] = soft_probs({3: 0.9}, (6, 6))
     out = transform({"pred": torch.from_numpy(np.log(probs))})
     assert out["inst_map"].sum() == 36 and out["inst_types"].tolist() == [0, 3]
+
+
+def test_foreground_made_only_of_specks_gives_no_instances():
+    # every candidate is under min_size: the type vote runs on no pixel at all and must not crash
+    probs = soft_probs({}, (50, 50))
+    probs[0, 10:12, 10:12] = 0
+    probs[1, 10:12, 10:12] = 1
+    out, inst_types, inst_probs = instances_from_probabilities(probs)
+    assert not out.any() and inst_types.tolist() == [0] and inst_probs.tolist() == [0.0]

@@ -102,7 +102,7 @@ def _vote_types(inst: np.ndarray, type_probs: np.ndarray, num_instances: int) ->
     sums = sums.reshape(num_instances + 1, NUM_TYPES)
     chosen = sums.argmax(axis=1)
     total = sums.sum(axis=1)
-    share = np.divide(sums[np.arange(num_instances + 1), chosen], total, out=np.zeros_like(total), where=total > 0)
+    share = np.divide(sums[np.arange(num_instances + 1), chosen], total, out=np.zeros(total.shape), where=total > 0)
     inst_types = (chosen + 1).astype(np.uint8)
     inst_types[0] = 0
     inst_probs = share.astype(np.float32)
