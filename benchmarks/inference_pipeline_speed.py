@@ -1,0 +1,180 @@
+"""Inference throughput in 256x256 tiles per second: network only, sliding window, post-processing + writing, whole run.
+
+    .venv/bin/python benchmarks/inference_pipeline_speed.py [--device cpu|cuda] [--sw_batch_size 4]
+        [--image_size 1024] [--images 2] [--checkpoint bundle/models/model.pt]
+
+1. network:        the bundle's network_def on batches of sw_batch_size tiles (no overlap, no stitching).
+2. sliding window: the configured SlidingWindowInferer (overlap, Gaussian blending, stitching on the CPU) on
+                   image_size^2 images; tiles/s counts image area / 256^2, so the overlap's cost shows.
+3. post + write:   NucleiInstancesd and every output file, on network-like probability maps of image_size^2 with
+                   PanNuke-like nucleus density (benchmarks/postprocess_speed.py), independent of the weights.
+4. whole run:      the bundle's inference evaluator over --images generated PNGs: read, infer, post-process, write.
+                   Its post-processing share depends on how many nuclei the weights find: untrained or random
+                   weights find few, so step 3 is the figure to trust for that part.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import monai
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bundle"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from postprocess_speed import cpu_name, gt_tile, network_like_probs  # noqa: E402
+from scripts.demo_data import make_tile  # noqa: E402
+from scripts.inference_writer import NucleiOutputsWriterd  # noqa: E402
+from scripts.pannuke_format import TILE_SIZE  # noqa: E402
+from scripts.postprocess import NucleiInstancesd  # noqa: E402
+
+
+def bundle_parser(args: argparse.Namespace, **overrides: object) -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "bundle" / "configs" / f) for f in ("train.json", "inference.json")])
+    settings = {"bundle_root": str(ROOT / "bundle"), "device": args.device, "sw_batch_size": args.sw_batch_size,
+                "amp": args.amp, "num_workers": 0, **overrides}
+    for key, value in settings.items():
+        parser[key] = value
+    return parser
+
+
+def load_network(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
+    network = bundle_parser(args).get_parsed_content("network_def")
+    if args.checkpoint and Path(args.checkpoint).is_file():
+        network.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True))
+        weights = args.checkpoint
+    else:
+        weights = "random init (no checkpoint found)"
+    return network.to(args.device).eval(), weights
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats: int, device: str) -> float:
+    """Best of `repeats` seconds for fn() after one warm-up call; the minimum filters out other workers' load."""
+    fn()
+    best = np.inf
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def he_image(size: int, seed: int) -> np.ndarray:
+    """(size, size, 3) uint8 mosaic of synthetic H&E tiles."""
+    rng = np.random.default_rng(seed)
+    n = -(-size // TILE_SIZE)
+    rows = [np.concatenate([make_tile(rng)[0] for _ in range(n)], axis=1) for _ in range(n)]
+    return np.concatenate(rows)[:size, :size].astype(np.uint8)
+
+
+def network_like_image_probs(size: int, seed: int) -> tuple[np.ndarray, int]:
+    """(7, size, size) probabilities with PanNuke-like density: a mosaic of postprocess_speed's tiles."""
+    rng = np.random.default_rng(seed)
+    n = -(-size // TILE_SIZE)
+    probs = np.zeros((7, n * TILE_SIZE, n * TILE_SIZE), np.float32)
+    nuclei = 0
+    for r in range(n):
+        for c in range(n):
+            inst, types = gt_tile(rng)
+            nuclei += int(inst.max())
+            rows, cols = slice(r * TILE_SIZE, (r + 1) * TILE_SIZE), slice(c * TILE_SIZE, (c + 1) * TILE_SIZE)
+            probs[:, rows, cols] = network_like_probs(inst, types, rng)
+    return probs[:, :size, :size], nuclei
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sw_batch_size", type=int, default=4)
+    parser.add_argument("--image_size", type=int, default=1024)
+    parser.add_argument("--images", type=int, default=2)
+    parser.add_argument("--batches", type=int, default=3, help="network-only batches per timing")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--amp", action="store_true", help="float16 autocast (CUDA only)")
+    parser.add_argument("--checkpoint", default=str(ROOT / "bundle" / "models" / "model.pt"))
+    args = parser.parse_args()
+    if args.amp and not args.device.startswith("cuda"):
+        parser.error("--amp needs --device cuda")
+    network, weights = load_network(args)
+    tiles_per_image = args.image_size**2 / TILE_SIZE**2
+    dtype = "float16 autocast" if args.amp else "float32"
+    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else cpu_name()
+    print(f"device {args.device} ({device_name}), {torch.get_num_threads()} CPU threads, {dtype}, "
+          f"sw_batch_size {args.sw_batch_size}, weights: {weights}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}, monai {monai.__version__}, "
+          f"numpy {np.__version__}")
+
+    def autocast():
+        return torch.autocast("cuda", enabled=args.amp)
+
+    batch = torch.rand(args.sw_batch_size, 3, TILE_SIZE, TILE_SIZE, device=args.device)
+
+    def network_only() -> None:
+        with torch.no_grad(), autocast():
+            for _ in range(args.batches):
+                network(batch)
+
+    seconds = timed(network_only, args.repeats, args.device)
+    print(f"1. network only:      {args.batches * args.sw_batch_size / seconds:7.2f} tiles/s")
+
+    inferer = bundle_parser(args).get_parsed_content("infer#inferer")
+    image = torch.from_numpy(he_image(args.image_size, 0)).permute(2, 0, 1)[None].float().div(255).to(args.device)
+
+    def sliding_window() -> None:
+        with torch.no_grad(), autocast():
+            inferer(image, network)
+
+    seconds = timed(sliding_window, args.repeats, args.device)
+    print(f"2. sliding window:    {tiles_per_image / seconds:7.2f} tiles/s  ({seconds:.2f} s per "
+          f"{args.image_size}^2 image, overlap {inferer.overlap})")
+
+    probs, nuclei = network_like_image_probs(args.image_size, 1)
+    rgb = he_image(args.image_size, 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        writer = NucleiOutputsWriterd(tmp, overwrite=True)
+        instances = NucleiInstancesd("pred", softmax=False)
+
+        def post_and_write() -> None:
+            writer({**instances({"pred": torch.from_numpy(probs)}), "name": "bench", "rgb": rgb})
+
+        seconds = timed(post_and_write, args.repeats, "cpu")
+        print(f"3. post + write:      {tiles_per_image / seconds:7.2f} tiles/s  ({seconds:.2f} s per image, "
+              f"{nuclei / tiles_per_image:.0f} nuclei/tile)")
+
+        folder = Path(tmp) / "images"
+        folder.mkdir()
+        for i in range(args.images):
+            Image.fromarray(he_image(args.image_size, 10 + i)).save(folder / f"image_{i}.png")
+        run = bundle_parser(args, input_dir=str(folder), output_dir=str(Path(tmp) / "out"), overwrite=True)
+        run["infer#handlers"] = [h for h in run["infer#handlers"] if "CheckpointLoader" not in str(h)]
+        run["network"] = network  # already loaded above, with or without a checkpoint
+        evaluator = run.get_parsed_content("infer#evaluator")
+        guard = run.get_parsed_content("infer#guard")
+        start = time.perf_counter()
+        evaluator.run()
+        seconds = time.perf_counter() - start
+        found = sum(o.nuclei or 0 for o in guard.outcomes)
+        print(f"4. whole run:         {args.images * tiles_per_image / seconds:7.2f} tiles/s  "
+              f"({seconds / args.images:.2f} s per image, {found / args.images:.0f} nuclei/image found with "
+              f"these weights; {guard.counts()})")
+
+
+if __name__ == "__main__":
+    main()

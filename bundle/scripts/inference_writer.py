@@ -1,0 +1,114 @@
+"""Write one image's inference outputs, as the last MONAI post transform, into `<output_dir>/<name>/`.
+
+Per image (name = the input file's stem):
+    <name>_instances.tif    lossless label map, one id per nucleus, same H x W as the input (uint16 / uint32)
+    <name>_types.tif        PanNuke type 1..5 per nucleus pixel, 0 = background
+    <name>_nuclei.geojson   QuPath detections, one classified polygon per nucleus
+    <name>_nuclei.csv       one row per nucleus: id, centroid, area, perimeter, eccentricity, type, probability
+    <name>_overlay.png      the input with each nucleus outlined in its type colour
+    <name>_instances.nii.gz the label map as NIfTI, only with save_nifti=True
+A transform rather than a handler so it runs inside the engine's per-image step, where PerImageGuard turns a failed
+write into a reported, skipped image instead of a stopped run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.transforms import MapTransform
+
+from scripts.nuclei_writers import (
+    instances_to_geojson,
+    measurements_table,
+    overlay_png,
+    write_csv,
+    write_geojson,
+    write_label_nifti,
+    write_label_tiff,
+)
+
+OUTPUT_SUFFIXES = {
+    "instances": "_instances.tif",
+    "types": "_types.tif",
+    "geojson": "_nuclei.geojson",
+    "csv": "_nuclei.csv",
+    "overlay": "_overlay.png",
+}
+NIFTI_SUFFIX = "_instances.nii.gz"
+
+
+def _plane(value: object) -> np.ndarray:
+    """(H, W) numpy array from a (1, H, W) or (H, W) tensor / array."""
+    array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    return array[0] if array.ndim == 3 and array.shape[0] == 1 else array
+
+
+def _rgb(value: object) -> np.ndarray:
+    """(H, W, 3) uint8 from the untouched copy of the input the config keeps next to the network's image."""
+    array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    if array.ndim != 3 or array.shape[-1] != 3 or array.dtype != np.uint8:
+        raise ValueError(f"expected the input copy as (H, W, 3) uint8, got {array.shape} {array.dtype}")
+    return array
+
+
+class NucleiOutputsWriterd(MapTransform):
+    """Write the files listed in the module docstring for one decollated item; refuse to replace existing ones.
+
+    Adds `written` (the paths) and `num_nuclei` to the item, which the run summary reports.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        overwrite: bool = False,
+        save_nifti: bool = False,
+        name_key: str = "name",
+        image_key: str = "rgb",
+        inst_key: str = "inst_map",
+        type_key: str = "type_map",
+        inst_types_key: str = "inst_types",
+        inst_probs_key: str = "inst_probs",
+    ) -> None:
+        super().__init__(keys=inst_key)
+        self.output_dir = Path(output_dir)
+        self.overwrite = bool(overwrite)
+        self.save_nifti = bool(save_nifti)
+        self.name_key, self.image_key = name_key, image_key
+        self.inst_key, self.type_key = inst_key, type_key
+        self.inst_types_key, self.inst_probs_key = inst_types_key, inst_probs_key
+
+    def paths(self, name: str) -> dict[str, Path]:
+        """Every file written for the image `name`."""
+        folder = self.output_dir / name
+        paths = {kind: folder / f"{name}{suffix}" for kind, suffix in OUTPUT_SUFFIXES.items()}
+        if self.save_nifti:
+            paths["nifti"] = folder / f"{name}{NIFTI_SUFFIX}"
+        return paths
+
+    def existing(self, name: str) -> list[Path]:
+        """Outputs of `name` already on disk, which a run without overwrite leaves alone."""
+        return [p for p in self.paths(name).values() if p.exists()]
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        name = str(d[self.name_key])
+        inst = _plane(d[self.inst_key])
+        type_map = _plane(d[self.type_key])
+        inst_types, inst_probs = np.asarray(d[self.inst_types_key]), np.asarray(d[self.inst_probs_key])
+        image = _rgb(d[self.image_key])
+        if image.shape[:2] != inst.shape:
+            raise ValueError(f"{name}: label map {inst.shape} differs from the input {image.shape[:2]}")
+        paths, ow = self.paths(name), self.overwrite
+        write_label_tiff(paths["instances"], inst, overwrite=ow)
+        write_label_tiff(paths["types"], type_map, overwrite=ow)
+        write_geojson(paths["geojson"], instances_to_geojson(inst, inst_types, inst_probs), overwrite=ow)
+        write_csv(paths["csv"], measurements_table(inst, inst_types, inst_probs), overwrite=ow)
+        overlay_png(paths["overlay"], image, inst, inst_types, overwrite=ow)
+        if self.save_nifti:
+            write_label_nifti(paths["nifti"], inst, overwrite=ow)
+        d["written"] = list(paths.values())
+        d["num_nuclei"] = int(np.count_nonzero(np.bincount(inst.ravel())[1:]))
+        return d

@@ -1,0 +1,136 @@
+"""The inference config's own pieces, in-process: preprocessing, nuclei on window seams, one image failing.
+
+Post-processing runs once on the whole stitched softmax, never per window, so a nucleus that straddles a window
+seam must come out as one instance.  The stand-in network has a receptive field and zero padding, so a window
+edge really does corrupt its output there, as a trained network's would; the overlapping, Gaussian-weighted
+windows of the configured SlidingWindowInferer are what hide that.  A naive per-tile run of the same network is
+checked to split the seam nuclei, so the test can tell the difference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.bundle import ConfigParser
+from skimage.draw import disk
+
+from conftest import BUNDLE_ROOT
+from scripts.pannuke_format import NUM_CLASSES
+
+ROI = 256
+# (row, col) centres: on the x = 256 seam, on the y = 256 seam, on a 4-window corner, on the x = 192 window start,
+# and one away from every seam as a control
+CENTRES = [(100, 256), (256, 330), (256, 256), (420, 192), (400, 90)]
+RADIUS = 11
+
+
+def bundle_parser() -> ConfigParser:
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE_ROOT / "configs" / f) for f in ("train.json", "inference.json")])
+    parser["bundle_root"] = str(BUNDLE_ROOT)
+    return parser
+
+
+@pytest.fixture(scope="module")
+def parser() -> ConfigParser:
+    return bundle_parser()
+
+
+class DarknessNet(torch.nn.Module):
+    """7-class logits from 5x5-mean darkness: dark = interior of type 1, mid = boundary, light = background."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dark = F.avg_pool2d(1.0 - x.mean(1, keepdim=True), 5, stride=1, padding=2)  # zeros past a window edge
+        logits = torch.full((x.shape[0], NUM_CLASSES, *x.shape[2:]), -10.0)
+        logits[:, 0:1] = 8 * (0.35 - dark)
+        logits[:, 1:2] = 8 * (dark - 0.65)
+        logits[:, 6:7] = 0.0
+        return logits
+
+
+def seam_image() -> tuple[torch.Tensor, np.ndarray]:
+    """(1, 3, 512, 512) image in 0..1 with dark discs, and their ground-truth instance map."""
+    gt = np.zeros((2 * ROI, 2 * ROI), dtype=np.int32)
+    for i, centre in enumerate(CENTRES, start=1):
+        gt[disk(centre, RADIUS, shape=gt.shape)] = i
+    image = np.where(gt > 0, 0.2, 0.9).astype(np.float32)
+    return torch.from_numpy(np.broadcast_to(image, (1, 3, *gt.shape)).copy()), gt
+
+
+def best_iou(gt: np.ndarray, inst: np.ndarray, i: int) -> float:
+    ids, counts = np.unique(inst[gt == i], return_counts=True)
+    j = ids[np.argmax(counts)]
+    return float(((gt == i) & (inst == j)).sum() / ((gt == i) | (inst == j)).sum()) if j else 0.0
+
+
+def test_preprocessing_matches_training(parser):
+    image = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    infer = parser.get_parsed_content("infer#preprocessing")({"image": image.copy(), "name": "x"})
+    train = parser.get_parsed_content("validate#preprocessing")({"image": image.copy(), "label": np.zeros((40, 50))})
+    torch.testing.assert_close(torch.as_tensor(infer["image"]), torch.as_tensor(train["image"]), rtol=0, atol=0)
+    np.testing.assert_array_equal(np.asarray(infer["rgb"]), image)  # the untouched copy the overlay is drawn on
+
+
+def test_nucleus_on_a_window_seam_is_one_instance(parser):
+    inferer = parser.get_parsed_content("infer#inferer")
+    instances = parser.get_parsed_content("infer#postprocessing#transforms#0")
+    image, gt = seam_image()
+    with torch.no_grad():
+        pred = inferer(image, DarknessNet())
+    inst = instances({"pred": pred[0]})["inst_map"][0].numpy()
+    assert inst.shape == gt.shape
+    assert inst.max() == len(CENTRES), f"expected {len(CENTRES)} nuclei, found {inst.max()}"
+    assert min(best_iou(gt, inst, i) for i in range(1, len(CENTRES) + 1)) > 0.8
+
+
+def test_per_tile_post_processing_would_split_them(parser):
+    """The same network and post-processing on non-overlapping tiles: the seam nuclei break, the control does not."""
+    instances = parser.get_parsed_content("infer#postprocessing#transforms#0")
+    image, gt = seam_image()
+    inst = np.zeros_like(gt)
+    for r in range(0, gt.shape[0], ROI):
+        for c in range(0, gt.shape[1], ROI):
+            with torch.no_grad():
+                tile = DarknessNet()(image[..., r : r + ROI, c : c + ROI])[0]
+            part = instances({"pred": tile})["inst_map"][0].numpy()
+            inst[r : r + ROI, c : c + ROI] = np.where(part > 0, part + inst.max(), 0)
+    pieces = [len(np.unique(inst[gt == i])) for i in range(1, len(CENTRES) + 1)]
+    assert pieces[-1] == 1 and max(pieces[:-1]) > 1, pieces
+
+
+def test_stitched_classes_match_a_whole_image_pass(parser):
+    """Away from the seams' corrupted window edges, blending must give what one pass over the whole image gives."""
+    inferer = parser.get_parsed_content("infer#inferer")
+    image, _ = seam_image()
+    with torch.no_grad():
+        stitched, whole = inferer(image, DarknessNet()), DarknessNet()(image)
+    assert stitched.shape == whole.shape
+    agree = (stitched.argmax(1) == whole.argmax(1)).float().mean().item()
+    assert agree > 0.999, agree
+
+
+def test_an_image_failing_inside_the_engine_does_not_stop_the_run(tmp_path, caplog):
+    """A write that fails (here: a folder sits where the overlay goes) fails that image only; the summary says so."""
+    from PIL import Image
+
+    (tmp_path / "images").mkdir()
+    for name in ("a", "b"):
+        Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(tmp_path / "images" / f"{name}.png")
+    (tmp_path / "out" / "a" / "a_overlay.png").mkdir(parents=True)
+    settings = {"input_dir": str(tmp_path / "images"), "output_dir": str(tmp_path / "out"), "overwrite": True,
+                "num_workers": 0, "device": "cpu", "amp": False, "network": DarknessNet()}
+    parser = bundle_parser()
+    for key, value in settings.items():
+        parser[key] = value
+    parser["infer#handlers"] = [h for h in parser["infer#handlers"] if "CheckpointLoader" not in str(h)]
+    with caplog.at_level("INFO"):
+        parser.get_parsed_content("infer#evaluator").run()
+    guard = parser.get_parsed_content("infer#guard")
+    assert [(o.name, o.status) for o in guard.outcomes] == [("a", "failed"), ("b", "done")]
+    assert "a: FAILED" in caplog.text and "IsADirectoryError" in caplog.text and "1 failed" in caplog.text
+    assert (tmp_path / "out" / "b" / "b_nuclei.geojson").is_file()
+    assert (tmp_path / "out" / "inference_summary.csv").read_text().count("\n") == 3
+    with pytest.raises(SystemExit, match="1 of 2 images failed"):
+        guard.raise_if_failed()

@@ -1,0 +1,28 @@
+"""Inference runs that cannot start say why and how to fix it, before touching any output."""
+
+from __future__ import annotations
+
+from bundle_runner import run_bundle
+
+INFERENCE = ["train.json", "inference.json"]
+
+
+def test_missing_weights_explain_how_to_get_them(tmp_path):
+    (tmp_path / "images").mkdir()
+    proc = run_bundle("run", INFERENCE, tmp_path, "--input_dir", str(tmp_path / "images"), check=False)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"no trained weights at {tmp_path / 'models' / 'model.pt'}" in log
+    assert "Train first" in log and "--checkpoint" in log
+    assert not (tmp_path / "eval").exists()
+
+
+def test_empty_folder_is_refused(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "slide.svs").write_bytes(b"x")
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "model.pt").write_bytes(b"")  # only its presence is checked before the folder is read
+    proc = run_bundle("run", INFERENCE, tmp_path, "--input_dir", str(tmp_path / "images"), check=False)
+    assert proc.returncode != 0
+    assert "no images in" in proc.stderr and "slide.svs" in proc.stderr
+    assert not (tmp_path / "eval").exists()
