@@ -1,0 +1,175 @@
+"""Checkpoints a crash cannot corrupt, and everything a killed training run needs to continue where it stopped.
+
+MONAI's CheckpointSaver writes `model.pt` in place and deletes the previous best before writing the new one, so a
+crash at the wrong moment leaves a truncated file or none.  Every file here is written to a temporary file in the
+same folder, flushed to disk and renamed over the old one with `os.replace`: readers see the old file or the new
+one, never half of one.  Contents are tensors and plain Python values only, so `torch.load(weights_only=True)` (what
+MONAI's CheckpointLoader uses) reads them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import ignite.distributed as idist
+import torch
+from ignite.engine import Engine, Events
+from monai.handlers import CheckpointLoader, EarlyStopHandler
+
+from scripts.cli_flags import as_bool
+
+logger = logging.getLogger(__name__)
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temp file next to `path`, fsync, then os.replace: `path` is always complete or untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a model file is meant to be read by others
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable (a power cut right after os.replace could otherwise undo it)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def unwrap(module: Any) -> Any:
+    """The network inside DistributedDataParallel / DataParallel, so saved keys never carry a `module.` prefix."""
+    wrappers = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
+    return module.module if isinstance(module, wrappers) else module
+
+
+class BestModelSaver:
+    """Write the network's weights, as a plain state dict, whenever the evaluator's key metric reaches a new best.
+
+    It follows the evaluator's own bookkeeping (`state.best_metric_epoch`, updated by MONAI before handlers run), which
+    TrainingState saves and restores, so a resumed run never replaces a better model with a worse one.
+    """
+
+    def __init__(self, network: torch.nn.Module, path: str | os.PathLike) -> None:
+        self.network, self.path = network, Path(path)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if engine.state.best_metric_epoch != engine.state.epoch:
+            return
+        atomic_save(unwrap(self.network).state_dict(), self.path)
+        name = engine.state.key_metric_name
+        logger.info(f"epoch {engine.state.epoch}: new best {name} {engine.state.best_metric:.4f}, saved {self.path}")
+
+
+class BestMetricState:
+    """The evaluator's best key metric and its epoch, as a state dict (ignite does not save them with the engine)."""
+
+    def __init__(self, evaluator: Engine) -> None:
+        self.evaluator = evaluator
+
+    def state_dict(self) -> dict:
+        state = self.evaluator.state
+        return {"best_metric": float(state.best_metric), "best_metric_epoch": int(state.best_metric_epoch)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.evaluator.state.best_metric = state["best_metric"]
+        self.evaluator.state.best_metric_epoch = state["best_metric_epoch"]
+
+
+class EarlyStoppingState:
+    """The patience counter and best score of a MONAI EarlyStopHandler (kept by the ignite EarlyStopping inside it)."""
+
+    def __init__(self, handler: EarlyStopHandler) -> None:
+        self.handler = handler
+
+    def _stopper(self) -> Any:
+        if self.handler._handler is None:
+            raise RuntimeError("the EarlyStopHandler has no trainer yet: call set_trainer() before the trainer runs")
+        return self.handler._handler
+
+    def state_dict(self) -> dict:
+        return dict(self._stopper().state_dict())
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self._stopper().load_state_dict(state)
+
+
+class RandomState:
+    """torch's global random generators (CPU, and this rank's GPU): shuffling, dropout and DataLoader worker seeds."""
+
+    def state_dict(self) -> dict:
+        state = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def load_state_dict(self, state: Mapping) -> None:
+        torch.set_rng_state(state["cpu"].cpu())
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+class TrainingState:
+    """Everything a killed run needs to continue, in one file rewritten atomically after every epoch.
+
+    Attach it to the trainer after the ValidationHandler, so each save includes that epoch's validation: the
+    evaluator's best metric (which BestModelSaver follows) and the early-stopping counter.  The trainer itself is
+    added at attach time (a config cannot reference the trainer from its own handler list).  With `resume=True` the
+    file is loaded when the trainer starts, by MONAI's CheckpointLoader (weights_only, unwraps DDP, keeps the
+    configured max_epochs), and training goes on with the epoch after the saved one.  Every rank loads; rank 0 writes.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        objects: Mapping[str, Any],
+        evaluator: Engine | None = None,
+        early_stopper: EarlyStopHandler | None = None,
+        resume: bool | str = False,
+        map_location: Any = None,
+    ) -> None:
+        self.path, self.resume, self.map_location = Path(path), as_bool(resume, "resume"), map_location
+        if self.resume and not self.path.is_file():
+            raise FileNotFoundError(
+                f"--resume true, but there is no training state at {self.path}: nothing to resume. Start without "
+                "--resume, or point --ckpt_dir at the models folder of the run to continue."
+            )
+        if not self.resume and self.path.is_file():
+            logger.warning(f"{self.path} holds an earlier run's state; it will be overwritten (--resume true goes on)")
+        self.objects: dict[str, Any] = {**objects, "rng": RandomState()}
+        if evaluator is not None:
+            self.objects["evaluator"] = BestMetricState(evaluator)
+        if early_stopper is not None:
+            self.objects["early_stopping"] = EarlyStoppingState(early_stopper)
+
+    def attach(self, engine: Engine) -> None:
+        self.objects["trainer"] = engine
+        if self.resume:
+            loader = CheckpointLoader(load_path=str(self.path), load_dict=self.objects, map_location=self.map_location)
+            loader.attach(engine)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+
+    def save(self, engine: Engine) -> None:
+        if idist.get_rank() == 0:
+            atomic_save({key: unwrap(obj).state_dict() for key, obj in self.objects.items()}, self.path)

@@ -1,0 +1,88 @@
+"""The training folds held on the device as uint8 tensors and served a whole batch at a time.
+
+The CPU path reads and augments one tile per `__getitem__` in DataLoader workers; on a GPU that, not the network,
+limits the speed (benchmarks/train_speed.py measures both).  Here each fold's cache is copied to the device once,
+chunk by chunk (a PanNuke fold is about 0.7 GB as uint8 image + label), and the DataLoader's list of indices is
+served by `__getitems__`: one gather, a conversion to float and the batched augmentation of scripts/batch_augment.py.
+Samplers only see indices, so `shuffle=True` and DistributedSampler work unchanged.  Use num_workers=0 (the data is
+already where the network is) and `identity_collate` (the batch is already stacked); configs/train_fast.json does.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from scripts.pannuke_cache import open_fold_cache
+from scripts.pannuke_data import PanNuke, as_fold_list
+
+logger = logging.getLogger(__name__)
+Batch = dict[str, torch.Tensor]
+
+
+class DeviceTiles(Dataset):
+    """All tiles of `folds` on `device`: image (N, 3, H, W) and label (N, 1, H, W), both uint8."""
+
+    def __init__(
+        self,
+        pannuke: PanNuke,
+        folds: int | str | Sequence[int],
+        device: str | torch.device,
+        transform: Callable[[Batch], Batch] | None = None,
+        memory_format: torch.memory_format = torch.contiguous_format,
+        chunk_tiles: int = 256,
+    ) -> None:
+        self.device, self.transform, self.memory_format = torch.device(device), transform, memory_format
+        caches = [open_fold_cache(pannuke.cache(fold)) for fold in as_fold_list(folds)]
+        self.image = _stack_on_device([c["image"] for c in caches], self.device, chunk_tiles, _rgb_first)
+        self.label = _stack_on_device([c["label"] for c in caches], self.device, chunk_tiles, _add_channel)
+        size = (self.image.nbytes + self.label.nbytes) / 2**20
+        logger.info(f"folds {as_fold_list(folds)}: {len(self)} tiles held on {self.device} as uint8 ({size:.0f} MB)")
+
+    def __len__(self) -> int:
+        return self.image.shape[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> Batch:
+        """One batch: float image in 0..1 and float label, augmented if a transform was given."""
+        index = torch.as_tensor(indices, dtype=torch.long).to(self.device, non_blocking=True)
+        batch = {"image": self.image[index].float().div_(255.0), "label": self.label[index].float()}
+        if self.transform is not None:
+            batch = self.transform(batch)
+        batch["image"] = batch["image"].contiguous(memory_format=self.memory_format)
+        return batch
+
+    def __getitem__(self, index: int) -> Batch:
+        """One tile, as a batch of one without the batch dimension (for code that reads tiles one by one)."""
+        return {key: value[0] for key, value in self.__getitems__([index]).items()}
+
+
+def _stack_on_device(
+    arrays: list[np.ndarray], device: torch.device, chunk: int, to_nchw: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """Concatenate memory-mapped uint8 arrays into one (N, C, H, W) device tensor, copying `chunk` tiles at a time."""
+    sample = to_nchw(torch.from_numpy(np.array(arrays[0][:1])))
+    out = torch.empty((sum(len(a) for a in arrays), *sample.shape[1:]), dtype=torch.uint8, device=device)
+    start = 0
+    for array in arrays:
+        for offset in range(0, len(array), chunk):
+            part = to_nchw(torch.from_numpy(np.array(array[offset : offset + chunk])))  # a writable copy
+            out[start + offset : start + offset + len(part)] = part.to(device)
+        start += len(array)
+    return out
+
+
+def _rgb_first(tiles: torch.Tensor) -> torch.Tensor:
+    return tiles.permute(0, 3, 1, 2)  # (N, H, W, 3) as cached -> (N, 3, H, W)
+
+
+def _add_channel(tiles: torch.Tensor) -> torch.Tensor:
+    return tiles[:, None]  # (N, H, W) -> (N, 1, H, W)
+
+
+def identity_collate(batch: Batch) -> Batch:
+    """collate_fn for DeviceTiles: `__getitems__` already returns the stacked batch."""
+    return batch
