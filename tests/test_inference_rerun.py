@@ -54,7 +54,8 @@ def test_second_run_keeps_outputs_unless_told_to_overwrite(first):
     csv_file = work / "eval" / "images_0000" / "images_0000_nuclei.csv"
     csv_file.write_text(SENTINEL)
 
-    proc = run_bundle("run", INFERENCE, work, *args)
+    # fire hands `false` over as the string 'false', which a plain bool() would read as "overwrite"
+    proc = run_bundle("run", INFERENCE, work, *args, "--overwrite", "false")
     log = proc.stdout + proc.stderr
     assert csv_file.read_text() == SENTINEL
     assert statuses(work) == {"images_0000": "skipped", "images_0001": "skipped"}

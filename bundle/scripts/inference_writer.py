@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from monai.transforms import MapTransform
 
+from scripts.cli_flags import as_bool
 from scripts.nuclei_writers import (
     instances_to_geojson,
     measurements_table,
@@ -74,8 +75,8 @@ class NucleiOutputsWriterd(MapTransform):
     ) -> None:
         super().__init__(keys=inst_key)
         self.output_dir = Path(output_dir)
-        self.overwrite = bool(overwrite)
-        self.save_nifti = bool(save_nifti)
+        self.overwrite = as_bool(overwrite, "overwrite")  # --overwrite false must not mean True
+        self.save_nifti = as_bool(save_nifti, "save_nifti")
         self.name_key, self.image_key = name_key, image_key
         self.inst_key, self.type_key = inst_key, type_key
         self.inst_types_key, self.inst_probs_key = inst_types_key, inst_probs_key
