@@ -13,7 +13,11 @@ non-tumor -> Connective (score NuCLS as binary only); MoNuSeg is untyped: its nu
 the type head (documented in bundle/docs/real_data.md).  Tissue names carry the source, so the per-tissue table
 gives one row per dataset.
 
-    python benchmarks/real_data_check.py --work /tmp/realdata --epochs 30 [--reduced] [extra monai.bundle overrides]
+    python benchmarks/real_data_check.py --work /tmp/realdata --epochs 30 [--reduced] [--tag hv] [monai.bundle overrides]
+
+The converted dataset and its cache are shared by every run in --work; each --tag gets its own runs/<tag>/ folder
+(models, eval, result.json with the scores, the overrides, the machine and the minutes), so an A/B comparison is two
+commands with the same --work and different tags and overrides (e.g. --target hv / --target boundary).
 """
 
 from __future__ import annotations
@@ -86,6 +90,8 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--reduced", action="store_true", help="fewer training tiles, for a CPU-only check")
+    parser.add_argument("--tag", default="", help="runs/<tag>/ for models and scores (default: models/, eval/)")
+    parser.add_argument("--skip_training", action="store_true", help="only score the run's existing models/model.pt")
     args, extra = parser.parse_known_args()
     if not SHARED.is_dir():
         print(f"{SHARED} is absent: nothing to check")
@@ -94,18 +100,28 @@ def main() -> int:
     from scripts.official_protocol import bundle_command
 
     data = build_dataset(args.work, args.reduced)
+    run_dir = args.work / "runs" / args.tag if args.tag else args.work
     overrides = ["--dataset_dir", str(data), "--cache_dir", str(args.work / "cache"), "--ckpt_dir",
-                 str(args.work / "models"), "--output_dir", str(args.work / "eval"), "--epochs", str(args.epochs),
+                 str(run_dir / "models"), "--output_dir", str(run_dir / "eval"), "--epochs", str(args.epochs),
                  "--batch_size", str(args.batch_size), *extra]
     start = time.time()
-    subprocess.run(bundle_command("training", ["train.json"], overrides), check=True, cwd=BUNDLE)
-    minutes = (time.time() - start) / 60
+    if not args.skip_training:
+        subprocess.run(bundle_command("training", ["train.json"], overrides), check=True, cwd=BUNDLE)
+    train_minutes = (time.time() - start) / 60
+    start = time.time()
     subprocess.run(bundle_command("run", ["train.json", "evaluate.json"], overrides), check=True, cwd=BUNDLE)
-    scores = json.loads((args.work / "eval" / "pannuke_scores.json").read_text())
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    print(f"device {device}, torch {torch.__version__}, python {platform.python_version()}, "
-          f"epochs {args.epochs}, batch {args.batch_size}, reduced {args.reduced}, training {minutes:.1f} min")
-    print(json.dumps(scores, indent=1))
+    score_minutes = (time.time() - start) / 60
+    scores = json.loads((run_dir / "eval" / "pannuke_scores.json").read_text())
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU {platform.processor() or ''} ({os.cpu_count()} cores)"
+    machine = f"{device}, torch {torch.__version__}, python {platform.python_version()}"
+    result = {"tag": args.tag, "machine": machine, "epochs": args.epochs, "batch_size": args.batch_size,
+              "reduced": args.reduced, "overrides": extra, "training_minutes": round(train_minutes, 1),
+              "scoring_minutes": round(score_minutes, 1), "scores": scores}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "result.json").write_text(json.dumps(result, indent=1))
+    print(f"{machine}; epochs {args.epochs}, batch {args.batch_size}, reduced {args.reduced}, overrides {extra}; "
+          f"training {train_minutes:.1f} min, scoring {score_minutes:.1f} min")
+    print(json.dumps(scores["overall"], indent=1))
     return 0
 
 

@@ -9,11 +9,13 @@ checkpoints run; the first --warmup steps of each are not timed.
     .venv/bin/python benchmarks/train_speed.py --device cpu --batch-size 4 --steps 8
     .venv/bin/python benchmarks/train_speed.py --device cuda --batch-size 16 --steps 100 --num-workers 8
     .venv/bin/python benchmarks/train_speed.py --device cuda --batch-size 16 --steps 100 --config train_fast.json
+    .venv/bin/python benchmarks/train_speed.py --device cpu --target boundary --features "[32,32,64,128,256,32]"
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import platform
 import sys
@@ -75,16 +77,25 @@ def bundle_parser(args: argparse.Namespace, work: Path) -> ConfigParser:
         "num_workers": args.num_workers, "device": f"$torch.device('{args.device}')", "epochs": 2,
         "amp": args.device.startswith("cuda") and not args.no_amp, "train#handlers": [],
     })  # fmt: skip
+    if args.target:
+        parser["target"] = args.target
+    if args.features:
+        parser["features"] = json.loads(args.features)
     for i in range(len(parser["initialize"])):
         parser.get_parsed_content(f"initialize#{i}")
     return parser
 
 
-def model_only_trainer(trainer: SupervisedTrainer, batch_size: int, memory_format, steps: int) -> SupervisedTrainer:
-    """The same step on one synthetic batch already on the device."""
+def model_only_trainer(
+    trainer: SupervisedTrainer, batch_size: int, memory_format, steps: int, target: str
+) -> SupervisedTrainer:
+    """The same step on one synthetic batch (image and the config's target) already on the device."""
+    from scripts.targets import nuclei_targets
+
     device = trainer.state.device
     image = torch.rand(batch_size, 3, 256, 256, device=device).contiguous(memory_format=memory_format)
-    label = torch.randint(0, 7, (batch_size, 1, 256, 256), device=device).float()
+    inst = torch.randint(0, 40, (batch_size, 256, 256), device=device)
+    label = nuclei_targets(inst, (inst > 0).long() * torch.randint(1, 6, (batch_size, 1, 1), device=device), target)
     return SupervisedTrainer(
         device=device, max_epochs=1, train_data_loader=[{"image": image, "label": label}] * steps,
         network=trainer.network, optimizer=trainer.optimizer, loss_function=trainer.loss_function,
@@ -102,6 +113,8 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--no-amp", action="store_true", help="float32 even on a GPU")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--target", default="", help="hv or boundary (default: the config's)")
+    parser.add_argument("--features", default="", help='BasicUNet widths as JSON, e.g. "[32,32,64,128,256,32]"')
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -112,12 +125,14 @@ def main() -> None:
         memory_format = config.get_parsed_content("memory_format")
         end_to_end = timed_run(trainer, args.warmup, args.steps, args.batch_size)
         peak_e2e = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan
-        model_only = model_only_trainer(trainer, args.batch_size, memory_format, args.warmup + args.steps)
+        target = config.get_parsed_content("target")
+        model_only = model_only_trainer(trainer, args.batch_size, memory_format, args.warmup + args.steps, target)
         network_step = timed_run(model_only, args.warmup, args.steps, args.batch_size)
     dtype = trainer.amp_kwargs.get("dtype", torch.float16) if trainer.amp else torch.float32
     print(f"device: {device_name(device)}; python {platform.python_version()}, torch {torch.__version__}, "
           f"monai {monai.__version__}, numpy {np.__version__}")
-    print(f"configs: train.json {' '.join(args.config)}; batch {args.batch_size}, dtype {str(dtype).split('.')[-1]}, "
+    print(f"configs: train.json {' '.join(args.config)}; target {target}, features {config['features']}; "
+          f"batch {args.batch_size}, dtype {str(dtype).split('.')[-1]}, "
           f"{str(memory_format).split('.')[-1]}, num_workers {trainer.data_loader.num_workers}, "
           f"compile {trainer.compile}; {args.steps} timed steps after {args.warmup}")
     print(f"end to end (data + step): {end_to_end:8.1f} tiles/s" + (

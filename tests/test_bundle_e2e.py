@@ -27,7 +27,7 @@ def test_training_writes_a_plain_state_dict(trained):
     assert "model.0.conv.0.conv.weight" in "".join(state) or any(k.endswith("weight") for k in state)
     assert all(isinstance(v, torch.Tensor) for v in state.values())
     log = proc.stdout + proc.stderr
-    assert "val_mean_dice" in log and "kaggle layout" in log
+    assert "val_bpq" in log and "val_mean_dice" in log and "kaggle layout" in log
     assert any(p.name.startswith("events.out.tfevents") for p in (work / "eval").iterdir())
 
 
@@ -36,9 +36,9 @@ def test_evaluate_writes_metrics(trained):
     run_bundle("run", EVALUATE, work, "--dataset_dir", str(data))
     metrics = json.loads((work / "eval" / "metrics.json").read_text())
     assert metrics["fold"] == 3
-    assert set(metrics["metrics"]) >= {"val_mean_dice", "val_pixel_accuracy", "val_loss"}
+    assert set(metrics["metrics"]) >= {"val_bpq", "val_mean_dice", "val_pixel_accuracy", "val_loss"}
     assert 0.0 <= metrics["metrics"]["val_pixel_accuracy"] <= 1.0
-    assert (work / "eval" / "metrics.csv").read_text().startswith("val_mean_dice,")
+    assert (work / "eval" / "metrics.csv").read_text().startswith("val_bpq,")
     # the official PanNuke score of the test fold, per tissue and per class
     scores = json.loads((work / "eval" / "pannuke_scores.json").read_text())
     assert scores["overall"]["n_images"] == 2

@@ -27,7 +27,7 @@ from scripts.targets import label_map, masks_to_instances
 
 INFERENCE = ["train.json", "inference.json"]
 FEATURES = [16, 16, 32, 32, 64, 32]  # the bundle's BasicUNet, narrower: same code path, a fraction of the CPU time
-FEATURE_OVERRIDE = ("--network_def#features", json.dumps(FEATURES))
+FEATURE_OVERRIDE = ("--network_def#features", json.dumps(FEATURES), "--target", "boundary")
 GOOD = {"alpha": (256, 256), "wide": (300, 500), "large": (1000, 1000)}  # alpha.png is also the 256x256 case
 MARGIN = 60  # transparent columns on the right of alpha.png
 
@@ -44,6 +44,7 @@ def network_def(features: list[int]) -> torch.nn.Module:
     parser = ConfigParser()
     parser.read_config(str(BUNDLE_ROOT / "configs" / "train.json"))
     parser["network_def#features"] = features
+    parser["target"] = "boundary"  # fitted_model fits the 7 boundary-target classes
     return parser.get_parsed_content("network_def")
 
 

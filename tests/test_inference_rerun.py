@@ -22,6 +22,7 @@ def random_model(path) -> None:
     parser = ConfigParser()
     parser.read_config(str(BUNDLE_ROOT / "configs" / "train.json"))
     parser["network_def#features"] = FEATURES
+    parser["target"] = "boundary"
     torch.manual_seed(0)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(parser.get_parsed_content("network_def").state_dict(), path)
@@ -37,7 +38,7 @@ def first(tmp_path_factory):
     work = tmp_path_factory.mktemp("rerun")
     images = fold_path(write_dataset(work / "pannuke", tiles=(1, 1, 2)), 3, "images")  # "Fold 3/images/fold3/..."
     random_model(work / "models" / "model.pt")
-    args = ("--input_dir", str(images), "--network_def#features", json.dumps(FEATURES))
+    args = ("--input_dir", str(images), "--network_def#features", json.dumps(FEATURES), "--target", "boundary")
     proc = run_bundle("run", INFERENCE, work, *args)
     return work, args, proc
 

@@ -33,7 +33,7 @@ EVALUATE, MULTI_EVALUATE = ["train.json", "evaluate.json"], ["train.json", "eval
 SMALL_NETWORK = ["--network_def#features", "[8, 8, 16, 32, 64, 8]", "--network_def#norm", "instance"]
 SMALL_EXACT_RUN = [
     *SMALL_NETWORK, "--epochs", "2", "--learning_rate", "0.05", "--val_interval", "1", "--network_def#dropout", "0.0",
-    "--train#preprocessing#transforms", "%train#preprocessing_transforms",
+    "--train#preprocessing#transforms", "$@train#preprocessing_transforms + [@train#targets]",
     "--optimizer#_target_", "torch.optim.SGD", "--optimizer#momentum", "0.9",
     "--validate#dataloader#batch_size", "1",
 ]  # fmt: skip
@@ -83,7 +83,7 @@ def test_only_rank_zero_writes(runs):
     assert not any(key.startswith("module.") for key in state)  # a plain state dict, not the DDP wrapper's
     events = sorted(p.name for p in (multi / "eval").iterdir())
     assert len(events) == len(list((single / "eval").iterdir()))  # one set of TensorBoard files, not one per rank
-    assert "new best val_mean_dice" in logs[0] and "Epoch: 2/2" in logs[0]
+    assert "new best val_bpq" in logs[0] and "Epoch: 2/2" in logs[0]
     assert "Traceback" not in logs[1] and "saved" not in logs[1]
     # the fold cache was written once, by rank 0, and renamed into place: no half-built folders left
     assert sorted(p.name[:5] for p in (multi / "cache").iterdir()) == ["fold1", "fold2", "fold3"]
@@ -95,12 +95,12 @@ def test_sharded_evaluation_scores_the_whole_fold(runs, tmp_path):
     single, _, data, _ = runs
     (tmp_path / "models").mkdir()
     shutil.copy(single / "models" / "model.pt", tmp_path / "models" / "model.pt")
-    best = load_state(single)["evaluator"]["best_metric"]  # val_mean_dice of these weights over fold 2, one process
+    best = load_state(single)["evaluator"]["best_metric"]  # val_bpq of these weights over fold 2, one process
     launch("run", MULTI_EVALUATE, tmp_path, "--dataset_dir", str(data), "--test_fold", "2", "--batch_size", "1",
            *SMALL_NETWORK, ranks=2)  # fmt: skip
     logs = rank_logs(tmp_path, 2)
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
-    assert metrics["val_mean_dice"] == pytest.approx(best, rel=1e-5)
+    assert metrics["val_bpq"] == pytest.approx(best, rel=1e-5)
     assert {"bPQ", "mPQ"} <= metrics.keys()
     # the PanNuke per-image table holds the 3 tiles once each, in dataset order (2 + 1 tiles scored on two ranks)
     table = (tmp_path / "eval" / PER_IMAGE_CSV).read_text().splitlines()

@@ -1,4 +1,4 @@
-"""Post-processing: from 7-class probabilities back to typed nucleus instances."""
+"""Post-processing: from the network's output (7-class probabilities, or 6 classes + HV maps) to typed nuclei."""
 
 from __future__ import annotations
 
@@ -8,9 +8,16 @@ import torch
 from monai.data import MetaTensor
 from skimage.draw import ellipse
 
-from scripts.pannuke_format import BACKGROUND, BOUNDARY, NUM_CLASSES
-from scripts.postprocess import NucleiInstancesd, instances_from_probabilities, type_map_from_instances
-from scripts.targets import label_map
+from scripts.pannuke_format import BACKGROUND, BOUNDARY, NUM_CLASSES, NUM_TYPES
+from scripts.pannuke_metric import pq_counts
+from scripts.postprocess import (
+    NucleiInstancesd,
+    hv_energy,
+    instances_from_hv,
+    instances_from_probabilities,
+    type_map_from_instances,
+)
+from scripts.targets import hover_maps, label_map
 
 
 def one_hot_probs(inst: np.ndarray, types: np.ndarray) -> np.ndarray:
@@ -166,7 +173,7 @@ def test_transform_on_torch_logits():
     inst = touching_ellipses(3, count=8, size=64)
     probs = one_hot_probs(inst, 2 * (inst > 0))
     logits = MetaTensor(torch.from_numpy(8.0 * probs), meta={"filename_or_obj": "tile_7.png"})
-    out = NucleiInstancesd(keys="pred")({"pred": logits, "label": "kept"})
+    out = NucleiInstancesd(keys="pred", target="boundary")({"pred": logits, "label": "kept"})
     assert out["label"] == "kept" and out["pred"] is logits
     assert out["inst_map"].shape == (1, 64, 64) and out["inst_map"].dtype == torch.int32
     assert out["type_map"].shape == (1, 64, 64) and out["type_map"].dtype == torch.uint8
@@ -175,7 +182,7 @@ def test_transform_on_torch_logits():
     np.testing.assert_array_equal(out["inst_map"][0].numpy(), direct)
     assert out["inst_types"].tolist() == inst_types.tolist() and set(inst_types[1:].tolist()) == {2}
     np.testing.assert_array_equal(out["type_map"][0].numpy(), 2 * (direct > 0))
-    on_numpy = NucleiInstancesd(keys="pred", softmax=False)({"pred": probs})
+    on_numpy = NucleiInstancesd(keys="pred", target="boundary", softmax=False)({"pred": probs})
     np.testing.assert_array_equal(on_numpy["inst_map"].numpy(), out["inst_map"].numpy())
 
 
@@ -183,8 +190,13 @@ def test_transform_on_torch_logits():
 def test_wrong_shapes_raise(shape):
     with pytest.raises(ValueError, match="expected"):
         instances_from_probabilities(np.zeros(shape, dtype=np.float32))
-    with pytest.raises(ValueError, match="expected"):
-        NucleiInstancesd(keys="pred")({"pred": torch.zeros(shape)})
+    with pytest.raises(ValueError, match="expected|channels"):
+        NucleiInstancesd(keys="pred", target="boundary")({"pred": torch.zeros(shape)})
+
+
+def test_a_prediction_for_the_other_target_names_the_fix():
+    with pytest.raises(ValueError, match="--target"):
+        NucleiInstancesd(keys="pred", target="hv")({"pred": torch.zeros(7, 16, 16)})
 
 
 def test_transform_takes_one_key():
@@ -195,7 +207,8 @@ def test_transform_takes_one_key():
 def test_transform_from_bundle_config():
     from monai.bundle import ConfigParser
 
-    config = {"post": {"_target_": "scripts.postprocess.NucleiInstancesd", "keys": "pred", "min_size": 5}}
+    config = {"post": {"_target_": "scripts.postprocess.NucleiInstancesd", "keys": "pred", "target": "boundary",
+                       "min_size": 5}}
     transform = ConfigParser(config).get_parsed_content("post")
     probs = soft_probs({}, (16, 16))
     probs[:, 4:10, 4:10] = soft_probs({3: 0.9}, (6, 6))
@@ -210,3 +223,91 @@ def test_foreground_made_only_of_specks_gives_no_instances():
     probs[1, 10:12, 10:12] = 1
     out, inst_types, inst_probs = instances_from_probabilities(probs)
     assert not out.any() and inst_types.tolist() == [0] and inst_probs.tolist() == [0.0]
+
+
+# ---- the "hv" target: 6-class softmax + horizontal/vertical maps ----
+
+
+def hv_outputs(inst: np.ndarray, types: np.ndarray, noise: float = 0.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Ideal (6,H,W) probabilities and (2,H,W) HV maps for a GT instance map, the maps with Gaussian noise."""
+    probs = np.eye(NUM_TYPES + 1, dtype=np.float32)[np.asarray(types, dtype=np.int64)].transpose(2, 0, 1) * 0.8 + 0.2 / (NUM_TYPES + 1)
+    hv = hover_maps(torch.from_numpy(inst.astype(np.int64))[None])[0].numpy()
+    return probs, (hv + np.random.default_rng(seed).normal(0.0, noise, hv.shape)).astype(np.float32)
+
+
+def matched_iou(inst: np.ndarray, out: np.ndarray, i: int) -> tuple[int, float]:
+    gt = inst == i
+    match = np.bincount(out[gt]).argmax()
+    return match, (gt & (out == match)).sum() / (gt | (out == match)).sum()
+
+
+def test_hv_energy_is_high_between_touching_nuclei_and_low_inside():
+    inst = np.zeros((20, 30), dtype=np.int64)
+    inst[4:16, 3:15] = 1
+    inst[4:16, 15:27] = 2
+    _, hv = hv_outputs(inst, inst > 0)
+    energy = hv_energy(hv)
+    assert energy[10, 14:16].min() > 0.5  # the +1 -> -1 jump at the shared edge
+    assert energy[6:14, 5:12].max() < 0.2 and energy[6:14, 18:25].max() < 0.2  # interiors rise slowly
+
+
+def test_hv_splits_two_touching_nuclei_of_one_type():
+    inst = np.zeros((20, 30), dtype=np.int64)
+    inst[4:16, 3:15] = 1
+    inst[4:16, 15:27] = 2  # same type: only the HV maps can tell them apart
+    out, inst_types, _ = instances_from_hv(*hv_outputs(inst, 3 * (inst > 0)))
+    assert out.max() == 2 and inst_types[1:].tolist() == [3, 3]
+    assert {tuple(np.unique(out[inst == i])) for i in (1, 2)} == {(1,), (2,)}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_hv_round_trip_recovers_touching_ellipses_with_noisy_maps(seed):
+    inst = touching_ellipses(seed)
+    types = np.random.default_rng(seed).integers(1, 6, inst.max() + 1)[inst] * (inst > 0)
+    out, inst_types, _ = instances_from_hv(*hv_outputs(inst, types, noise=0.1, seed=seed))
+    gt_ids = [i for i in range(1, inst.max() + 1) if (inst == i).sum() >= 10]
+    ious = [matched_iou(inst, out, i)[1] for i in gt_ids]
+    assert np.mean(np.array(ious) > 0.5) >= 0.95 and np.median(ious) > 0.85
+    for i in gt_ids:
+        match, iou = matched_iou(inst, out, i)
+        if iou > 0.5:
+            assert inst_types[match] == types[inst == i][0]
+
+
+def test_hv_agrees_with_monai_hovernet_post_processing_on_the_same_outputs():
+    """MONAI's marker-controlled watershed (21x21 Sobel, min-max scaling) is the reference; ours must find the same
+    nuclei on the same outputs (PQ of one against the other), and both must find the ground truth."""
+    from monai.apps.pathology.transforms.post.array import HoVerNetInstanceMapPostProcessing
+
+    reference = HoVerNetInstanceMapPostProcessing(sobel_kernel_size=21, marker_threshold=0.4, marker_radius=2)
+    for seed in (0, 1):
+        inst = touching_ellipses(seed, count=40, size=160)
+        probs, hv = hv_outputs(inst, 2 * (inst > 0), noise=0.1, seed=seed)
+        ours, _, _ = instances_from_hv(probs, hv)
+        background = probs[0]
+        nuclear = torch.from_numpy(np.log(np.stack([background, 1.0 - background])))
+        theirs = np.asarray(reference(nuclear, torch.from_numpy(hv))[1])[0]
+        assert pq_counts(inst, theirs)[2] > 0.9
+        assert pq_counts(inst, ours)[2] > 0.9
+        assert pq_counts(theirs, ours)[2] > 0.9
+
+
+def test_hv_empty_and_wrong_inputs():
+    probs, hv = hv_outputs(np.zeros((16, 16), np.int64), np.zeros((16, 16), np.int64))
+    out, inst_types, inst_probs = instances_from_hv(probs, hv)
+    assert not out.any() and inst_types.tolist() == [0] and inst_probs.tolist() == [0.0]
+    with pytest.raises(ValueError, match="HV maps"):
+        instances_from_hv(probs, hv[:1])
+    with pytest.raises(ValueError, match="same pixels"):
+        instances_from_hv(probs, hv[:, :8])
+
+
+def test_transform_on_hv_logits_keeps_metadata_and_matches_the_function():
+    inst = touching_ellipses(3, count=8, size=64)
+    probs, hv = hv_outputs(inst, 4 * (inst > 0))
+    pred = MetaTensor(torch.from_numpy(np.concatenate([np.log(probs), hv])), meta={"filename_or_obj": "t.png"})
+    out = NucleiInstancesd(keys="pred", target="hv")({"pred": pred})
+    assert out["inst_map"].meta["filename_or_obj"] == "t.png"
+    direct, inst_types, _ = instances_from_hv(probs, hv)
+    np.testing.assert_array_equal(out["inst_map"][0].numpy(), direct)
+    assert set(out["inst_types"][1:].tolist()) == {4}

@@ -101,12 +101,13 @@ def pannuke(tmp_path_factory):
 def test_device_tiles_hold_what_the_cpu_path_reads(pannuke):
     data, _ = pannuke
     tiles = DeviceTiles(data, folds=[1], device="cpu", memory_format=torch.channels_last, chunk_tiles=2)
-    reference = PanNukeDataset(data, folds=[1])
+    reference = PanNukeDataset(data, folds=[1], keys=("image", "inst", "type"))
     batch = tiles.__getitems__([4, 0, 3])
     for row, index in enumerate([4, 0, 3]):
         item = reference[index]
         assert torch.equal(batch["image"][row], torch.from_numpy(item["image"]).permute(2, 0, 1).float() / 255)
-        assert torch.equal(batch["label"][row, 0], torch.from_numpy(item["label"]).float())
+        assert torch.equal(batch["inst"][row, 0], torch.from_numpy(item["inst"].astype(np.int64)).float())
+        assert torch.equal(batch["type"][row, 0], torch.from_numpy(item["type"]).float())
     assert batch["image"].is_contiguous(memory_format=torch.channels_last)
     assert tiles[2]["image"].shape == (3, 256, 256)
 
@@ -120,14 +121,14 @@ def test_device_tiles_work_with_the_samplers_of_both_configs(pannuke):
     indices = [list(s) for s in per_rank]
     assert sorted(itertools.chain(*indices))[:5] == [0, 1, 2, 3, 4]
     loader = DataLoader(tiles, batch_size=2, sampler=per_rank[0], num_workers=0, collate_fn=identity_collate)
-    assert sum(b["label"].shape[0] for b in loader) == len(indices[0])
+    assert sum(b["inst"].shape[0] for b in loader) == len(indices[0])
 
 
 def test_fast_config_trains_through_monai_bundle(pannuke):
     data, root = pannuke
     log = launch("training", ["train.json", "train_fast.json"], root / "single", "--dataset_dir", str(data.dataset_dir),
                  *SMALL)  # fmt: skip
-    assert "tiles held on cpu as uint8" in log and "Epoch: 2/2" in log
+    assert "tiles held on cpu" in log and "Epoch: 2/2" in log
     state = torch.load(root / "single" / "models" / "model.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 

@@ -4,6 +4,8 @@ The CPU path reads and augments one tile per `__getitem__` in DataLoader workers
 limits the speed (benchmarks/train_speed.py measures both).  Here each fold's cache is copied to the device once,
 chunk by chunk (a PanNuke fold is about 0.7 GB as uint8 image + label), and the DataLoader's list of indices is
 served by `__getitems__`: one gather, a conversion to float and the batched augmentation of scripts/batch_augment.py.
+The batch carries the instance and type maps through the augmentation, and `BatchNucleiTargets` (last in
+train_fast.json's chain) builds the training target from them on the device, HV maps included.
 Samplers only see indices, so `shuffle=True` and DistributedSampler work unchanged.  Use num_workers=0 (the data is
 already where the network is) and `identity_collate` (the batch is already stacked); configs/train_fast.json does.
 """
@@ -25,7 +27,7 @@ Batch = dict[str, torch.Tensor]
 
 
 class DeviceTiles(Dataset):
-    """All tiles of `folds` on `device`: image (N, 3, H, W) and label (N, 1, H, W), both uint8."""
+    """All tiles of `folds` on `device`: image (N, 3, H, W) uint8, inst (N, 1, H, W) int32, type (N, 1, H, W) uint8."""
 
     def __init__(
         self,
@@ -39,17 +41,19 @@ class DeviceTiles(Dataset):
         self.device, self.transform, self.memory_format = torch.device(device), transform, memory_format
         caches = [open_fold_cache(pannuke.cache(fold)) for fold in as_fold_list(folds)]
         self.image = _stack_on_device([c["image"] for c in caches], self.device, chunk_tiles, _rgb_first)
-        self.label = _stack_on_device([c["label"] for c in caches], self.device, chunk_tiles, _add_channel)
-        size = (self.image.nbytes + self.label.nbytes) / 2**20
-        logger.info(f"folds {as_fold_list(folds)}: {len(self)} tiles held on {self.device} as uint8 ({size:.0f} MB)")
+        self.inst = _stack_on_device([c["inst"] for c in caches], self.device, chunk_tiles, _add_channel)
+        self.type = _stack_on_device([c["type"] for c in caches], self.device, chunk_tiles, _add_channel)
+        size = (self.image.nbytes + self.inst.nbytes + self.type.nbytes) / 2**20
+        logger.info(f"folds {as_fold_list(folds)}: {len(self)} tiles held on {self.device} ({size:.0f} MB)")
 
     def __len__(self) -> int:
         return self.image.shape[0]
 
     def __getitems__(self, indices: Sequence[int]) -> Batch:
-        """One batch: float image in 0..1 and float label, augmented if a transform was given."""
+        """One batch: float image in 0..1 and float inst and type maps, then the transform (augmentation, targets)."""
         index = torch.as_tensor(indices, dtype=torch.long).to(self.device, non_blocking=True)
-        batch = {"image": self.image[index].float().div_(255.0), "label": self.label[index].float()}
+        batch = {"image": self.image[index].float().div_(255.0), "inst": self.inst[index].float(),
+                 "type": self.type[index].float()}  # fmt: skip
         if self.transform is not None:
             batch = self.transform(batch)
         batch["image"] = batch["image"].contiguous(memory_format=self.memory_format)
@@ -64,15 +68,21 @@ def _stack_on_device(
     arrays: list[np.ndarray], device: torch.device, chunk: int, to_nchw: Callable[[torch.Tensor], torch.Tensor]
 ) -> torch.Tensor:
     """Concatenate memory-mapped uint8 arrays into one (N, C, H, W) device tensor, copying `chunk` tiles at a time."""
-    sample = to_nchw(torch.from_numpy(np.array(arrays[0][:1])))
-    out = torch.empty((sum(len(a) for a in arrays), *sample.shape[1:]), dtype=torch.uint8, device=device)
+    sample = to_nchw(_as_tensor(arrays[0][:1]))
+    out = torch.empty((sum(len(a) for a in arrays), *sample.shape[1:]), dtype=sample.dtype, device=device)
     start = 0
     for array in arrays:
         for offset in range(0, len(array), chunk):
-            part = to_nchw(torch.from_numpy(np.array(array[offset : offset + chunk])))  # a writable copy
+            part = to_nchw(_as_tensor(array[offset : offset + chunk]))
             out[start + offset : start + offset + len(part)] = part.to(device)
         start += len(array)
     return out
+
+
+def _as_tensor(tiles: np.ndarray) -> torch.Tensor:
+    """A writable copy; uint16 instance ids become int32, which every device supports."""
+    tiles = np.array(tiles)
+    return torch.from_numpy(tiles.astype(np.int32) if tiles.dtype == np.uint16 else tiles)
 
 
 def _rgb_first(tiles: torch.Tensor) -> torch.Tensor:

@@ -25,3 +25,5 @@ BACKGROUND = 0
 BOUNDARY = NUM_TYPES + 1
 NUM_CLASSES = NUM_TYPES + 2
 CLASS_NAMES: tuple[str, ...] = ("Background", *TYPE_NAMES, "Boundary")
+# the "hv" target adds HoVer-Net's horizontal and vertical distance maps to a 6-class softmax (no boundary class)
+HV_CHANNELS = 2

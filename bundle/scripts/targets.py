@@ -1,18 +1,26 @@
-"""Turn PanNuke's 6-channel masks into what the bundle stores and trains on.
+"""Turn PanNuke's 6-channel masks into what the bundle stores, and instance maps into what it trains on.
 
-Per tile we keep one instance map (contiguous ids over all 5 type channels), one pixel type map (0 = none, 1..5 =
-PanNuke channel + 1) and the 7-class label map the network learns: background, the interior of each type, and the
-inner one-pixel outline of every nucleus.  The outline class is what lets post-processing split touching nuclei, and
-the interiors carry the type, so one softmax head gives the binary mask, the types and the instances.
+Per tile the cache keeps one instance map (contiguous ids over all 5 type channels) and one pixel type map (0 = none,
+1..5 = PanNuke channel + 1).  The training target is built from those two maps after augmentation, in the config's
+transform chain (`NucleiTargetsd`) or batched on the device (`BatchNucleiTargets`), for one of two targets:
+
+- "hv" (default): a 6-class softmax (background + 5 types) and HoVer-Net's horizontal and vertical distance maps,
+  whose sharp sign changes between touching nuclei are what post-processing splits them at;
+- "boundary": a 7-class softmax (background, the interior of each type, the inner one-pixel outline).
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable, Mapping
+from typing import Any
+
 import numpy as np
 import torch
+import torch.nn.functional as F
+from monai.transforms import MapTransform
 from skimage.segmentation import find_boundaries
 
-from scripts.pannuke_format import BOUNDARY, NUM_TYPES
+from scripts.pannuke_format import BOUNDARY, HV_CHANNELS, NUM_CLASSES, NUM_TYPES
 
 
 def masks_to_instances(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -40,5 +48,129 @@ def label_map(inst: np.ndarray, types: np.ndarray) -> np.ndarray:
 
 
 def nuclei_mask(label: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
-    """Binary nucleus mask of a label map or an argmax prediction: any class but background."""
-    return label > 0
+    """Binary (1, H, W) nucleus mask of a channel-first target (class channel first), instance or class map."""
+    return label[:1] > 0
+
+
+# ---- training targets built after augmentation, in the transform chain (CPU, per tile) or on the device (batch) ----
+
+TARGETS = ("hv", "boundary")
+
+
+def class_count(target: str) -> int:
+    """Classes of the softmax part of the output: 'boundary' adds the outline class to background + 5 types."""
+    check_target(target)
+    return NUM_CLASSES if target == "boundary" else NUM_TYPES + 1
+
+
+def output_channels(target: str) -> int:
+    """Channels the network predicts: the classes, plus the horizontal and vertical maps for 'hv'."""
+    return class_count(target) + (HV_CHANNELS if target == "hv" else 0)
+
+
+def check_target(target: str) -> str:
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    return target
+
+
+def hover_maps(inst: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) instance maps -> (B, 2, H, W) horizontal and vertical distance maps, HoVer-Net style.
+
+    Channel 0 is the horizontal (column) and channel 1 the vertical (row) offset of each nucleus pixel from its
+    nucleus' centre of mass, each side scaled separately to [-1, 0] and [0, 1] (as MONAI's ComputeHoVerMaps, which
+    the tests compare against); background is 0.  Every nucleus of the batch is handled at once with scatter
+    reductions (no loop over nuclei, one host sync for `unique`), so the same code serves the CPU transform chain and
+    a whole batch on the GPU.  Ids may be any non-negative integers, contiguous or not.
+    """
+    if inst.ndim != 3:
+        raise ValueError(f"hover_maps expects (B, H, W) instance maps, got shape {tuple(inst.shape)}")
+    b, h, w = inst.shape
+    ids = inst.long()
+    keys = ids + torch.arange(b, device=inst.device).view(b, 1, 1) * (ids.max() + 1)  # unique over the batch
+    unique, index = torch.unique(keys.flatten(), return_inverse=True)
+    n = unique.numel()
+    rows = torch.arange(h, device=inst.device, dtype=torch.float32).view(1, h, 1).expand(b, h, w).flatten()
+    cols = torch.arange(w, device=inst.device, dtype=torch.float32).view(1, 1, w).expand(b, h, w).flatten()
+    count = torch.bincount(index, minlength=n).float()
+    maps = []
+    for coord in (cols, rows):
+        centre = torch.zeros(n, device=inst.device).index_add_(0, index, coord) / count
+        offset = coord - centre[index]
+        low = torch.zeros(n, device=inst.device).scatter_reduce_(0, index, offset, "amin", include_self=True)
+        high = torch.zeros(n, device=inst.device).scatter_reduce_(0, index, offset, "amax", include_self=True)
+        scale = torch.where(offset < 0, -low[index], high[index])
+        maps.append(torch.where(scale > 0, offset / scale.clamp_min(1e-12), torch.zeros_like(offset)))
+    hv = torch.stack(maps, dim=1).view(b, h, w, 2).permute(0, 3, 1, 2)
+    return torch.where(ids[:, None] > 0, hv, torch.zeros_like(hv)).contiguous()
+
+
+def inner_boundary(inst: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) instance maps -> bool mask of nucleus pixels with a 4-neighbour of another id (the image edge
+    repeats the border), i.e. skimage's find_boundaries(mode="inner") used for the cached label maps."""
+    padded = F.pad(inst[:, None].float(), (1, 1, 1, 1), mode="replicate")[:, 0]
+    centre = padded[:, 1:-1, 1:-1]
+    differs = torch.zeros_like(centre, dtype=torch.bool)
+    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+        differs |= padded[:, dy : dy + inst.shape[1], dx : dx + inst.shape[2]] != centre
+    return differs & (inst > 0)
+
+
+def nuclei_targets(inst: torch.Tensor, types: torch.Tensor, target: str) -> torch.Tensor:
+    """(B, H, W) instance and type maps -> (B, C, H, W) float training target.
+
+    'boundary': C = 1, the 7-class map (background, interior of each type, inner outline).
+    'hv': C = 3, the 6-class type map (background + 5 types) and the horizontal and vertical maps.
+    """
+    check_target(target)
+    classes = types.float()
+    if target == "boundary":
+        return torch.where(inner_boundary(inst), float(BOUNDARY), classes)[:, None]
+    return torch.cat([classes[:, None], hover_maps(inst)], dim=1)
+
+
+class NucleiTargetsd(MapTransform):
+    """Build the training target of one tile from its (augmented) instance and type maps.
+
+    Geometric augmentation must run before this transform, on the instance map (with nearest interpolation): an HV
+    map cannot be flipped or rotated as an image, its signs and axes would be wrong.  Takes (1, H, W) `inst_key` and
+    `type_key` and writes `label_key`, a float tensor of nuclei_targets' channels.
+
+    Args:
+        target: "hv" (types + horizontal/vertical maps) or "boundary" (7 classes with the nucleus outline).
+    """
+
+    def __init__(
+        self,
+        target: str = "hv",
+        inst_key: str = "inst",
+        type_key: str = "type",
+        label_key: str = "label",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__([inst_key, type_key], allow_missing_keys)
+        self.target = check_target(target)
+        self.inst_key, self.type_key, self.label_key = inst_key, type_key, label_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        inst = torch.as_tensor(np.asarray(d[self.inst_key]) if not isinstance(d[self.inst_key], torch.Tensor)
+                               else d[self.inst_key])  # fmt: skip
+        types = torch.as_tensor(d[self.type_key])
+        d[self.label_key] = nuclei_targets(inst.reshape(1, *inst.shape[-2:]).round().long(),
+                                           types.reshape(1, *types.shape[-2:]).round().long(), self.target)[0]
+        return d
+
+
+class BatchNucleiTargets:
+    """The batched NucleiTargetsd for the device-resident fast path: (B, 1, H, W) inst and type -> label."""
+
+    def __init__(self, target: str = "hv", inst_key: str = "inst", type_key: str = "type", label_key: str = "label"):
+        self.target = check_target(target)
+        self.inst_key, self.type_key, self.label_key = inst_key, type_key, label_key
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = dict(batch)
+        inst, types = batch[self.inst_key][:, 0].round().long(), batch[self.type_key][:, 0].round().long()
+        out[self.label_key] = nuclei_targets(inst, types, self.target)
+        return out

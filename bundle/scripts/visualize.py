@@ -15,8 +15,9 @@ PALETTE = torch.tensor([(0, 0, 0), *TYPE_COLOURS, (255, 255, 255)], dtype=torch.
 
 
 def colour_label(label: torch.Tensor) -> torch.Tensor:
-    """(1, H, W) or (H, W) class map -> (3, H, W) RGB in 0..1."""
-    classes = torch.as_tensor(label).long().reshape(label.shape[-2:]).clamp(0, len(PALETTE) - 1)
+    """(C, H, W) target (class channel first) or (H, W) class map -> (3, H, W) RGB in 0..1."""
+    label = torch.as_tensor(label)
+    classes = (label[0] if label.ndim == 3 else label).long().clamp(0, len(PALETTE) - 1)
     return PALETTE.to(classes.device)[classes].permute(2, 0, 1)
 
 
@@ -26,5 +27,5 @@ def batch_panels(batch: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tens
 
 
 def prediction_panels(output: list[dict]) -> list[torch.Tensor]:
-    """`output_transform` for TensorBoardImageHandler: coloured argmax predictions."""
-    return [colour_label(item["pred"]) for item in output]
+    """`output_transform` for TensorBoardImageHandler: coloured argmax class predictions (ClassPredictiond)."""
+    return [colour_label(item["pred_class"]) for item in output]
