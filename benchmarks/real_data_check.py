@@ -13,7 +13,7 @@ non-tumor -> Connective (score NuCLS as binary only); MoNuSeg is untyped: its nu
 the type head (documented in bundle/docs/real_data.md).  Tissue names carry the source, so the per-tissue table
 gives one row per dataset.
 
-    python benchmarks/real_data_check.py --work /tmp/realdata --epochs 30 [--reduced] [--tag hv] [monai.bundle overrides]
+    python benchmarks/real_data_check.py --work /tmp/realdata --epochs 30 [--reduced] [--tag hv] [bundle overrides]
 
 The converted dataset and its cache are shared by every run in --work; each --tag gets its own runs/<tag>/ folder
 (models, eval, result.json with the scores, the overrides, the machine and the minutes), so an A/B comparison is two
@@ -71,7 +71,8 @@ def build_dataset(work: Path, reduced: bool) -> Path:
         SHARED / "consep/train", links / "c_tr", lambda s: consep_image(s) <= 24 and use_patch(s)
     )
     val_consep = _link_subset(SHARED / "consep/train", links / "c_va", lambda s: consep_image(s) > 24)
-    train_monuseg = _link_subset(SHARED / "monuseg_train", links / "m_tr", lambda s: s in monuseg[:27][:: 3 if reduced else 1])
+    train_names = monuseg[:27][:: 3 if reduced else 1]
+    train_monuseg = _link_subset(SHARED / "monuseg_train", links / "m_tr", lambda s: s in train_names)
     val_monuseg = _link_subset(SHARED / "monuseg_train", links / "m_va", lambda s: s in monuseg[27:])
     typed = ["--class_map", CONSEP_CLASSES]
     untyped = ["--default_type", "Neoplastic"]
@@ -112,7 +113,8 @@ def main() -> int:
     subprocess.run(bundle_command("run", ["train.json", "evaluate.json"], overrides), check=True, cwd=BUNDLE)
     score_minutes = (time.time() - start) / 60
     scores = json.loads((run_dir / "eval" / "pannuke_scores.json").read_text())
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU {platform.processor() or ''} ({os.cpu_count()} cores)"
+    cpu = f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu
     machine = f"{device}, torch {torch.__version__}, python {platform.python_version()}"
     result = {"tag": args.tag, "machine": machine, "epochs": args.epochs, "batch_size": args.batch_size,
               "reduced": args.reduced, "overrides": extra, "training_minutes": round(train_minutes, 1),

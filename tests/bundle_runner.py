@@ -12,7 +12,9 @@ from pathlib import Path
 from bundle_launch import ENV, command
 
 
-def run_bundle(run_id: str, configs: list[str], work: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+def run_bundle(
+    run_id: str, configs: list[str], work: Path, *overrides: str, check: bool = True
+) -> subprocess.CompletedProcess:
     cmd = command(run_id, configs, work, overrides)
     proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, env=ENV, timeout=900)
     if check and proc.returncode != 0:

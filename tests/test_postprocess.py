@@ -230,7 +230,8 @@ def test_foreground_made_only_of_specks_gives_no_instances():
 
 def hv_outputs(inst: np.ndarray, types: np.ndarray, noise: float = 0.0, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Ideal (6,H,W) probabilities and (2,H,W) HV maps for a GT instance map, the maps with Gaussian noise."""
-    probs = np.eye(NUM_TYPES + 1, dtype=np.float32)[np.asarray(types, dtype=np.int64)].transpose(2, 0, 1) * 0.8 + 0.2 / (NUM_TYPES + 1)
+    one_hot = np.eye(NUM_TYPES + 1, dtype=np.float32)[np.asarray(types, dtype=np.int64)].transpose(2, 0, 1)
+    probs = one_hot * 0.8 + 0.2 / (NUM_TYPES + 1)
     hv = hover_maps(torch.from_numpy(inst.astype(np.int64))[None])[0].numpy()
     return probs, (hv + np.random.default_rng(seed).normal(0.0, noise, hv.shape)).astype(np.float32)
 

@@ -39,7 +39,8 @@ class MetricsJSONSaver:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        metrics = {k: float(v) if isinstance(v, (int, float, torch.Tensor)) else v for k, v in engine.state.metrics.items()}
+        numbers = (int, float, torch.Tensor)
+        metrics = {k: float(v) if isinstance(v, numbers) else v for k, v in engine.state.metrics.items()}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps({**self.extra, "metrics": metrics}, indent=2))

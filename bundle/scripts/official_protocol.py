@@ -84,7 +84,8 @@ def combine_splits(score_files: dict[int, Path]) -> dict:
     tissues = sorted({t for p in per_split.values() for t in p["per_tissue"]})
     for tissue in tissues:
         table["per_tissue"][tissue] = {
-            key: _stats([p["per_tissue"].get(tissue, {}).get(key) for p in per_split.values()]) for key in ("bPQ", "mPQ")
+            key: _stats([p["per_tissue"].get(tissue, {}).get(key) for p in per_split.values()])
+            for key in ("bPQ", "mPQ")
         }
     return table
 

@@ -115,7 +115,8 @@ def convert_chunk(images: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarray
 def read_tiles(path: Path, header: NpyHeader, start: int, stop: int) -> np.ndarray:
     """Copy tiles [start, stop) out of a .npy file through a memory map that is dropped right away."""
     tile_bytes = int(np.prod(header.shape[1:])) * header.dtype.itemsize
-    mm = np.memmap(path, header.dtype, "r", offset=header.offset + start * tile_bytes, shape=(stop - start, *header.shape[1:]))
+    offset, shape = header.offset + start * tile_bytes, (stop - start, *header.shape[1:])
+    mm = np.memmap(path, header.dtype, "r", offset=offset, shape=shape)
     try:
         return np.array(mm)
     finally:

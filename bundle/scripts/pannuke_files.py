@@ -66,7 +66,9 @@ def read_npy_header(path: Path) -> NpyHeader:
     try:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
             shape, fortran_order, dtype = read_header(f)
             offset = f.tell()
     except (OSError, ValueError) as e:
@@ -97,7 +99,8 @@ def find_fold(dataset_dir: Path, fold: int) -> FoldFiles:
                 )
             return FoldFiles(fold, layout, paths["images"], paths["masks"], paths["types"])
         tried.append(str(paths["images"]))
-    raise PanNukeFormatError(f"fold {fold} not found in {dataset_dir}: looked for {' and '.join(tried)}. " + DOWNLOAD_HINT)
+    looked = " and ".join(tried)
+    raise PanNukeFormatError(f"fold {fold} not found in {dataset_dir}: looked for {looked}. " + DOWNLOAD_HINT)
 
 
 def check_fold_headers(files: FoldFiles) -> int:

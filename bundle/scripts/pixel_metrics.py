@@ -15,7 +15,7 @@ class PixelAccuracyMetric(CumulativeIterationMetric):
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         y = y[:, :1]
         if y_pred.shape != y.shape:
-            raise ValueError(f"pixel accuracy needs argmax predictions shaped like the label, got {y_pred.shape} vs {y.shape}")
+            raise ValueError(f"pixel accuracy needs argmax classes shaped like the label: {y_pred.shape} vs {y.shape}")
         return (y_pred == y).float().flatten(1).mean(dim=1, keepdim=True)
 
     def aggregate(self) -> torch.Tensor:  # type: ignore[override]
@@ -32,7 +32,7 @@ class BinaryPQMetric(CumulativeIterationMetric):
 
     def _compute_tensor(self, y_pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         if y_pred.shape != y.shape:
-            raise ValueError(f"bPQ needs predicted and true instance maps of one shape, got {y_pred.shape} vs {y.shape}")
+            raise ValueError(f"bPQ needs predicted and true instance maps of one shape: {y_pred.shape} vs {y.shape}")
         pred, true = y_pred.detach().cpu().numpy(), y.detach().cpu().numpy()
         scores = [pq_counts(t.reshape(t.shape[-2:]), p.reshape(p.shape[-2:]))[2] if t.any() else float("nan")
                   for p, t in zip(pred, true)]  # fmt: skip

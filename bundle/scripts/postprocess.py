@@ -9,10 +9,12 @@ Two targets (scripts/targets.py), two ways to find instances, one type vote:
   HoVer-Net's marker-controlled watershed (MONAI's HoVerNetInstanceMapPostProcessing is the reference the tests
   and benchmarks/postprocess_speed.py compare against) with 3x3 Sobel kernels and a fixed energy threshold instead
   of 21x21 kernels with per-tile min-max scaling, which is what makes it a few milliseconds per tile.
-- "boundary": the network predicts, per pixel, background, the interior of each of the 5 nucleus types, and a boundary class
-(the inner 1-pixel outline of every nucleus).  Touching nuclei are only separated by their boundaries, so the
-interiors are the seeds of the instances and the boundary pixels are handed to the nearest interior by a
-watershed.  The type of a nucleus is decided once per instance, by summing the type probabilities over its pixels,
+- "boundary": the network predicts, per pixel, background, the interior of each of the 5 nucleus types, and a
+  boundary class (the inner 1-pixel outline of every nucleus).  Touching nuclei are only separated by their
+  boundaries, so the interiors are the seeds of the instances and the boundary pixels are handed to the nearest
+  interior by a watershed.
+
+For both, the type of a nucleus is decided once per instance, by summing the type probabilities over its pixels,
 because per-pixel types are noisy at the edges.
 
 Foreground is where the 7-class argmax is not background, exactly as the validation Dice counts nuclei.  Summing
@@ -54,7 +56,8 @@ def _check_probs(probs: np.ndarray, channels: int = NUM_CLASSES, what: str = "pr
             "post-processing works on one decollated item, not a batch"
         )
     if probs.shape[0] != channels:
-        names = {NUM_CLASSES: f"background, {NUM_TYPES} types, boundary", NUM_TYPES + 1: f"background, {NUM_TYPES} types"}
+        names = {NUM_CLASSES: f"background, {NUM_TYPES} types, boundary",
+                 NUM_TYPES + 1: f"background, {NUM_TYPES} types"}  # fmt: skip
         raise ValueError(f"expected {channels} channels of {what} ({names.get(channels, '')}), got {probs.shape[0]}")
     return probs.astype(np.float32, copy=False)
 

@@ -9,7 +9,7 @@ Written in torch so the same code runs on CPU workers or on batches already on t
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping
 
 import torch
 from monai.config import KeysCollection

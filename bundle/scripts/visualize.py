@@ -22,7 +22,7 @@ def colour_label(label: torch.Tensor) -> torch.Tensor:
 
 
 def batch_panels(batch: list[dict]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """`batch_transform` for TensorBoardImageHandler (MONAI hands it the decollated batch): tiles and coloured labels."""
+    """`batch_transform` for TensorBoardImageHandler (MONAI hands it the decollated batch): tiles, coloured labels."""
     return [item["image"] for item in batch], [colour_label(item["label"]) for item in batch]
 
 
