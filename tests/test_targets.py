@@ -149,3 +149,8 @@ def test_targets_transform_matches_the_cached_label_map_and_the_batched_version(
 def test_channel_counts_per_target():
     assert (class_count("hv"), output_channels("hv")) == (6, 8)
     assert (class_count("boundary"), output_channels("boundary")) == (7, 7)
+
+
+def test_hover_maps_refuse_ids_the_cache_cannot_hold():
+    with pytest.raises(ValueError, match="instance ids must lie in"):
+        hover_maps(torch.tensor([[[0, 70000]]]))

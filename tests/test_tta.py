@@ -54,3 +54,21 @@ def test_with_tta_switch():
     assert isinstance(with_tta(base, "hv", "true"), FlipRotateInferer)
     with pytest.raises(ValueError, match="copies"):
         FlipRotateInferer(base, "hv", 3)
+
+
+def test_tta_wraps_the_sliding_window_inferer_of_inference_json():
+    from monai.bundle import ConfigParser
+
+    from conftest import BUNDLE_ROOT
+
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE_ROOT / "configs" / c) for c in ("train.json", "inference.json")])
+    parser["tta"] = "true"
+    parser["roi_size"] = [32, 32]
+    inferer = parser.get_parsed_content("infer#inferer")
+    assert isinstance(inferer, FlipRotateInferer)
+    x = torch.rand(1, 3, 40, 72)  # not square, not a multiple of the window: rotations swap height and width
+    pixelwise = lambda t: torch.cat([t, t[:, :1].expand(-1, 5, -1, -1)], dim=1)  # noqa: E731  8 channels
+    out = inferer(x, pixelwise)
+    assert out.shape == (1, 8, 40, 72)
+    torch.testing.assert_close(out[:, :6], pixelwise(x)[:, :6], atol=1e-5, rtol=0)

@@ -7,7 +7,8 @@ Random numbers come from torch's generator on the batch's device, so `set_determ
 restores them.  A tile that does not get a transform is kept with `torch.where` rather than boolean indexing, so
 nothing waits for the GPU to report how many tiles were picked.
 
-Each transform takes and returns a dict of (B, C, H, W) tensors: "image" float RGB in 0..1, "label" float classes.
+Each transform takes and returns a dict of (B, C, H, W) tensors: "image" float RGB in 0..1, and map keys ("inst",
+"type": float ids) moved with nearest-neighbour interpolation; the training target is built from them afterwards.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ class BatchAffine:
     """Per tile with probability prob: rotation, per-axis scaling and shear about the centre, one grid for all keys.
 
     The batched RandAffined of train.json: same ranges (radians; 1 +- scale_range per axis; shear coefficients),
-    bilinear for the image, nearest for the label, reflection at the border.
+    bilinear for the image, nearest for the instance and type maps, the config's padding at the border.
     """
 
     def __init__(

@@ -1,9 +1,10 @@
-"""The training folds held on the device as uint8 tensors and served a whole batch at a time.
+"""The training folds held on the device and served a whole batch at a time.
 
 The CPU path reads and augments one tile per `__getitem__` in DataLoader workers; on a GPU that, not the network,
 limits the speed (benchmarks/train_speed.py measures both).  Here each fold's cache is copied to the device once,
-chunk by chunk (a PanNuke fold is about 0.7 GB as uint8 image + label), and the DataLoader's list of indices is
-served by `__getitems__`: one gather, a conversion to float and the batched augmentation of scripts/batch_augment.py.
+chunk by chunk (a PanNuke fold is about 1.4 GB: uint8 image and type map, int32 instance map), and the
+DataLoader's list of indices is served by `__getitems__`: one gather, a conversion to float and the batched
+augmentation of scripts/batch_augment.py.
 The batch carries the instance and type maps through the augmentation, and `BatchNucleiTargets` (last in
 train_fast.json's chain) builds the training target from them on the device, HV maps included.
 Samplers only see indices, so `shuffle=True` and DistributedSampler work unchanged.  Use num_workers=0 (the data is
@@ -67,7 +68,7 @@ class DeviceTiles(Dataset):
 def _stack_on_device(
     arrays: list[np.ndarray], device: torch.device, chunk: int, to_nchw: Callable[[torch.Tensor], torch.Tensor]
 ) -> torch.Tensor:
-    """Concatenate memory-mapped uint8 arrays into one (N, C, H, W) device tensor, copying `chunk` tiles at a time."""
+    """Concatenate memory-mapped arrays into one (N, C, H, W) device tensor, copying `chunk` tiles at a time."""
     sample = to_nchw(_as_tensor(arrays[0][:1]))
     out = torch.empty((sum(len(a) for a in arrays), *sample.shape[1:]), dtype=sample.dtype, device=device)
     start = 0

@@ -40,7 +40,9 @@ class NucleiLoss(torch.nn.Module):
 
     The label is the tensor `NucleiTargetsd` builds: channel 0 the class index, channels 1-2 the HV maps for "hv".
     The gradient term compares 5x5 Sobel derivatives (horizontal map along columns, vertical along rows), as in
-    HoVer-Net and MONAI's HoVerNetLoss; it is what makes the maps change sign sharply between touching nuclei.
+    HoVer-Net and MONAI's HoVerNetLoss; it is what makes the maps change sign sharply between touching nuclei.  Both
+    HV terms count nucleus pixels only (HoVer-Net takes the plain MSE over the whole tile, with 0 as the background
+    target); post-processing reads the maps inside the predicted foreground only.
 
     Args:
         target: "hv" or "boundary", as in NucleiTargetsd.
@@ -82,8 +84,9 @@ class NucleiLoss(torch.nn.Module):
 
     def hv_gradients(self, hv: torch.Tensor) -> torch.Tensor:
         """d(horizontal)/d(column) and d(vertical)/d(row), (B, 2, H, W)."""
-        padded = F.pad(hv.float(), (2, 2, 2, 2), mode="replicate")
-        return F.conv2d(padded, self.sobel.to(hv.device), groups=HV_CHANNELS)
+        with torch.autocast(device_type=hv.device.type, enabled=False):  # float32 even inside an AMP step
+            padded = F.pad(hv.float(), (2, 2, 2, 2), mode="replicate")
+            return F.conv2d(padded, self.sobel.to(hv.device), groups=HV_CHANNELS)
 
 
 def _mean_inside(error: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:

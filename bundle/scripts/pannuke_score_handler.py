@@ -62,7 +62,7 @@ class PanNukeScoreHandler:
             if missing:
                 raise KeyError(
                     f"PanNukeScoreHandler needs {missing} in each item: add NucleiInstancesd to the post-processing "
-                    "and 'inst', 'type' to the dataset keys (see configs/evaluate.json)"
+                    "and 'inst', 'type' to the dataset keys (see `instances` and `dataset_keys` in configs/train.json)"
                 )
             true_inst, true_type = (_plane(item[k]) for k in self.true_keys)
             pred_inst, pred_type = (_plane(item[k]) for k in self.pred_keys)

@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 from scripts.checkpointing import atomic_save
-from scripts.handlers import require_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +38,10 @@ def trained_or_shipped(trained: str | os.PathLike, shipped: str | os.PathLike) -
     if Path(shipped).is_file():
         logger.info(f"no trained model at {trained}: using the shipped pretrained model {shipped} ({SHIPPED_LICENCE})")
         return str(shipped)
-    return require_checkpoint(str(trained))
+    raise FileNotFoundError(
+        f"no trained weights at {trained} and no shipped pretrained model at {shipped}. Train first (python -m "
+        "monai.bundle run training --config_file configs/train.json ...), or pass --checkpoint /path/to/model.pt."
+    )
 
 
 def export_half_precision(checkpoint: str | os.PathLike, output: str | os.PathLike) -> Path:

@@ -55,6 +55,7 @@ def nuclei_mask(label: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
 # ---- training targets built after augmentation, in the transform chain (CPU, per tile) or on the device (batch) ----
 
 TARGETS = ("hv", "boundary")
+MAX_INSTANCE_IDS = 2**16  # instance ids per tile: the cache's uint16 instance map
 
 
 def class_count(target: str) -> int:
@@ -80,19 +81,21 @@ def hover_maps(inst: torch.Tensor) -> torch.Tensor:
     Channel 0 is the horizontal (column) and channel 1 the vertical (row) offset of each nucleus pixel from its
     nucleus' centre of mass, each side scaled separately to [-1, 0] and [0, 1] (as MONAI's ComputeHoVerMaps, which
     the tests compare against); background is 0.  Every nucleus of the batch is handled at once with scatter
-    reductions (no loop over nuclei, one host sync for `unique`), so the same code serves the CPU transform chain and
-    a whole batch on the GPU.  Ids may be any non-negative integers, contiguous or not.
+    reductions into one bin per (tile, id) (no loop over nuclei, no `unique`, no host sync: a GPU batch never waits),
+    so the same code serves the CPU transform chain and a whole batch on the GPU.  Ids may be any integers in
+    [0, 65536) (the cache stores them as uint16), contiguous or not.
     """
     if inst.ndim != 3:
         raise ValueError(f"hover_maps expects (B, H, W) instance maps, got shape {tuple(inst.shape)}")
     b, h, w = inst.shape
     ids = inst.long()
-    keys = ids + torch.arange(b, device=inst.device).view(b, 1, 1) * (ids.max() + 1)  # unique over the batch
-    unique, index = torch.unique(keys.flatten(), return_inverse=True)
-    n = unique.numel()
+    if ids.device.type == "cpu" and ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < MAX_INSTANCE_IDS:
+        raise ValueError(f"instance ids must lie in [0, {MAX_INSTANCE_IDS}), got {int(ids.min())}..{int(ids.max())}")
+    index = (ids + torch.arange(b, device=inst.device).view(b, 1, 1) * MAX_INSTANCE_IDS).flatten()
+    n = b * MAX_INSTANCE_IDS
     rows = torch.arange(h, device=inst.device, dtype=torch.float32).view(1, h, 1).expand(b, h, w).flatten()
     cols = torch.arange(w, device=inst.device, dtype=torch.float32).view(1, 1, w).expand(b, h, w).flatten()
-    count = torch.bincount(index, minlength=n).float()
+    count = torch.zeros(n, device=inst.device).index_add_(0, index, torch.ones_like(rows)).clamp_min(1.0)
     maps = []
     for coord in (cols, rows):
         centre = torch.zeros(n, device=inst.device).index_add_(0, index, coord) / count
