@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from synthetic_folds import cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
@@ -113,7 +114,7 @@ def main() -> int:
     subprocess.run(bundle_command("run", ["train.json", "evaluate.json"], overrides), check=True, cwd=BUNDLE)
     score_minutes = (time.time() - start) / 60
     scores = json.loads((run_dir / "eval" / "pannuke_scores.json").read_text())
-    cpu = f"CPU {platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+    cpu = f"CPU {cpu_name()} ({os.cpu_count()} cores)"
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu
     machine = f"{device}, torch {torch.__version__}, python {platform.python_version()}"
     result = {"tag": args.tag, "machine": machine, "epochs": args.epochs, "batch_size": args.batch_size,

@@ -103,3 +103,21 @@ def test_class_prediction_transform():
     out = ClassPredictiond(keys="pred", target="hv")({"pred": pred})
     assert out["pred_class"].shape == (1, 32, 32)
     np.testing.assert_array_equal(out["pred_class"][0].numpy(), label[0, 0].numpy())
+
+
+def test_balanced_type_weights_count_nuclei_per_type_in_the_training_folds(tmp_path):
+    from pannuke_fixtures import write_dataset
+    from scripts.nuclei_head import balanced_type_weights
+    from scripts.pannuke_cache import open_fold_cache
+    from scripts.pannuke_data import PanNuke
+
+    data = PanNuke(write_dataset(tmp_path / "data"), tmp_path / "cache", folds=[1, 2, 3])
+    cache = open_fold_cache(data.cache(1))
+    counts = np.zeros(6, np.int64)
+    for inst, types in zip(cache["inst"], cache["type"]):  # the slow, obvious count
+        for i in np.unique(inst[inst > 0]):
+            counts[types[inst == i][0]] += 1
+    present = counts[1:]
+    expected = [(present.max() / c) ** 0.5 if c else 1.0 for c in present]
+    np.testing.assert_allclose(balanced_type_weights(data, [1]), expected, rtol=1e-3)
+    assert balanced_type_weights(data, [1], power=0.0) == [1.0] * 5

@@ -180,7 +180,7 @@ def instances_from_hv(
     probs: np.ndarray,
     hv: np.ndarray,
     min_size: int = 10,
-    energy_threshold: float = 0.2,
+    energy_threshold: float = 0.02,
     marker_min_size: int = 4,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Split one tile's 6-class softmax and HV maps into typed nucleus instances.
@@ -259,7 +259,7 @@ class NucleiInstancesd(MapTransform):
         softmax: bool = True,
         min_size: int = 10,
         seed_connectivity: int = 1,
-        energy_threshold: float = 0.2,
+        energy_threshold: float = 0.02,
         marker_min_size: int = 4,
         inst_key: str = "inst_map",
         type_key: str = "type_map",
