@@ -53,6 +53,8 @@ def test_provenance_and_licence_are_documented():
     meta = json.loads((BUNDLE_ROOT / "configs" / "metadata.json").read_text())
     assert "CC BY-NC-SA 4.0" in meta["pretrained_model"]["license"]
     assert meta["pretrained_model"]["file"] == "models/pretrained/model_fp16.pt"
+    assert 0.0 < meta["pretrained_model"]["test_scores"]["bPQ"] < 1.0
+    assert f"**{meta['pretrained_model']['test_scores']['bPQ']:.3f}**" in readme  # one figure, in both places
 
 
 def test_trained_model_wins_over_the_shipped_one(tmp_path):
