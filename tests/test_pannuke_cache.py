@@ -89,9 +89,29 @@ def test_failed_conversion_leaves_no_cache(tmp_path):
     assert not any((tmp_path / "cache").iterdir())
 
 
-def test_object_array_tissue_names(tmp_path):
+class _Payload:
+    """What a hostile types.npy can hold: unpickling it runs os.system, which here only creates a marker file."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_object_array_tissue_names_are_refused_without_unpickling(tmp_path):
+    """An object array needs pickle, and pickle runs code: refused with the file named and the fix, nothing run."""
     root = write_dataset(tmp_path / "data")
-    rewrite(root, 1, "types", lambda a: a.astype(object))
+    marker = tmp_path / "code_ran"
+    rewrite(root, 1, "types", lambda a: np.array([_Payload(str(marker))] * len(a), dtype=object))
+    with pytest.raises(PanNukeFormatError, match="object array.*never does.*np.save") as error:
+        _cache(root, tmp_path)
+    assert str(fold_path(root, 1, "types")) in str(error.value)
+    assert not marker.exists()
+    # the fix the message gives, on a file of plain names stored as objects, makes the fold usable
+    path = fold_path(root, 1, "types")
+    np.save(path, np.array(["Breast", "Colon", "Lung"], dtype=object), allow_pickle=True)
+    np.save(path, np.array(np.load(path, allow_pickle=True), dtype=str))
     cache = open_fold_cache(_cache(root, tmp_path))
     assert cache["tissue"].dtype.kind == "U" and len(cache["tissue"]) == 3
 

@@ -150,12 +150,8 @@ def check_masks(masks: np.ndarray, path: Path, start: int) -> np.ndarray:
 
 
 def load_tissue_names(path: Path) -> np.ndarray:
-    """Tissue names as a plain unicode array; some copies store them as an object array, which needs pickle."""
-    try:
-        names = np.load(path)
-    except ValueError:
-        names = np.load(path, allow_pickle=True)  # object array of str written by the PanNuke authors
-    return np.asarray(names).astype(str)
+    """Tissue names as a plain unicode array, never unpickled (check_fold_headers refuses object arrays first)."""
+    return np.asarray(np.load(path, allow_pickle=False)).astype(str)
 
 
 def _write_npy_header(f: BinaryIO, dtype: np.dtype, shape: tuple[int, ...]) -> None:

@@ -115,9 +115,16 @@ def check_fold_headers(files: FoldFiles) -> int:
                 f"{path}: expected a C-ordered numeric array (PanNuke ships float64), found dtype {header.dtype}"
                 f"{' in Fortran order' if header.fortran_order else ''}. Re-download the file."
             )
-    if len(types.shape) != 1 or types.dtype.kind not in "UOS":
+    if types.dtype.kind == "O":
         raise PanNukeFormatError(
-            f"{files.types}: expected (N,) tissue names, found shape {types.shape} dtype {types.dtype}."
+            f"{files.types}: the tissue names are stored as a Python object array, which only unpickling can read, "
+            "and unpickling a data file can run any code in it, so the bundle never does. If you trust this file, "
+            f"convert it once to plain strings: python -c \"import numpy as np; p = '{files.types}'; "
+            "np.save(p, np.array(np.load(p, allow_pickle=True), dtype=str))\""
+        )
+    if len(types.shape) != 1 or types.dtype.kind not in "US":
+        raise PanNukeFormatError(
+            f"{files.types}: expected (N,) tissue names as strings, found shape {types.shape} dtype {types.dtype}."
         )
     counts = {files.images: images.shape[0], files.masks: masks.shape[0], files.types: types.shape[0]}
     if len(set(counts.values())) != 1:
