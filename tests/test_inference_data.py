@@ -75,6 +75,15 @@ def test_pannuke_npy_tiles_become_images(tmp_path):
     np.testing.assert_array_equal(read_rgb(found[1]), np.rint(tiles[1]).astype(np.uint8))
 
 
+@pytest.mark.parametrize("scale,match", [(1.0 / 255.0, "a 0-1 scale"), (2.0, "must lie in 0-255")])
+def test_npy_tiles_get_the_value_check_training_uses(tmp_path, scale, match):
+    """Issue 10, defect 3: a 0-1 scaled images.npy used to be segmented as black tiles."""
+    tiles = np.random.default_rng(0).uniform(0, 255, (2, 16, 16, 3)) * scale
+    np.save(tmp_path / "images.npy", tiles)
+    with pytest.raises(UnreadableImage, match=match):
+        read_rgb(find_inputs(tmp_path / "images.npy")[0])
+
+
 def test_npy_that_is_not_rgb_tiles_is_refused(tmp_path):
     np.save(tmp_path / "masks.npy", np.zeros((2, 16, 16, 6)))
     with pytest.raises(InferenceInputError, match=r"\(N, H, W, 3\)"):

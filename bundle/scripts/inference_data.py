@@ -29,6 +29,7 @@ import numpy as np
 from monai.data import Dataset
 from monai.transforms import apply_transform
 
+from scripts.pannuke_cache import check_images
 from scripts.pannuke_files import PanNukeFormatError, read_npy_header
 
 logger = logging.getLogger(__name__)
@@ -131,10 +132,13 @@ def read_rgb(item: InputImage, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
 
 
 def _npy_tile(path: Path, index: int) -> np.ndarray:
-    tiles = np.load(path, mmap_mode="r")
+    """One tile of a PanNuke-style images.npy, checked by the same rule as training's cache (NaN, 0-255, not 0-1)."""
+    tiles = np.load(path, mmap_mode="r", allow_pickle=False)
     tile = np.asarray(tiles[index], dtype=np.float64)
-    if not np.isfinite(tile).all() or tile.min() < 0 or tile.max() > 255:
-        raise UnreadableImage(f"tile {index} has values outside 0-255 (or NaN); PanNuke tiles are 0-255 RGB")
+    try:
+        check_images(tile[None], path, index)
+    except PanNukeFormatError as e:
+        raise UnreadableImage(str(e)) from e
     return np.rint(tile).astype(np.uint8)
 
 
