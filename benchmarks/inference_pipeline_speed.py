@@ -134,7 +134,7 @@ def main() -> None:
     seconds = timed(network_only, args.repeats, args.device)
     print(f"1. network only:      {args.batches * args.sw_batch_size / seconds:7.2f} tiles/s")
 
-    inferer = bundle_parser(args).get_parsed_content("infer#inferer")
+    inferer = bundle_parser(args).get_parsed_content("inferer")
     image = torch.from_numpy(he_image(args.image_size, 0)).permute(2, 0, 1)[None].float().div(255).to(args.device)
 
     def sliding_window() -> None:
@@ -163,10 +163,10 @@ def main() -> None:
         for i in range(args.images):
             Image.fromarray(he_image(args.image_size, 10 + i)).save(folder / f"image_{i}.png")
         run = bundle_parser(args, input_dir=str(folder), output_dir=str(Path(tmp) / "out"), overwrite=True)
-        run["infer#handlers"] = [h for h in run["infer#handlers"] if "CheckpointLoader" not in str(h)]
+        run["handlers"] = [h for h in run["handlers"] if "CheckpointLoader" not in str(h)]
         run["network"] = network  # already loaded above, with or without a checkpoint
-        evaluator = run.get_parsed_content("infer#evaluator")
-        guard = run.get_parsed_content("infer#guard")
+        evaluator = run.get_parsed_content("evaluator")
+        guard = run.get_parsed_content("guard")
         start = time.perf_counter()
         evaluator.run()
         seconds = time.perf_counter() - start

@@ -68,7 +68,7 @@ def best_iou(gt: np.ndarray, inst: np.ndarray, i: int) -> float:
 
 def test_preprocessing_matches_training(parser):
     image = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
-    infer = parser.get_parsed_content("infer#preprocessing")({"image": image.copy(), "name": "x"})
+    infer = parser.get_parsed_content("preprocessing")({"image": image.copy(), "name": "x"})
     empty = np.zeros((40, 50), dtype=np.uint16)
     train = parser.get_parsed_content("validate#preprocessing")({"image": image.copy(), "inst": empty, "type": empty})
     torch.testing.assert_close(torch.as_tensor(infer["image"]), torch.as_tensor(train["image"]), rtol=0, atol=0)
@@ -76,7 +76,7 @@ def test_preprocessing_matches_training(parser):
 
 
 def test_nucleus_on_a_window_seam_is_one_instance(parser):
-    inferer = parser.get_parsed_content("infer#inferer")
+    inferer = parser.get_parsed_content("inferer")
     instances = parser.get_parsed_content("instances")
     image, gt = seam_image()
     with torch.no_grad():
@@ -104,7 +104,7 @@ def test_per_tile_post_processing_would_split_them(parser):
 
 def test_stitched_classes_match_a_whole_image_pass(parser):
     """Away from the seams' corrupted window edges, blending must give what one pass over the whole image gives."""
-    inferer = parser.get_parsed_content("infer#inferer")
+    inferer = parser.get_parsed_content("inferer")
     image, _ = seam_image()
     with torch.no_grad():
         stitched, whole = inferer(image, DarknessNet()), DarknessNet()(image)
@@ -126,10 +126,10 @@ def test_an_image_failing_inside_the_engine_does_not_stop_the_run(tmp_path, capl
     parser = bundle_parser()
     for key, value in settings.items():
         parser[key] = value
-    parser["infer#handlers"] = [h for h in parser["infer#handlers"] if "CheckpointLoader" not in str(h)]
+    parser["handlers"] = [h for h in parser["handlers"] if "CheckpointLoader" not in str(h)]
     with caplog.at_level("INFO"):
-        parser.get_parsed_content("infer#evaluator").run()
-    guard = parser.get_parsed_content("infer#guard")
+        parser.get_parsed_content("evaluator").run()
+    guard = parser.get_parsed_content("guard")
     assert [(o.name, o.status) for o in guard.outcomes] == [("a", "failed"), ("b", "done")]
     assert "a: FAILED" in caplog.text and "IsADirectoryError" in caplog.text and "1 failed" in caplog.text
     assert (tmp_path / "out" / "b" / "b_nuclei.geojson").is_file()

@@ -65,7 +65,7 @@ def test_tta_wraps_the_sliding_window_inferer_of_inference_json():
     parser.read_config([str(BUNDLE_ROOT / "configs" / c) for c in ("train.json", "inference.json")])
     parser["tta"] = "true"
     parser["roi_size"] = [32, 32]
-    inferer = parser.get_parsed_content("infer#inferer")
+    inferer = parser.get_parsed_content("inferer")
     assert isinstance(inferer, FlipRotateInferer)
     x = torch.rand(1, 3, 40, 72)  # not square, not a multiple of the window: rotations swap height and width
     pixelwise = lambda t: torch.cat([t, t[:, :1].expand(-1, 5, -1, -1)], dim=1)  # noqa: E731  8 channels

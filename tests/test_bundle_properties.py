@@ -1,0 +1,44 @@
+"""MONAI's bundle properties, checked in-process as the Model Zoo's ci/unit_tests do: the train and inference
+workflows define the standard ids (train#trainer, train#dataset, ...; dataset, inferer, postprocessing, evaluator)
+that MONAI's tools and other bundles' code look for."""
+
+from __future__ import annotations
+
+import numpy as np
+from monai.bundle import ConfigWorkflow
+from PIL import Image
+
+from conftest import BUNDLE_ROOT
+from pannuke_fixtures import write_dataset
+from scripts.demo_data import make_tile
+
+CONFIGS = BUNDLE_ROOT / "configs"
+
+
+def test_train_workflow_has_the_standard_properties(tmp_path):
+    data = write_dataset(tmp_path / "data")
+    workflow = ConfigWorkflow(
+        config_file=str(CONFIGS / "train.json"), workflow_type="train", meta_file=str(CONFIGS / "metadata.json"),
+        bundle_root=str(BUNDLE_ROOT), dataset_dir=str(data), cache_dir=str(tmp_path / "cache"),
+        ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "eval"), num_workers=0,
+    )  # fmt: skip
+    workflow.initialize()
+    assert workflow.check_properties() == []
+    assert workflow.max_epochs == 100 and len(workflow.train_dataset) == 3
+
+
+def test_inference_workflow_has_the_standard_properties_and_runs(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(make_tile(np.random.default_rng(5))[0].astype(np.uint8)).save(images / "tile.png")
+    workflow = ConfigWorkflow(
+        config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "inference.json")], workflow_type="infer",
+        meta_file=str(CONFIGS / "metadata.json"), bundle_root=str(BUNDLE_ROOT), input_dir=str(images),
+        output_dir=str(tmp_path / "out"), ckpt_dir=str(tmp_path / "models"), num_workers=0,
+    )  # fmt: skip
+    workflow.initialize()
+    assert workflow.check_properties() == []
+    assert len(workflow.dataset) == 1
+    workflow.run()  # with the shipped model: nothing was trained in ckpt_dir
+    workflow.finalize()
+    assert (tmp_path / "out" / "tile" / "tile_nuclei.geojson").is_file()
