@@ -66,3 +66,49 @@ def test_second_run_keeps_outputs_unless_told_to_overwrite(first):
     assert csv_file.read_text().startswith("id,centroid_x,centroid_y")
     assert statuses(work) == {"images_0000": "done", "images_0001": "done"}
     assert (work / "eval" / "images_0000" / "images_0000_instances.nii.gz").is_file()
+
+
+def test_an_incomplete_set_from_an_interrupted_run_is_redone(first):
+    """Issue 10, defect 2: a set with a file missing used to be 'skipped, 4 outputs already', exit 0, forever."""
+    work, args, _ = first
+    run_bundle("run", INFERENCE, work, *args, "--overwrite", "true")  # both images complete
+    overlay = work / "eval" / "images_0001" / "images_0001_overlay.png"
+    overlay.unlink()  # what a full disk or a kill between two files used to leave
+    proc = run_bundle("run", INFERENCE, work, *args)
+    assert statuses(work) == {"images_0000": "skipped", "images_0001": "done"}
+    assert overlay.is_file()
+    assert "images_0001: outputs in" in proc.stdout + proc.stderr and "incomplete" in proc.stdout + proc.stderr
+
+
+def test_a_failed_write_leaves_the_outputs_complete_or_absent(tmp_path, monkeypatch):
+    import errno
+
+    import numpy as np
+
+    import scripts.inference_writer as writer_module
+    from scripts.inference_writer import NucleiOutputsWriterd
+
+    inst = np.zeros((32, 32), np.int32)
+    inst[4:12, 4:12] = 1
+    item = {"name": "tile", "rgb": np.full((32, 32, 3), 200, np.uint8), "inst_map": inst[None],
+            "type_map": (inst > 0)[None].astype(np.uint8), "inst_types": np.array([0, 2], np.uint8),
+            "inst_probs": np.array([0.0, 0.9], np.float32)}  # fmt: skip
+    writer = NucleiOutputsWriterd(output_dir=str(tmp_path), overwrite=True)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(writer_module, "overlay_png", disk_full)  # the 5th of 5 files fails
+    with pytest.raises(OSError, match="No space"):
+        writer(item)
+    assert not writer.existing("tile")  # absent: nothing half-done
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tile"] or not any(tmp_path.iterdir())
+    assert not list(tmp_path.glob(".tile.partial-*"))  # no staging folder left
+    monkeypatch.undo()
+    writer(item)
+    assert writer.complete("tile")
+    first = {p.name: p.read_bytes() for p in writer.existing("tile")}
+    monkeypatch.setattr(writer_module, "overlay_png", disk_full)
+    with pytest.raises(OSError):
+        writer(item)  # an overwrite that fails keeps the complete set it would have replaced
+    assert {p.name: p.read_bytes() for p in writer.existing("tile")} == first

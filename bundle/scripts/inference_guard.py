@@ -2,7 +2,8 @@
 
 `PerImageGuard` is the evaluator's `iteration_update`: for each image it
   - reports an image the dataset could not read (the dataset hands over an "error" record instead of raising),
-  - skips an image whose outputs already exist, unless the writer may overwrite, before spending network time on it,
+  - skips an image whose outputs already exist, unless the writer may overwrite, before spending network time on it;
+    an incomplete set (an interrupted run) is not a result: it is redone, and the log says so,
   - runs MONAI's own iteration (sliding-window network, post-processing, writing) and turns any exception in it
     into a failed image, so the rest of the folder is still processed.
 As a handler it logs a summary when the run completes and writes it to `<output_dir>/inference_summary.csv`;
@@ -60,10 +61,14 @@ class PerImageGuard:
         name, source = str(batch["name"][0]), str(batch["source"][0])
         if "error" in batch:
             return self._record(ImageOutcome(name, source, "failed", detail=str(batch["error"][0])))
-        existing = [] if self.writer.overwrite else self.writer.existing(name)
-        if existing:
-            detail = f"{len(existing)} outputs already in {existing[0].parent} (pass --overwrite true to replace them)"
-            return self._record(ImageOutcome(name, source, "skipped", detail=detail))
+        existing = self.writer.existing(name)
+        if existing and not self.writer.overwrite:
+            if self.writer.complete(name):
+                folder = existing[0].parent
+                detail = f"{len(existing)} outputs already in {folder} (pass --overwrite true to replace them)"
+                return self._record(ImageOutcome(name, source, "skipped", detail=detail))
+            missing = ", ".join(p.name for p in self.writer.missing(name))
+            logger.warning(f"{name}: outputs in {existing[0].parent} are incomplete (no {missing}): redoing the image")
         start = time.perf_counter()
         try:
             output = engine._iteration(engine, batch)

@@ -9,10 +9,18 @@ Per image (name = the input file's stem):
     <name>_instances.nii.gz the label map as NIfTI, only with save_nifti=True
 A transform rather than a handler so it runs inside the engine's per-image step, where PerImageGuard turns a failed
 write into a reported, skipped image instead of a stopped run.
+
+An image's outputs are complete or absent: they are all written into a hidden staging folder next to the image's
+folder and moved into place only when every one of them was written, so a full disk or a crash mid-way leaves the
+previous state (and no staging folder: it is removed on failure).  A set that is still incomplete (a crash between
+two moves) is recognised by `missing` and redone by the next run.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from collections.abc import Hashable, Mapping
 from pathlib import Path
 
@@ -90,8 +98,16 @@ class NucleiOutputsWriterd(MapTransform):
         return paths
 
     def existing(self, name: str) -> list[Path]:
-        """Outputs of `name` already on disk, which a run without overwrite leaves alone."""
+        """Outputs of `name` already on disk."""
         return [p for p in self.paths(name).values() if p.exists()]
+
+    def missing(self, name: str) -> list[Path]:
+        """Outputs of `name` not on disk (the NIfTI copy, an option, does not make a set incomplete)."""
+        return [p for kind, p in self.paths(name).items() if kind != "nifti" and not p.exists()]
+
+    def complete(self, name: str) -> bool:
+        """Every output of `name` is on disk: a run without overwrite leaves such an image alone."""
+        return not self.missing(name)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
@@ -102,14 +118,28 @@ class NucleiOutputsWriterd(MapTransform):
         image = _rgb(d[self.image_key])
         if image.shape[:2] != inst.shape:
             raise ValueError(f"{name}: label map {inst.shape} differs from the input {image.shape[:2]}")
-        paths, ow = self.paths(name), self.overwrite
-        write_label_tiff(paths["instances"], inst, overwrite=ow)
-        write_label_tiff(paths["types"], type_map, overwrite=ow)
-        write_geojson(paths["geojson"], instances_to_geojson(inst, inst_types, inst_probs), overwrite=ow)
-        write_csv(paths["csv"], measurements_table(inst, inst_types, inst_probs), overwrite=ow)
-        overlay_png(paths["overlay"], image, inst, inst_types, overwrite=ow)
-        if self.save_nifti:
-            write_label_nifti(paths["nifti"], inst, overwrite=ow)
+        if not self.overwrite and self.complete(name):
+            raise FileExistsError(f"{name}: outputs exist in {self.output_dir / name}; pass --overwrite true")
+        paths = self.paths(name)
+        folder = paths["instances"].parent
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        for stale in folder.parent.glob(f".{name}.partial-*"):  # left by a killed run (a failed one removes its own)
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=folder.parent))
+        try:
+            staged = {kind: staging / path.name for kind, path in paths.items()}
+            write_label_tiff(staged["instances"], inst)
+            write_label_tiff(staged["types"], type_map)
+            write_geojson(staged["geojson"], instances_to_geojson(inst, inst_types, inst_probs))
+            write_csv(staged["csv"], measurements_table(inst, inst_types, inst_probs))
+            overlay_png(staged["overlay"], image, inst, inst_types)
+            if self.save_nifti:
+                write_label_nifti(staged["nifti"], inst)
+            folder.mkdir(exist_ok=True)
+            for kind, path in paths.items():  # renames within one file system: no space needed, nothing half-written
+                os.replace(staged[kind], path)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
         d["written"] = list(paths.values())
         d["num_nuclei"] = int(np.count_nonzero(np.bincount(inst.ravel())[1:]))
         return d
