@@ -5,7 +5,7 @@ the outputs in memory, and scores every value of the swept parameter with the pe
 protocol (mean over images).  Pick on the validation fold, never on the test fold.
 
     .venv/bin/python benchmarks/tune_postprocess.py --dataset_dir D --cache_dir C --checkpoint M --fold 2 \\
-        --param energy_threshold --values 0.1 0.15 0.2 0.3 0.4 [--target hv] [--features "[16,16,32,64,128,16]"]
+        --param energy_threshold --values 0.01 0.02 0.05 0.1 0.2 [--target hv] [--features "[16,16,32,64,128,16]"]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--fold", type=int, default=2)
     parser.add_argument("--param", default="energy_threshold")
-    parser.add_argument("--values", type=float, nargs="+", default=[0.1, 0.15, 0.2, 0.25, 0.3, 0.4])
+    parser.add_argument("--values", type=float, nargs="+", default=[0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3])
     parser.add_argument("--target", default="")
     parser.add_argument("--features", default="")
     args = parser.parse_args()

@@ -209,3 +209,10 @@ def test_dataset_turns_a_bad_file_into_an_error_record(tmp_path):
     assert good["name"] == "a" and good["seen"] and good["image"].shape == (20, 30, 3)
     assert set(bad) == {"name", "source", "error"}
     assert "b.png" in bad["error"] and "grayscale" in bad["error"]
+
+
+def test_a_black_padding_tile_is_not_taken_for_a_0_1_scale(tmp_path):
+    tiles = np.random.default_rng(0).uniform(0, 255, (2, 16, 16, 3))
+    tiles[1] = 0.0  # a zero-padded edge tile, as slide tilers write them
+    np.save(tmp_path / "images.npy", tiles)
+    assert not read_rgb(find_inputs(tmp_path / "images.npy")[1]).any()

@@ -82,6 +82,7 @@ def test_an_incomplete_set_from_an_interrupted_run_is_redone(first):
 
 def test_a_failed_write_leaves_the_outputs_complete_or_absent(tmp_path, monkeypatch):
     import errno
+    import os
 
     import numpy as np
 
@@ -109,6 +110,24 @@ def test_a_failed_write_leaves_the_outputs_complete_or_absent(tmp_path, monkeypa
     assert writer.complete("tile")
     first = {p.name: p.read_bytes() for p in writer.existing("tile")}
     monkeypatch.setattr(writer_module, "overlay_png", disk_full)
+    moved = np.roll(inst, 9, axis=1)
+    other = {**item, "inst_map": moved[None], "type_map": (moved > 0)[None].astype(np.uint8)}
     with pytest.raises(OSError):
-        writer(item)  # an overwrite that fails keeps the complete set it would have replaced
+        writer(other)  # an overwrite with other nuclei that fails keeps the complete set it would have replaced
     assert {p.name: p.read_bytes() for p in writer.existing("tile")} == first
+    # a kill between two moves of an overwrite leaves a mixed set: flagged, so it is not taken for complete
+    monkeypatch.undo()
+    moves = []
+
+    def killed_after_two(src, dst):
+        if os.path.dirname(dst) == str(tmp_path / "tile"):  # the moves into place, not the staged writes
+            if len(moves) == 2:
+                raise KeyboardInterrupt  # stands for SIGKILL: nothing after this point runs
+            moves.append(dst)
+        os.rename(src, dst)
+
+    monkeypatch.setattr(writer_module.os, "replace", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        writer(other)
+    monkeypatch.undo()
+    assert len(moves) == 2 and not writer.missing("tile") and not writer.complete("tile")

@@ -82,7 +82,7 @@ def test_export_half_precision_keeps_integer_buffers(tmp_path):
 def test_trained_weights_are_ignored_by_git():
     if not (BUNDLE_ROOT.parent / ".git").exists():
         pytest.skip("not a git checkout")
-    paths = ["bundle/models/model.pt", "bundle/models/training_state.pt"]
+    paths = ["bundle/models/model.pt", "bundle/models/training_state.pt", "bundle/models/demo/model.pt"]
     proc = subprocess.run(["git", "check-ignore", *paths], cwd=BUNDLE_ROOT.parent, capture_output=True, text=True)
     assert proc.stdout.split() == paths
     tracked = subprocess.run(["git", "ls-files", "bundle/models"], cwd=BUNDLE_ROOT.parent, capture_output=True,
@@ -112,11 +112,14 @@ def test_fresh_bundle_segments_with_the_shipped_model_and_training_leaves_it_unt
     assert "using the shipped pretrained model" in log
     features = json.loads((tmp_path / "out" / "tile" / "tile_nuclei.geojson").read_text())["features"]
     assert len(features) >= 5  # the synthetic tile has 22 nuclei
-    run_in(bundle, "training", "--config_file", "configs/train.json", "--epochs", "1")
-    assert (bundle / "models" / "model.pt").is_file()
+    run_in(bundle, "training", "--config_file", "configs/train.json", "--epochs", "1")  # the README's demo
+    assert (bundle / "models" / "demo" / "model.pt").is_file()  # a model of synthetic tiles, kept apart
     assert sha256(shipped) == before
     assert sorted(p.name for p in shipped.parent.iterdir()) == ["README.md", "model_fp16.pt"]
     log = run_in(bundle, *inference, "--output_dir", str(tmp_path / "out2"))
+    assert "using the shipped pretrained model" in log  # the demo did not replace it for real images
+    (bundle / "models" / "demo" / "model.pt").rename(bundle / "models" / "model.pt")  # what a real training writes
+    log = run_in(bundle, *inference, "--output_dir", str(tmp_path / "out3"))
     assert "using the trained model" in log
 
 

@@ -67,8 +67,8 @@ class PerImageGuard:
                 folder = existing[0].parent
                 detail = f"{len(existing)} outputs already in {folder} (pass --overwrite true to replace them)"
                 return self._record(ImageOutcome(name, source, "skipped", detail=detail))
-            missing = ", ".join(p.name for p in self.writer.missing(name))
-            logger.warning(f"{name}: outputs in {existing[0].parent} are incomplete (no {missing}): redoing the image")
+            missing = ", ".join(p.name for p in self.writer.missing(name)) or "an interrupted write"
+            logger.warning(f"{name}: outputs in {existing[0].parent} are incomplete ({missing}): redoing the image")
         start = time.perf_counter()
         try:
             output = engine._iteration(engine, batch)

@@ -12,12 +12,14 @@ write into a reported, skipped image instead of a stopped run.
 
 An image's outputs are complete or absent: they are all written into a hidden staging folder next to the image's
 folder and moved into place only when every one of them was written, so a full disk or a crash mid-way leaves the
-previous state (and no staging folder: it is removed on failure).  A set that is still incomplete (a crash between
-two moves) is recognised by `missing` and redone by the next run.
+previous state (and no staging folder: it is removed on failure).  While the files are moved in, a `.incomplete`
+flag sits in the image's folder, so a kill between two moves (a mixed old/new set) is not taken for a complete one:
+the next run redoes the image.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import tempfile
@@ -47,6 +49,7 @@ OUTPUT_SUFFIXES = {
     "overlay": "_overlay.png",
 }
 NIFTI_SUFFIX = "_instances.nii.gz"
+INCOMPLETE_FLAG = ".incomplete"  # present in an image's folder while its outputs are being moved in
 
 
 def _plane(value: object) -> np.ndarray:
@@ -106,8 +109,9 @@ class NucleiOutputsWriterd(MapTransform):
         return [p for kind, p in self.paths(name).items() if kind != "nifti" and not p.exists()]
 
     def complete(self, name: str) -> bool:
-        """Every output of `name` is on disk: a run without overwrite leaves such an image alone."""
-        return not self.missing(name)
+        """Every output of `name` is on disk and no move into its folder was interrupted: a run without overwrite
+        leaves such an image alone."""
+        return not self.missing(name) and not (self.output_dir / name / INCOMPLETE_FLAG).exists()
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
@@ -123,7 +127,8 @@ class NucleiOutputsWriterd(MapTransform):
         paths = self.paths(name)
         folder = paths["instances"].parent
         folder.parent.mkdir(parents=True, exist_ok=True)
-        for stale in folder.parent.glob(f".{name}.partial-*"):  # left by a killed run (a failed one removes its own)
+        # staging folders left by a killed run (a failed one removes its own)
+        for stale in folder.parent.glob(f".{glob.escape(name)}.partial-*"):
             shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=folder.parent))
         try:
@@ -136,8 +141,11 @@ class NucleiOutputsWriterd(MapTransform):
             if self.save_nifti:
                 write_label_nifti(staged["nifti"], inst)
             folder.mkdir(exist_ok=True)
+            flag = folder / INCOMPLETE_FLAG
+            flag.touch()  # a kill between two moves leaves a mixed old/new set: the flag marks it incomplete
             for kind, path in paths.items():  # renames within one file system: no space needed, nothing half-written
                 os.replace(staged[kind], path)
+            flag.unlink()
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         d["written"] = list(paths.values())

@@ -130,7 +130,7 @@ def check_images(images: np.ndarray, path: Path, start: int) -> np.ndarray:
     lo, hi = float(images.min()), float(images.max())
     if lo < 0 or hi > 255:
         raise PanNukeFormatError(f"{path}: pixel values must lie in 0-255, found {lo:g}..{hi:g} in tiles {start}+.")
-    if hi <= 1.0:
+    if 0.0 < hi <= 1.0:  # all zeros (a black padding tile) is not a scale
         raise PanNukeFormatError(
             f"{path}: pixel values lie in 0..{hi:g}, a 0-1 scale; PanNuke images are 0-255. Multiply by 255 and save."
         )
