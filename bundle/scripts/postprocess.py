@@ -36,7 +36,6 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from scipy import ndimage as ndi
-from scipy.special import softmax as np_softmax
 from skimage.segmentation import watershed
 
 from scripts.nuclei_head import split_output
@@ -227,13 +226,10 @@ def type_map_from_instances(inst: np.ndarray, inst_types: np.ndarray) -> np.ndar
     return inst_types[inst]
 
 
-def _to_probabilities(pred: np.ndarray | torch.Tensor, softmax: bool) -> np.ndarray:
-    """Bring a logits/probability tensor or array to a numpy float32 probability map on the CPU."""
-    if isinstance(pred, torch.Tensor):
-        pred = (pred.as_tensor() if isinstance(pred, MetaTensor) else pred).detach().float()
-        return (torch.softmax(pred, dim=0) if softmax else pred).cpu().numpy()
-    pred = np.asarray(pred, dtype=np.float32)
-    return np_softmax(pred, axis=0).astype(np.float32, copy=False) if softmax else pred
+def _to_probabilities(logits: torch.Tensor, softmax: bool) -> np.ndarray:
+    """Bring a (C,H,W) logits/probability tensor to a numpy float32 probability map on the CPU."""
+    logits = logits.detach().float()
+    return (torch.softmax(logits, dim=0) if softmax else logits).cpu().numpy()
 
 
 class NucleiInstancesd(MapTransform):
@@ -290,12 +286,9 @@ class NucleiInstancesd(MapTransform):
             d[probs_key] = inst_probs
         return d
 
-
     def instances(self, pred: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(inst, inst_types, inst_probs) of one prediction, by the method of its target."""
-        if isinstance(pred, MetaTensor):
-            pred = pred.as_tensor()
-        pred = torch.as_tensor(pred) if not isinstance(pred, torch.Tensor) else pred
+        pred = torch.as_tensor(pred.as_tensor() if isinstance(pred, MetaTensor) else pred)
         if pred.ndim != 3:
             raise ValueError(f"expected one decollated (C, H, W) prediction, got shape {tuple(pred.shape)}")
         logits, hv = split_output(pred, self.target)

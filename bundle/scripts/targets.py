@@ -157,9 +157,7 @@ class NucleiTargetsd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        inst = torch.as_tensor(np.asarray(d[self.inst_key]) if not isinstance(d[self.inst_key], torch.Tensor)
-                               else d[self.inst_key])  # fmt: skip
-        types = torch.as_tensor(d[self.type_key])
+        inst, types = torch.as_tensor(d[self.inst_key]), torch.as_tensor(d[self.type_key])
         d[self.label_key] = nuclei_targets(inst.reshape(1, *inst.shape[-2:]).round().long(),
                                            types.reshape(1, *types.shape[-2:]).round().long(), self.target)[0]
         return d

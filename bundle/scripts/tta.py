@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from monai.inferers import Inferer
 
+from scripts.cli_flags import as_bool
 from scripts.nuclei_head import split_output
 from scripts.targets import check_target
 
@@ -66,6 +67,4 @@ class FlipRotateInferer(Inferer):
 
 def with_tta(inferer: Inferer, target: str = "hv", tta: bool | str = False, copies: int = 8) -> Inferer:
     """`inferer` itself, or wrapped in FlipRotateInferer when `tta` is true (command-line strings accepted)."""
-    from scripts.cli_flags import as_bool
-
     return FlipRotateInferer(inferer, target, copies) if as_bool(tta, "tta") else inferer
