@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from scripts.demo_data import write_demo_dataset
-from scripts.pannuke_files import LAYOUTS
+from scripts.pannuke.demo_data import write_demo_dataset
+from scripts.pannuke.files import LAYOUTS
 
 
 def write_dataset(root: Path, tiles: tuple[int, int, int] = (3, 2, 2), layout: str = "official") -> Path:

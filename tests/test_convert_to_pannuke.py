@@ -11,8 +11,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from scripts.convert_to_pannuke import main, tile_origins
-from scripts.pannuke_format import NUM_TYPES, TILE_SIZE
+from scripts.pannuke.convert import main, tile_origins
+from scripts.pannuke.format import NUM_TYPES, TILE_SIZE
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 CONSEP_TEST = Path("/work/shared/data/consep/test")
@@ -259,7 +259,7 @@ def test_bad_arguments_fail_before_reading(tmp_path: Path, capsys) -> None:
 
 @pytest.mark.parametrize("how", ["file", "module"])
 def test_help(how: str) -> None:
-    cmd = ["scripts/convert_to_pannuke.py"] if how == "file" else ["-m", "scripts.convert_to_pannuke"]
+    cmd = ["scripts/pannuke/convert.py"] if how == "file" else ["-m", "scripts.pannuke.convert"]
     out = subprocess.run([sys.executable, *cmd, "--help"], cwd=BUNDLE, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     for option in ("--images", "--masks", "--class_map", "--append", "--overwrite", "--skip_bad", "--stride"):

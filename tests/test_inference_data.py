@@ -7,7 +7,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from scripts.inference_data import (
+from scripts.inference.inputs import (
     InferenceImages,
     InferenceInputError,
     InputImage,

@@ -21,9 +21,9 @@ from PIL import Image
 
 from bundle_runner import run_bundle
 from conftest import BUNDLE_ROOT
-from scripts.demo_data import make_tile
-from scripts.pannuke_format import NUM_CLASSES, TILE_SIZE, TYPE_NAMES
-from scripts.targets import label_map, masks_to_instances
+from scripts.pannuke.demo_data import make_tile
+from scripts.pannuke.format import NUM_CLASSES, TILE_SIZE, TYPE_NAMES
+from scripts.nuclei.targets import label_map, masks_to_instances
 
 INFERENCE = ["train.json", "inference.json"]
 FEATURES = [16, 16, 32, 32, 64, 32]  # the bundle's BasicUNet, narrower: same code path, a fraction of the CPU time

@@ -26,7 +26,7 @@ from monai.bundle import ConfigParser
 from bundle_launch import launch, rank_logs
 from conftest import BUNDLE_ROOT
 from pannuke_fixtures import write_dataset
-from scripts.pannuke_metric import PER_IMAGE_CSV
+from scripts.scoring.pq import PER_IMAGE_CSV
 
 TRAIN, MULTI_TRAIN = ["train.json"], ["train.json", "multi_gpu_train.json"]
 EVALUATE, MULTI_EVALUATE = ["train.json", "evaluate.json"], ["train.json", "evaluate.json", "multi_gpu_evaluate.json"]
@@ -141,7 +141,7 @@ def test_side_effect_handlers_run_on_rank_zero_only():
 
 
 def test_outside_torchrun_the_overlay_says_how_to_start_it():
-    from scripts.distributed import init_distributed
+    from scripts.engine.distributed import init_distributed
 
     outside = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     with mock.patch.dict(os.environ, outside, clear=True), pytest.raises(RuntimeError, match="started by torchrun"):

@@ -12,7 +12,7 @@ import tifffile
 from PIL import Image
 from scipy import ndimage
 
-from scripts.nuclei_writers import (
+from scripts.io.nuclei_writers import (
     instances_to_geojson,
     measurements_table,
     outline_polygon,
@@ -23,7 +23,7 @@ from scripts.nuclei_writers import (
     write_label_nifti,
     write_label_tiff,
 )
-from scripts.pannuke_format import TYPE_COLOURS, TYPE_NAMES
+from scripts.pannuke.format import TYPE_COLOURS, TYPE_NAMES
 
 H, W = 48, 80  # non-square so a swapped x/y would leave the image
 

@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 
 from pannuke_fixtures import write_dataset
-from scripts.official_protocol import SPLITS, combine_splits, format_table, main, split_overrides, write_protocol_tables
-from scripts.pannuke_metric import ROW_KEYS, write_score_tables
+from scripts.scoring.official_protocol import (
+    SPLITS,
+    combine_splits,
+    format_table,
+    main,
+    split_overrides,
+    write_protocol_tables,
+)
+from scripts.scoring.pq import ROW_KEYS, write_score_tables
 
 
 def _scores(tmp_path, name, value, tissues=("Breast", "Colon")):

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from pannuke_fixtures import fold_path, rewrite, write_dataset
-from scripts.pannuke_cache import ensure_fold_cache, open_fold_cache
-from scripts.pannuke_files import PanNukeFormatError, locate_folds
-from scripts.targets import label_map, masks_to_instances
+from scripts.pannuke.cache import ensure_fold_cache, open_fold_cache
+from scripts.pannuke.files import PanNukeFormatError, locate_folds
+from scripts.nuclei.targets import label_map, masks_to_instances
 
 
 def _cache(root, tmp_path, fold=1):
@@ -118,7 +118,7 @@ def test_object_array_tissue_names_are_refused_without_unpickling(tmp_path):
 
 def test_large_chunked_fold_matches(tmp_path, monkeypatch):
     """Chunk boundaries do not shift tiles: a fold longer than one chunk converts exactly."""
-    import scripts.pannuke_cache as pc
+    import scripts.pannuke.cache as pc
 
     monkeypatch.setattr(pc, "CHUNK_TILES", 2)
     root = write_dataset(tmp_path / "data", tiles=(5, 1, 1))

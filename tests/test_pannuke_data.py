@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from pannuke_fixtures import rewrite, write_dataset
-from scripts.pannuke_data import PanNuke, PanNukeDataset, as_fold_list
-from scripts.pannuke_files import PanNukeFormatError
+from scripts.pannuke.datasets import PanNuke, PanNukeDataset, as_fold_list
+from scripts.pannuke.files import PanNukeFormatError
 
 
 def test_fold_list_forms():

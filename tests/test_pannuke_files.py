@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pannuke_fixtures import fold_path, rewrite, write_dataset
-from scripts.pannuke_files import PanNukeFormatError, locate_folds
+from scripts.pannuke.files import PanNukeFormatError, locate_folds
 
 
 @pytest.mark.parametrize("layout", ["official", "kaggle"])

@@ -12,8 +12,8 @@ import torch
 from monai.metrics import compute_panoptic_quality
 from skimage.draw import ellipse
 
-from scripts import pannuke_metric as pm
-from scripts.pannuke_format import NUM_TYPES, TYPE_NAMES
+from scripts.scoring import pq as pm
+from scripts.pannuke.format import NUM_TYPES, TYPE_NAMES
 
 EPS = pm.SQ_EPS
 

@@ -8,16 +8,16 @@ import torch
 from monai.data import MetaTensor
 from skimage.draw import ellipse
 
-from scripts.pannuke_format import BACKGROUND, BOUNDARY, NUM_CLASSES, NUM_TYPES
-from scripts.pannuke_metric import pq_counts
-from scripts.postprocess import (
+from scripts.pannuke.format import BACKGROUND, BOUNDARY, NUM_CLASSES, NUM_TYPES
+from scripts.scoring.pq import pq_counts
+from scripts.nuclei.postprocess import (
     NucleiInstancesd,
     hv_energy,
     instances_from_hv,
     instances_from_probabilities,
     type_map_from_instances,
 )
-from scripts.targets import hover_maps, label_map
+from scripts.nuclei.targets import hover_maps, label_map
 
 
 def one_hot_probs(inst: np.ndarray, types: np.ndarray) -> np.ndarray:
@@ -207,7 +207,7 @@ def test_transform_takes_one_key():
 def test_transform_from_bundle_config():
     from monai.bundle import ConfigParser
 
-    config = {"post": {"_target_": "scripts.postprocess.NucleiInstancesd", "keys": "pred", "target": "boundary",
+    config = {"post": {"_target_": "scripts.nuclei.postprocess.NucleiInstancesd", "keys": "pred", "target": "boundary",
                        "min_size": 5}}
     transform = ConfigParser(config).get_parsed_content("post")
     probs = soft_probs({}, (16, 16))

@@ -20,8 +20,8 @@ import torch
 
 from bundle_launch import launch, start
 from pannuke_fixtures import write_dataset
-from scripts.checkpointing import BestMetricState, BestModelSaver, TrainingState, atomic_save
-from scripts.cli_flags import as_bool
+from scripts.engine.checkpointing import BestMetricState, BestModelSaver, TrainingState, atomic_save
+from scripts.engine.cli_flags import as_bool
 
 TRAIN = ["train.json"]
 EPOCHS = 8

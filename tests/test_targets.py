@@ -4,8 +4,8 @@ import torch
 from monai.transforms import ComputeHoVerMaps
 from skimage.segmentation import find_boundaries
 
-from scripts.pannuke_format import BOUNDARY
-from scripts.targets import (
+from scripts.pannuke.format import BOUNDARY
+from scripts.nuclei.targets import (
     BatchNucleiTargets,
     NucleiTargetsd,
     class_count,

@@ -14,9 +14,9 @@ from monai.transforms import RandFlipd, RandRotate90d
 
 from bundle_launch import launch
 from pannuke_fixtures import write_dataset
-from scripts.batch_augment import BatchAffine, BatchFlipRotate90, BatchStainJitter
-from scripts.device_tiles import DeviceTiles, identity_collate
-from scripts.pannuke_data import PanNuke, PanNukeDataset
+from scripts.augment.batch import BatchAffine, BatchFlipRotate90, BatchStainJitter
+from scripts.pannuke.device_tiles import DeviceTiles, identity_collate
+from scripts.pannuke.datasets import PanNuke, PanNukeDataset
 
 SMALL = ["--network_def#features", "[8, 8, 16, 32, 64, 8]", "--epochs", "2", "--batch_size", "2"]
 

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 from monai.inferers import Inferer
 
-from scripts.cli_flags import as_bool
-from scripts.nuclei_head import split_output
-from scripts.targets import check_target
+from scripts.engine.cli_flags import as_bool
+from scripts.nuclei.head import split_output
+from scripts.nuclei.targets import check_target
 
 # (quarter turns, flip columns first) for the 8 symmetries of the square, or the 4 flips only
 _SYMMETRIES = {8: [(k, f) for f in (False, True) for k in range(4)], 4: [(0, False), (0, True), (2, False), (2, True)]}

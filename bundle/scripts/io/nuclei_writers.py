@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from scripts.pannuke_format import NUM_TYPES, TYPE_COLOURS, TYPE_NAMES
+from scripts.pannuke.format import NUM_TYPES, TYPE_COLOURS, TYPE_NAMES
 
 PathLike = str | os.PathLike
 

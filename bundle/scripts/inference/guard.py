@@ -18,8 +18,8 @@ from dataclasses import astuple, dataclass, fields
 
 from ignite.engine import Engine, Events
 
-from scripts.inference_writer import NucleiOutputsWriterd
-from scripts.nuclei_writers import write_csv
+from scripts.inference.writer import NucleiOutputsWriterd
+from scripts.io.nuclei_writers import write_csv
 
 logger = logging.getLogger(__name__)
 

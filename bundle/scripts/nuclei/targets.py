@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from monai.transforms import MapTransform
 from skimage.segmentation import find_boundaries
 
-from scripts.pannuke_format import BOUNDARY, HV_CHANNELS, NUM_CLASSES, NUM_TYPES
+from scripts.pannuke.format import BOUNDARY, HV_CHANNELS, NUM_CLASSES, NUM_TYPES
 
 
 def masks_to_instances(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

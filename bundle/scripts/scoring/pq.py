@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scripts.pannuke_format import TYPE_NAMES
+from scripts.pannuke.format import TYPE_NAMES
 
 MATCH_IOU = 0.5
 # official get_fast_pq divides the IoU sum by (tp + 1e-6); kept so our numbers equal the published script's

@@ -17,9 +17,9 @@ import numpy as np
 from monai.data import Dataset
 from monai.transforms import apply_transform
 
-from scripts.demo_data import ensure_demo_dataset
-from scripts.pannuke_cache import ensure_fold_cache, open_fold_cache
-from scripts.pannuke_files import FoldFiles, locate_folds
+from scripts.pannuke.demo_data import ensure_demo_dataset
+from scripts.pannuke.cache import ensure_fold_cache, open_fold_cache
+from scripts.pannuke.files import FoldFiles, locate_folds
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import torch
 from monai.metrics import CumulativeIterationMetric
 from monai.metrics.utils import do_metric_reduction
 
-from scripts.pannuke_metric import pq_counts
+from scripts.scoring.pq import pq_counts
 
 
 class _MeanOverImages(CumulativeIterationMetric):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scripts.pannuke_format import TILE_SIZE
+from scripts.pannuke.format import TILE_SIZE
 
 logger = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ from monai.config import KeysCollection
 from monai.losses import DiceCELoss
 from monai.transforms import MapTransform
 
-from scripts.pannuke_cache import open_fold_cache
-from scripts.pannuke_data import PanNuke, as_fold_list
-from scripts.pannuke_format import HV_CHANNELS, NUM_TYPES
-from scripts.targets import check_target, class_count, output_channels
+from scripts.pannuke.cache import open_fold_cache
+from scripts.pannuke.datasets import PanNuke, as_fold_list
+from scripts.pannuke.format import HV_CHANNELS, NUM_TYPES
+from scripts.nuclei.targets import check_target, class_count, output_channels
 
 logger = logging.getLogger(__name__)
 

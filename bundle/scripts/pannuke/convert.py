@@ -17,7 +17,7 @@ through --class_map (default: ids 1-5 are already PanNuke order); ids outside th
 --unmapped. Dropped nuclei become background in the fold, i.e. the network learns them as "no nucleus".
 
 Example (CoNSeP):
-  python scripts/convert_to_pannuke.py --images consep/images --masks consep/labels --output_dir data/lab \\
+  python scripts/pannuke/convert.py --images consep/images --masks consep/labels --output_dir data/lab \\
       --fold 1 --tissue Colon --class_map "1:Dead,2:Inflammatory,3:Neoplastic,4:Connective"
 """
 
@@ -34,10 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-if __package__ in (None, ""):  # run as a file (python scripts/convert_to_pannuke.py): make `scripts` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __package__ in (None, ""):  # run as a file (python scripts/pannuke/convert.py): make `scripts` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from scripts.pannuke_format import NUM_TYPES, TILE_SIZE, TYPE_NAMES
+from scripts.pannuke.format import NUM_TYPES, TILE_SIZE, TYPE_NAMES
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy")
 LABEL_EXTS = (".png", ".tif", ".tiff", ".npy", ".npz")

@@ -4,7 +4,7 @@ The CPU path reads and augments one tile per `__getitem__` in DataLoader workers
 limits the speed (benchmarks/train_speed.py measures both).  Here each fold's cache is copied to the device once,
 chunk by chunk (a PanNuke fold is about 1.4 GB: uint8 image and type map, int32 instance map), and the
 DataLoader's list of indices is served by `__getitems__`: one gather, a conversion to float and the batched
-augmentation of scripts/batch_augment.py.
+augmentation of scripts/augment/batch.py.
 The batch carries the instance and type maps through the augmentation, and `BatchNucleiTargets` (last in
 train_fast.json's chain) builds the training target from them on the device, HV maps included.
 Samplers only see indices, so `shuffle=True` and DistributedSampler work unchanged.  Use num_workers=0 (the data is
@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from scripts.pannuke_cache import open_fold_cache
-from scripts.pannuke_data import PanNuke, as_fold_list
+from scripts.pannuke.cache import open_fold_cache
+from scripts.pannuke.datasets import PanNuke, as_fold_list
 
 logger = logging.getLogger(__name__)
 Batch = dict[str, torch.Tensor]

@@ -20,9 +20,9 @@ from typing import BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from scripts.pannuke_files import FoldFiles, NpyHeader, PanNukeFormatError, read_npy_header
-from scripts.pannuke_format import TILE_SIZE
-from scripts.targets import label_map, masks_to_instances
+from scripts.pannuke.files import FoldFiles, NpyHeader, PanNukeFormatError, read_npy_header
+from scripts.pannuke.format import TILE_SIZE
+from scripts.nuclei.targets import label_map, masks_to_instances
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, EarlyStopHandler
 
-from scripts.cli_flags import as_bool
+from scripts.engine.cli_flags import as_bool
 
 logger = logging.getLogger(__name__)
 

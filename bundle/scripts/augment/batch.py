@@ -1,8 +1,8 @@
 """train.json's random augmentation applied to a whole batch on its device, each tile with its own random draws.
 
-train.json augments tile by tile in DataLoader workers (MONAI dict transforms on the CPU).  When the training fold
-sits on the GPU (scripts/device_tiles.py) the same augmentations run once per batch: every tile still gets its own
-flips, rotation, affine and stain parameters, but a step costs a handful of kernels instead of a Python loop.
+train.json augments tile by tile in DataLoader workers (MONAI dict transforms on the CPU).  When the training
+fold sits on the GPU (scripts/pannuke/device_tiles.py) the same augmentations run once per batch: every tile still gets
+its own flips, rotation, affine and stain parameters, but a step costs a handful of kernels instead of a Python loop.
 Random numbers come from torch's generator on the batch's device, so `set_determinism` seeds them and a resumed run
 restores them.  A tile that does not get a transform is kept with `torch.where` rather than boolean indexing, so
 nothing waits for the GPU to report how many tiles were picked.
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from scripts.stain_augment import jitter_stains
+from scripts.augment.stain import jitter_stains
 
 
 def _keep(picked: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:

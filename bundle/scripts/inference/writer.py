@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from monai.transforms import MapTransform
 
-from scripts.cli_flags import as_bool
-from scripts.nuclei_writers import (
+from scripts.engine.cli_flags import as_bool
+from scripts.io.nuclei_writers import (
     instances_to_geojson,
     measurements_table,
     overlay_png,

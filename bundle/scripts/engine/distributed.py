@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 from ignite.engine import Engine
 
-from scripts.pannuke_data import PanNuke
-from scripts.pannuke_score_handler import PanNukeScoreHandler
+from scripts.pannuke.datasets import PanNuke
+from scripts.scoring.score_handler import PanNukeScoreHandler
 
 T = TypeVar("T")
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

@@ -1,6 +1,6 @@
 """Turn the network's output into nucleus instances with a PanNuke type each.
 
-Two targets (scripts/targets.py), two ways to find instances, one type vote:
+Two targets (scripts/nuclei/targets.py), two ways to find instances, one type vote:
 
 - "hv": foreground is the argmax of the 6-class softmax (background + 5 types).  Between two touching nuclei the
   horizontal map falls from +1 to -1 along the columns (the vertical map along the rows), so the *negative* Sobel
@@ -38,9 +38,9 @@ from monai.transforms import MapTransform
 from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
-from scripts.nuclei_head import split_output
-from scripts.pannuke_format import BACKGROUND, BOUNDARY, HV_CHANNELS, NUM_CLASSES, NUM_TYPES
-from scripts.targets import check_target
+from scripts.nuclei.head import split_output
+from scripts.pannuke.format import BACKGROUND, BOUNDARY, HV_CHANNELS, NUM_CLASSES, NUM_TYPES
+from scripts.nuclei.targets import check_target
 
 __all__ = ["instances_from_probabilities", "instances_from_hv", "type_map_from_instances", "NucleiInstancesd"]
 
@@ -235,7 +235,7 @@ def _to_probabilities(logits: torch.Tensor, softmax: bool) -> np.ndarray:
 class NucleiInstancesd(MapTransform):
     """MONAI post transform: nucleus instances and types from one decollated (C,H,W) prediction.
 
-    The prediction is the network output for `target` (scripts/nuclei_head.split_output): class logits (or
+    The prediction is the network output for `target` (scripts/nuclei/head.split_output): class logits (or
     probabilities with softmax=False), followed by the HV maps for "hv".
 
     Adds to the dictionary:

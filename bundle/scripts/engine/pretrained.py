@@ -6,7 +6,7 @@ training step.  Inference uses `models/model.pt` when a training run has written
 and logs which.  Training writes only under `ckpt_dir` (`model.pt`, `training_state.pt`) and never opens the
 shipped file; a new release replaces it by a deliberate commit made with `export_half_precision`:
 
-    python -m scripts.pretrained --checkpoint /path/to/models/model.pt --output models/pretrained/model_fp16.pt
+    python -m scripts.engine.pretrained --checkpoint /path/to/models/model.pt --output models/pretrained/model_fp16.pt
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from scripts.checkpointing import atomic_save
+from scripts.engine.checkpointing import atomic_save
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import torch
 from ignite.engine import Engine, Events
 from torch.utils.tensorboard import SummaryWriter
 
-from scripts.pannuke_metric import CLASS_KEYS, TISSUE_MEAN_KEYS, format_summary, score_image, write_score_tables
+from scripts.scoring.pq import CLASS_KEYS, TISSUE_MEAN_KEYS, format_summary, score_image, write_score_tables
 
 logger = logging.getLogger(__name__)
 

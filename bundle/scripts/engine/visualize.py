@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from scripts.pannuke_format import TYPE_COLOURS
+from scripts.pannuke.format import TYPE_COLOURS
 
 PALETTE = torch.tensor([(0, 0, 0), *TYPE_COLOURS, (255, 255, 255)], dtype=torch.float32) / 255.0
 

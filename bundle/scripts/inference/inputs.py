@@ -29,8 +29,8 @@ import numpy as np
 from monai.data import Dataset
 from monai.transforms import apply_transform
 
-from scripts.pannuke_cache import check_images
-from scripts.pannuke_files import PanNukeFormatError, read_npy_header
+from scripts.pannuke.cache import check_images
+from scripts.pannuke.files import PanNukeFormatError, read_npy_header
 
 logger = logging.getLogger(__name__)
 

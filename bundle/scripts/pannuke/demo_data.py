@@ -18,8 +18,8 @@ import numpy as np
 from scipy import ndimage
 from skimage.draw import ellipse
 
-from scripts.pannuke_files import LAYOUTS
-from scripts.pannuke_format import NUM_TYPES, TILE_SIZE
+from scripts.pannuke.files import LAYOUTS
+from scripts.pannuke.format import NUM_TYPES, TILE_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def write_demo_dataset(
         np.save(paths["masks"], np.stack([t[1] for t in tiles]))
         np.save(paths["types"], np.array([DEMO_TISSUES[i % len(DEMO_TISSUES)] for i in range(n)]))
     (root / "DEMO_DATA_IS_SYNTHETIC.txt").write_text(
-        "Synthetic PanNuke-format demo data written by scripts/demo_data.py. Not real tissue.\n"
+        "Synthetic PanNuke-format demo data written by scripts/pannuke/demo_data.py. Not real tissue.\n"
     )
     return root
 

@@ -6,7 +6,7 @@ a fresh process.  A split whose scores already exist is not run again (pass --fo
 protocol continues where it stopped and finished splits are never lost.
 
     cd bundle
-    python -m scripts.official_protocol --output_dir runs/protocol --dataset_dir /data/pannuke --epochs 100
+    python -m scripts.scoring.official_protocol --output_dir runs/protocol --dataset_dir /data/pannuke --epochs 100
 
 Every option this script does not know (--dataset_dir, --epochs, --batch_size, ...) goes to monai.bundle as an
 override.  Results: <output_dir>/split<k>/{models,eval}/ per split, and protocol_scores.json / protocol_scores.csv /
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 SPLITS: dict[int, tuple[int, int, int]] = {1: (1, 2, 3), 2: (2, 1, 3), 3: (3, 2, 1)}
-BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 SCORES_FILE = "pannuke_scores.json"
 
 
@@ -123,7 +123,8 @@ def _json_safe(value):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Run the official PanNuke 3-split protocol; unknown options go to monai.bundle as overrides.",
-        epilog="example: python -m scripts.official_protocol --output_dir runs/protocol --dataset_dir /data/pannuke",
+        epilog="example: python -m scripts.scoring.official_protocol --output_dir runs/protocol "
+        "--dataset_dir /data/pannuke",
     )
     parser.add_argument("--output_dir", required=True, type=Path, help="one subfolder per split goes here")
     parser.add_argument("--splits", default="1,2,3", help="which splits to run (default: all three)")

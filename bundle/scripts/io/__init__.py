@@ -1,0 +1,1 @@
+"""Reading and writing files: images, nuclei outputs (label maps, GeoJSON, CSV, overlays)."""
