@@ -50,8 +50,11 @@ def convert_in_this_process(dataset_dir: str, cache_dir: str) -> dict:
     seconds = time.perf_counter() - start
     tiles = json.loads((root / "meta.json").read_text())["tiles"]
     return {
-        "seconds": seconds, "tiles": tiles, "rss_after_imports_mb": after_imports, "peak_rss_mb": status_mb("VmHWM"),
-    }  # fmt: skip
+        "seconds": seconds,
+        "tiles": tiles,
+        "rss_after_imports_mb": after_imports,
+        "peak_rss_mb": status_mb("VmHWM"),
+    }
 
 
 def main() -> None:
@@ -69,17 +72,25 @@ def main() -> None:
         start = time.perf_counter()
         write_folds(work / "data", (args.tiles,))
         written = time.perf_counter() - start
-        child = subprocess.run([sys.executable, __file__, "--child", str(work / "data"), str(work / "cache")],
-                               capture_output=True, text=True, check=True)  # fmt: skip
+        child = subprocess.run(
+            [sys.executable, __file__, "--child", str(work / "data"), str(work / "cache")],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         result = json.loads(child.stdout.strip().splitlines()[-1])
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"device: CPU ({cpu_name()}); python {platform.python_version()}, numpy {np.__version__}")
-    print(f"fold: {args.tiles} tiles, {fold_bytes(args.tiles) / 1e9:.1f} GB float64 on disk "
-          f"(written in {written:.0f} s, deleted afterwards); dtype float64 -> uint8/uint16 cache; chunk 32 tiles")
+    print(
+        f"fold: {args.tiles} tiles, {fold_bytes(args.tiles) / 1e9:.1f} GB float64 on disk "
+        f"(written in {written:.0f} s, deleted afterwards); dtype float64 -> uint8/uint16 cache; chunk 32 tiles"
+    )
     print(f"conversion: {result['seconds']:.1f} s, {result['tiles'] / result['seconds']:.1f} tiles/s")
-    print(f"peak RSS: {result['peak_rss_mb']:.0f} MB (VmHWM of the converting process; "
-          f"{result['rss_after_imports_mb']:.0f} MB of it after imports), budget {BUDGET_MB} MB")
+    print(
+        f"peak RSS: {result['peak_rss_mb']:.0f} MB (VmHWM of the converting process; "
+        f"{result['rss_after_imports_mb']:.0f} MB of it after imports), budget {BUDGET_MB} MB"
+    )
     sys.exit(0 if result["peak_rss_mb"] <= BUDGET_MB else 1)
 
 

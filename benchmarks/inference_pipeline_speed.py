@@ -41,8 +41,14 @@ from scripts.nuclei.postprocess import NucleiInstancesd  # noqa: E402
 def bundle_parser(args: argparse.Namespace, **overrides: object) -> ConfigParser:
     parser = ConfigParser()
     parser.read_config([str(ROOT / "bundle" / "configs" / f) for f in ("train.json", "inference.json")])
-    settings = {"bundle_root": str(ROOT / "bundle"), "device": args.device, "sw_batch_size": args.sw_batch_size,
-                "amp": args.amp, "num_workers": 0, **overrides}
+    settings = {
+        "bundle_root": str(ROOT / "bundle"),
+        "device": args.device,
+        "sw_batch_size": args.sw_batch_size,
+        "amp": args.amp,
+        "num_workers": 0,
+        **overrides,
+    }
     for key, value in settings.items():
         parser[key] = value
     return parser
@@ -116,10 +122,14 @@ def main() -> None:
     tiles_per_image = args.image_size**2 / TILE_SIZE**2
     dtype = "float16 autocast" if args.amp else "float32"
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else cpu_name()
-    print(f"device {args.device} ({device_name}), {torch.get_num_threads()} CPU threads, {dtype}, "
-          f"sw_batch_size {args.sw_batch_size}, weights: {weights}")
-    print(f"python {platform.python_version()}, torch {torch.__version__}, monai {monai.__version__}, "
-          f"numpy {np.__version__}")
+    print(
+        f"device {args.device} ({device_name}), {torch.get_num_threads()} CPU threads, {dtype}, "
+        f"sw_batch_size {args.sw_batch_size}, weights: {weights}"
+    )
+    print(
+        f"python {platform.python_version()}, torch {torch.__version__}, monai {monai.__version__}, "
+        f"numpy {np.__version__}"
+    )
 
     def autocast():
         return torch.autocast("cuda", enabled=args.amp)
@@ -142,8 +152,10 @@ def main() -> None:
             inferer(image, network)
 
     seconds = timed(sliding_window, args.repeats, args.device)
-    print(f"2. sliding window:    {tiles_per_image / seconds:7.2f} tiles/s  ({seconds:.2f} s per "
-          f"{args.image_size}^2 image, overlap {inferer.overlap})")
+    print(
+        f"2. sliding window:    {tiles_per_image / seconds:7.2f} tiles/s  ({seconds:.2f} s per "
+        f"{args.image_size}^2 image, overlap {inferer.overlap})"
+    )
 
     probs, nuclei = network_like_image_probs(args.image_size, 1)
     rgb = he_image(args.image_size, 1)
@@ -155,8 +167,10 @@ def main() -> None:
             writer({**instances({"pred": torch.from_numpy(probs)}), "name": "bench", "rgb": rgb})
 
         seconds = timed(post_and_write, args.repeats, "cpu")
-        print(f"3. post + write:      {tiles_per_image / seconds:7.2f} tiles/s  ({seconds:.2f} s per image, "
-              f"{nuclei / tiles_per_image:.0f} nuclei/tile)")
+        print(
+            f"3. post + write:      {tiles_per_image / seconds:7.2f} tiles/s  ({seconds:.2f} s per image, "
+            f"{nuclei / tiles_per_image:.0f} nuclei/tile)"
+        )
 
         folder = Path(tmp) / "images"
         folder.mkdir()
@@ -171,9 +185,11 @@ def main() -> None:
         evaluator.run()
         seconds = time.perf_counter() - start
         found = sum(o.nuclei or 0 for o in guard.outcomes)
-        print(f"4. whole run:         {args.images * tiles_per_image / seconds:7.2f} tiles/s  "
-              f"({seconds / args.images:.2f} s per image, {found / args.images:.0f} nuclei/image found with "
-              f"these weights; {guard.counts()})")
+        print(
+            f"4. whole run:         {args.images * tiles_per_image / seconds:7.2f} tiles/s  "
+            f"({seconds / args.images:.2f} s per image, {found / args.images:.0f} nuclei/image found with "
+            f"these weights; {guard.counts()})"
+        )
 
 
 if __name__ == "__main__":

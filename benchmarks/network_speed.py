@@ -69,11 +69,15 @@ def main() -> None:
         network = torch.compile(network)
     batch = torch.rand(args.batch_size, 3, 256, 256, device=device).contiguous(memory_format=memory_format)
     speed = tiles_per_second(network, batch, args.warmup, args.steps, AMP_DTYPES[args.amp])
-    print(f"device: {device_name(device)}; python {platform.python_version()}, torch {torch.__version__}, "
-          f"monai {monai.__version__}, numpy {np.__version__}")
+    print(
+        f"device: {device_name(device)}; python {platform.python_version()}, torch {torch.__version__}, "
+        f"monai {monai.__version__}, numpy {np.__version__}"
+    )
     dtype = args.amp if AMP_DTYPES[args.amp] else "float32"
-    print(f"network_def of train.json, batch {args.batch_size}, dtype {dtype}, {str(memory_format).split('.')[-1]}, "
-          f"compile {args.compile}; {args.steps} timed batches after {args.warmup}")
+    print(
+        f"network_def of train.json, batch {args.batch_size}, dtype {dtype}, {str(memory_format).split('.')[-1]}, "
+        f"compile {args.compile}; {args.steps} timed batches after {args.warmup}"
+    )
     peak = ""
     if device.type == "cuda":
         peak = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"

@@ -168,21 +168,29 @@ def main() -> None:
     pq_ours = np.mean([pq_counts(inst, o)[2] for (inst, _), o in zip(tiles, ours)])
     pq_theirs = np.mean([pq_counts(inst, t)[2] for (inst, _), t in zip(tiles, theirs)])
     pq_agree = np.mean([pq_counts(t, o)[2] for t, o in zip(theirs, ours)])
-    print(f"CPU: {cpu_name()} (1 thread); python {platform.python_version()}, numpy {np.__version__}, "
-          f"scipy {scipy.__version__}, scikit-image {skimage.__version__}, torch {torch.__version__}, "
-          f"monai {monai.__version__}")
-    print(f"{args.tiles} tiles {TILE_SIZE}x{TILE_SIZE}, {counts[0] / args.tiles:.1f} nuclei/tile, "
-          f"best of {args.repeats} runs")
+    print(
+        f"CPU: {cpu_name()} (1 thread); python {platform.python_version()}, numpy {np.__version__}, "
+        f"scipy {scipy.__version__}, scikit-image {skimage.__version__}, torch {torch.__version__}, "
+        f"monai {monai.__version__}"
+    )
+    print(
+        f"{args.tiles} tiles {TILE_SIZE}x{TILE_SIZE}, {counts[0] / args.tiles:.1f} nuclei/tile, "
+        f"best of {args.repeats} runs"
+    )
     print(f"instances_from_probabilities: {ms_post:.2f} ms/tile (budget {BUDGET_MS:.0f} ms)")
     print(f"NucleiInstancesd on torch logits (softmax + maps): {ms_transform:.2f} ms/tile")
     print(f"recovered at IoU>0.5: {counts[1] / counts[0]:.1%} of nuclei, right type: {counts[2] / counts[1]:.1%}")
     print(f"instances_from_hv: {ms_hv:.2f} ms/tile (budget {BUDGET_MS:.0f} ms)")
     print(f"NucleiInstancesd target hv on torch logits (softmax + maps): {ms_hv_transform:.2f} ms/tile")
-    print(f"recovered at IoU>0.5 (hv): {hv_counts[1] / hv_counts[0]:.1%} of nuclei, right type: "
-          f"{hv_counts[2] / hv_counts[1]:.1%}")
-    print(f"MONAI HoVerNetInstanceMapPostProcessing on the same HV outputs ({len(few)} tiles): "
-          f"{ms_reference:.1f} ms/tile; bPQ vs GT: ours {pq_ours:.3f}, MONAI {pq_theirs:.3f}; "
-          f"PQ of ours against MONAI's {pq_agree:.3f}")
+    print(
+        f"recovered at IoU>0.5 (hv): {hv_counts[1] / hv_counts[0]:.1%} of nuclei, right type: "
+        f"{hv_counts[2] / hv_counts[1]:.1%}"
+    )
+    print(
+        f"MONAI HoVerNetInstanceMapPostProcessing on the same HV outputs ({len(few)} tiles): "
+        f"{ms_reference:.1f} ms/tile; bPQ vs GT: ours {pq_ours:.3f}, MONAI {pq_theirs:.3f}; "
+        f"PQ of ours against MONAI's {pq_agree:.3f}"
+    )
     sys.exit(0 if max(ms_post, ms_hv) <= BUDGET_MS else 1)
 
 

@@ -52,8 +52,21 @@ def _link_subset(src: Path, dst: Path, keep) -> Path:
 
 
 def _convert(source: Path, out: Path, fold: int, tissue: str, extra: list[str], append: bool) -> None:
-    cmd = [sys.executable, str(BUNDLE / "scripts" / "pannuke" / "convert.py"), "--images", str(source / "images"),
-           "--masks", str(source / "labels"), "--output_dir", str(out), "--fold", str(fold), "--tissue", tissue, *extra]
+    cmd = [
+        sys.executable,
+        str(BUNDLE / "scripts" / "pannuke" / "convert.py"),
+        "--images",
+        str(source / "images"),
+        "--masks",
+        str(source / "labels"),
+        "--output_dir",
+        str(out),
+        "--fold",
+        str(fold),
+        "--tissue",
+        tissue,
+        *extra,
+    ]
     subprocess.run(cmd + (["--append"] if append else []), check=True)
 
 
@@ -103,9 +116,21 @@ def main() -> int:
 
     data = build_dataset(args.work, args.reduced)
     run_dir = args.work / "runs" / args.tag if args.tag else args.work
-    overrides = ["--dataset_dir", str(data), "--cache_dir", str(args.work / "cache"), "--ckpt_dir",
-                 str(run_dir / "models"), "--output_dir", str(run_dir / "eval"), "--epochs", str(args.epochs),
-                 "--batch_size", str(args.batch_size), *extra]
+    overrides = [
+        "--dataset_dir",
+        str(data),
+        "--cache_dir",
+        str(args.work / "cache"),
+        "--ckpt_dir",
+        str(run_dir / "models"),
+        "--output_dir",
+        str(run_dir / "eval"),
+        "--epochs",
+        str(args.epochs),
+        "--batch_size",
+        str(args.batch_size),
+        *extra,
+    ]
     start = time.time()
     if not args.skip_training:
         subprocess.run(bundle_command("training", ["train.json"], overrides), check=True, cwd=BUNDLE)
@@ -117,13 +142,23 @@ def main() -> int:
     cpu = f"CPU {cpu_name()} ({os.cpu_count()} cores)"
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu
     machine = f"{device}, torch {torch.__version__}, python {platform.python_version()}"
-    result = {"tag": args.tag, "machine": machine, "epochs": args.epochs, "batch_size": args.batch_size,
-              "reduced": args.reduced, "overrides": extra, "training_minutes": round(train_minutes, 1),
-              "scoring_minutes": round(score_minutes, 1), "scores": scores}
+    result = {
+        "tag": args.tag,
+        "machine": machine,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "reduced": args.reduced,
+        "overrides": extra,
+        "training_minutes": round(train_minutes, 1),
+        "scoring_minutes": round(score_minutes, 1),
+        "scores": scores,
+    }
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "result.json").write_text(json.dumps(result, indent=1))
-    print(f"{machine}; epochs {args.epochs}, batch {args.batch_size}, reduced {args.reduced}, overrides {extra}; "
-          f"training {train_minutes:.1f} min, scoring {score_minutes:.1f} min")
+    print(
+        f"{machine}; epochs {args.epochs}, batch {args.batch_size}, reduced {args.reduced}, overrides {extra}; "
+        f"training {train_minutes:.1f} min, scoring {score_minutes:.1f} min"
+    )
     print(json.dumps(scores["overall"], indent=1))
     return 0
 

@@ -35,12 +35,19 @@ def main() -> None:
         for tissue, row in scores["per_tissue"].items():
             print(f"| {tag} | {tissue} | " + " | ".join(cell(row.get(k)) for k in KEYS) + " |" + " |" * len(CLASSES))
         overall = scores["overall"]
-        print(f"| **{tag}** | **mean over tissues** | " + " | ".join(f"**{cell(overall.get(k))}**" for k in KEYS)
-              + " | " + " | ".join(cell(overall.get(f"PQ_{c}")) for c in CLASSES) + " |")  # fmt: skip
+        print(
+            f"| **{tag}** | **mean over tissues** | "
+            + " | ".join(f"**{cell(overall.get(k))}**" for k in KEYS)
+            + " | "
+            + " | ".join(cell(overall.get(f"PQ_{c}")) for c in CLASSES)
+            + " |"
+        )
         overrides = " ".join(result["overrides"])
-        notes.append(f"- {tag}: {overrides}; {result['epochs']} epochs, batch {result['batch_size']}, "
-                     f"training {result['training_minutes']} min, scoring {result['scoring_minutes']} min; "
-                     f"{result['machine']}")  # fmt: skip
+        notes.append(
+            f"- {tag}: {overrides}; {result['epochs']} epochs, batch {result['batch_size']}, "
+            f"training {result['training_minutes']} min, scoring {result['scoring_minutes']} min; "
+            f"{result['machine']}"
+        )
     print()
     print("\n".join(notes))
 

@@ -33,28 +33,66 @@ class Benchmark:
 def benchmarks(device: str, fold_tiles: int, threads: int | None) -> list[Benchmark]:
     gpu = device.startswith("cuda")
     torch_threads = ("--threads", str(threads)) if threads else ()
-    train = ("--device", device, "--batch-size", "16" if gpu else "4", "--steps", "100" if gpu else "4",
-             "--warmup", "10" if gpu else "1", *torch_threads)  # fmt: skip
-    speed = (("end to end, tiles/s", r"end to end \(data \+ step\):\s+([\d.]+)"),
-             ("model-only step, tiles/s", r"model-only step:\s+([\d.]+)"),
-             ("end-to-end / model-only", r"end-to-end / model-only:\s+([\d.]+)"))  # fmt: skip
-    network = ("--device", device, "--batch-size", "64" if gpu else "4", "--steps", "50" if gpu else "3",
-               *(("--amp", "bf16", "--channels-last") if gpu else ()), *torch_threads)  # fmt: skip
+    train = (
+        "--device",
+        device,
+        "--batch-size",
+        "16" if gpu else "4",
+        "--steps",
+        "100" if gpu else "4",
+        "--warmup",
+        "10" if gpu else "1",
+        *torch_threads,
+    )
+    speed = (
+        ("end to end, tiles/s", r"end to end \(data \+ step\):\s+([\d.]+)"),
+        ("model-only step, tiles/s", r"model-only step:\s+([\d.]+)"),
+        ("end-to-end / model-only", r"end-to-end / model-only:\s+([\d.]+)"),
+    )
+    network = (
+        "--device",
+        device,
+        "--batch-size",
+        "64" if gpu else "4",
+        "--steps",
+        "50" if gpu else "3",
+        *(("--amp", "bf16", "--channels-last") if gpu else ()),
+        *torch_threads,
+    )
     return [
         Benchmark("train: train.json", "train_speed.py", (*train, "--num-workers", "8" if gpu else "2"), speed),
         Benchmark("train: + train_fast.json", "train_speed.py", (*train, "--config", "train_fast.json"), speed),
-        Benchmark("inference: network only", "network_speed.py", network,
-                  (("tiles/s", r"network only\):\s+([\d.]+) tiles/s"),)),  # fmt: skip
-        Benchmark(f"fold_memory: convert {fold_tiles} tiles", "fold_conversion_memory.py",
-                  ("--tiles", str(fold_tiles)),
-                  (("peak RSS, MB", r"peak RSS: (\d+) MB"), ("conversion, s", r"conversion: ([\d.]+) s"))),
-        Benchmark("postprocess: 1 core", "postprocess_speed.py", ("--tiles", "20"),
-                  (("instances_from_probabilities, ms/tile", r"instances_from_probabilities: ([\d.]+) ms/tile"),
-                   ("NucleiInstancesd, ms/tile", r"NucleiInstancesd[^:]*: ([\d.]+) ms/tile"))),
-        Benchmark("score: PanNuke metric", "score_fold_speed.py", ("--tiles", "2656" if gpu else "256"),
-                  (("serial, tiles/s", r"serial:.*?([\d.]+) tiles/s"),
-                   ("parallel, tiles/s", r"parallel:.*?([\d.]+) tiles/s"))),
-    ]  # fmt: skip
+        Benchmark(
+            "inference: network only",
+            "network_speed.py",
+            network,
+            (("tiles/s", r"network only\):\s+([\d.]+) tiles/s"),),
+        ),
+        Benchmark(
+            f"fold_memory: convert {fold_tiles} tiles",
+            "fold_conversion_memory.py",
+            ("--tiles", str(fold_tiles)),
+            (("peak RSS, MB", r"peak RSS: (\d+) MB"), ("conversion, s", r"conversion: ([\d.]+) s")),
+        ),
+        Benchmark(
+            "postprocess: 1 core",
+            "postprocess_speed.py",
+            ("--tiles", "20"),
+            (
+                ("instances_from_probabilities, ms/tile", r"instances_from_probabilities: ([\d.]+) ms/tile"),
+                ("NucleiInstancesd, ms/tile", r"NucleiInstancesd[^:]*: ([\d.]+) ms/tile"),
+            ),
+        ),
+        Benchmark(
+            "score: PanNuke metric",
+            "score_fold_speed.py",
+            ("--tiles", "2656" if gpu else "256"),
+            (
+                ("serial, tiles/s", r"serial:.*?([\d.]+) tiles/s"),
+                ("parallel, tiles/s", r"parallel:.*?([\d.]+) tiles/s"),
+            ),
+        ),
+    ]
 
 
 def run(bench: Benchmark) -> tuple[list[tuple[str, str]], str, float, int]:

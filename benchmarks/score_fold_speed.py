@@ -29,12 +29,14 @@ FOLD_TILES = 2656
 def nucleus_params(rng: np.random.Generator) -> np.ndarray:
     """Rows of (centre row, centre col, radius r, radius c, rotation, type) for 20-60 nuclei of one tile."""
     n = int(rng.integers(20, 61))
-    return np.column_stack([
-        rng.uniform(0, TILE_SIZE, size=(n, 2)),
-        rng.uniform(3, 9, size=(n, 2)),
-        rng.uniform(0, np.pi, size=n),
-        rng.integers(1, NUM_TYPES + 1, size=n),
-    ])
+    return np.column_stack(
+        [
+            rng.uniform(0, TILE_SIZE, size=(n, 2)),
+            rng.uniform(3, 9, size=(n, 2)),
+            rng.uniform(0, np.pi, size=n),
+            rng.integers(1, NUM_TYPES + 1, size=n),
+        ]
+    )
 
 
 def draw(params: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -117,8 +119,10 @@ def main() -> None:
         np.allclose([a[k] for k in pm.ROW_KEYS], [b[k] for k in pm.ROW_KEYS], equal_nan=True)
         for a, b in zip(rows_serial, rows_parallel)
     )
-    print(f"tiles {args.tiles} ({TILE_SIZE}x{TILE_SIZE}), {nuclei / args.tiles:.1f} GT nuclei per tile, "
-          f"batch {args.batch}; making tiles took {timings['make']:.1f} s (not counted)")
+    print(
+        f"tiles {args.tiles} ({TILE_SIZE}x{TILE_SIZE}), {nuclei / args.tiles:.1f} GT nuclei per tile, "
+        f"batch {args.batch}; making tiles took {timings['make']:.1f} s (not counted)"
+    )
     for name in ("serial", "parallel"):
         seconds = timings[name]
         print(f"{name:>8}: {seconds:7.2f} s total, {args.tiles / seconds:7.1f} tiles/s")

@@ -71,12 +71,21 @@ def bundle_parser(args: argparse.Namespace, work: Path) -> ConfigParser:
     data = write_folds(work / "data", (tiles, 1, 1))
     parser = ConfigParser()
     parser.read_config([str(BUNDLE / "configs" / c) for c in ["train.json", *args.config]])
-    parser.update({
-        "bundle_root": str(BUNDLE), "dataset_dir": str(data), "cache_dir": str(work / "cache"),
-        "ckpt_dir": str(work / "models"), "output_dir": str(work / "eval"), "batch_size": args.batch_size,
-        "num_workers": args.num_workers, "device": f"$torch.device('{args.device}')", "epochs": 2,
-        "amp": args.device.startswith("cuda") and not args.no_amp, "train#handlers": [],
-    })  # fmt: skip
+    parser.update(
+        {
+            "bundle_root": str(BUNDLE),
+            "dataset_dir": str(data),
+            "cache_dir": str(work / "cache"),
+            "ckpt_dir": str(work / "models"),
+            "output_dir": str(work / "eval"),
+            "batch_size": args.batch_size,
+            "num_workers": args.num_workers,
+            "device": f"$torch.device('{args.device}')",
+            "epochs": 2,
+            "amp": args.device.startswith("cuda") and not args.no_amp,
+            "train#handlers": [],
+        }
+    )
     if args.target:
         parser["target"] = args.target
     if args.features:
@@ -97,10 +106,16 @@ def model_only_trainer(
     inst = torch.randint(0, 40, (batch_size, 256, 256), device=device)
     label = nuclei_targets(inst, (inst > 0).long() * torch.randint(1, 6, (batch_size, 1, 1), device=device), target)
     return SupervisedTrainer(
-        device=device, max_epochs=1, train_data_loader=[{"image": image, "label": label}] * steps,
-        network=trainer.network, optimizer=trainer.optimizer, loss_function=trainer.loss_function,
-        inferer=trainer.inferer, amp=trainer.amp, amp_kwargs=trainer.amp_kwargs,
-    )  # fmt: skip
+        device=device,
+        max_epochs=1,
+        train_data_loader=[{"image": image, "label": label}] * steps,
+        network=trainer.network,
+        optimizer=trainer.optimizer,
+        loss_function=trainer.loss_function,
+        inferer=trainer.inferer,
+        amp=trainer.amp,
+        amp_kwargs=trainer.amp_kwargs,
+    )
 
 
 def main() -> None:
@@ -129,14 +144,20 @@ def main() -> None:
         model_only = model_only_trainer(trainer, args.batch_size, memory_format, args.warmup + args.steps, target)
         network_step = timed_run(model_only, args.warmup, args.steps, args.batch_size)
     dtype = trainer.amp_kwargs.get("dtype", torch.float16) if trainer.amp else torch.float32
-    print(f"device: {device_name(device)}; python {platform.python_version()}, torch {torch.__version__}, "
-          f"monai {monai.__version__}, numpy {np.__version__}")
-    print(f"configs: train.json {' '.join(args.config)}; target {target}, features {config['features']}; "
-          f"batch {args.batch_size}, dtype {str(dtype).split('.')[-1]}, "
-          f"{str(memory_format).split('.')[-1]}, num_workers {trainer.data_loader.num_workers}, "
-          f"compile {trainer.compile}; {args.steps} timed steps after {args.warmup}")
-    print(f"end to end (data + step): {end_to_end:8.1f} tiles/s" + (
-        f", peak GPU memory {peak_e2e:.1f} GiB" if device.type == "cuda" else ""))  # fmt: skip
+    print(
+        f"device: {device_name(device)}; python {platform.python_version()}, torch {torch.__version__}, "
+        f"monai {monai.__version__}, numpy {np.__version__}"
+    )
+    print(
+        f"configs: train.json {' '.join(args.config)}; target {target}, features {config['features']}; "
+        f"batch {args.batch_size}, dtype {str(dtype).split('.')[-1]}, "
+        f"{str(memory_format).split('.')[-1]}, num_workers {trainer.data_loader.num_workers}, "
+        f"compile {trainer.compile}; {args.steps} timed steps after {args.warmup}"
+    )
+    print(
+        f"end to end (data + step): {end_to_end:8.1f} tiles/s"
+        + (f", peak GPU memory {peak_e2e:.1f} GiB" if device.type == "cuda" else "")
+    )
     print(f"model-only step:          {network_step:8.1f} tiles/s")
     print(f"end-to-end / model-only:  {end_to_end / network_step:8.2f}")
 

@@ -35,9 +35,17 @@ def main() -> None:
     args = parser.parse_args()
     config = ConfigParser()
     config.read_config(str(BUNDLE / "configs" / "train.json"))
-    config.update({"bundle_root": str(BUNDLE), "dataset_dir": args.dataset_dir, "cache_dir": args.cache_dir,
-                   "device": "$torch.device('cpu')", "val_fold": args.fold, "train_folds": [args.fold],
-                   "test_fold": args.fold})  # fmt: skip
+    config.update(
+        {
+            "bundle_root": str(BUNDLE),
+            "dataset_dir": args.dataset_dir,
+            "cache_dir": args.cache_dir,
+            "device": "$torch.device('cpu')",
+            "val_fold": args.fold,
+            "train_folds": [args.fold],
+            "test_fold": args.fold,
+        }
+    )
     if args.target:
         config["target"] = args.target
     if args.features:
@@ -58,9 +66,14 @@ def main() -> None:
             outputs.append(network(item["image"][None].float())[0])
             truths.append((np.asarray(item["inst"])[0], np.asarray(item["type"])[0]))
     configured = config.get_parsed_content("instances")
-    settings = {"keys": "pred", "target": configured.target, "min_size": configured.min_size,
-                "energy_threshold": configured.energy_threshold, "marker_min_size": configured.marker_min_size,
-                "seed_connectivity": configured.seed_connectivity}  # fmt: skip
+    settings = {
+        "keys": "pred",
+        "target": configured.target,
+        "min_size": configured.min_size,
+        "energy_threshold": configured.energy_threshold,
+        "marker_min_size": configured.marker_min_size,
+        "seed_connectivity": configured.seed_connectivity,
+    }
     print(f"{len(outputs)} tiles of fold {args.fold}; model {args.checkpoint}; target {config['target']}")
     print(f"{args.param:>18}  bPQ     mPQ")
     best = None

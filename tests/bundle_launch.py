@@ -17,14 +17,34 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::Deprecat
 
 def command(run_id: str, configs: list[str], work: Path, overrides: tuple[str, ...], ranks: int = 1) -> list[str]:
     """`python -m monai.bundle run ...` with every output under `work`; through torchrun when ranks > 1."""
-    cmd = bundle_command(run_id, configs, [
-        "--ckpt_dir", str(work / "models"), "--output_dir", str(work / "eval"), "--cache_dir", str(work / "cache"),
-        "--num_workers", "0", *overrides,
-    ])  # fmt: skip
+    cmd = bundle_command(
+        run_id,
+        configs,
+        [
+            "--ckpt_dir",
+            str(work / "models"),
+            "--output_dir",
+            str(work / "eval"),
+            "--cache_dir",
+            str(work / "cache"),
+            "--num_workers",
+            "0",
+            *overrides,
+        ],
+    )
     if ranks == 1:
         return cmd
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
-                "--log-dir", str(work / "rank_logs"), "--redirects", "3"]  # fmt: skip
+    launcher = [
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(ranks),
+        "--log-dir",
+        str(work / "rank_logs"),
+        "--redirects",
+        "3",
+    ]
     return [cmd[0], *launcher, *cmd[1:]]
 
 
@@ -37,8 +57,9 @@ def rank_logs(work: Path, ranks: int) -> dict[int, str]:
 def launch(run_id: str, configs: list[str], work: Path, *overrides: str, ranks: int = 1) -> str:
     """Run to the end and return the log (every rank's, rank by rank); fail with the log's tail on a non-zero exit."""
     work.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(command(run_id, configs, work, overrides, ranks), cwd=work, capture_output=True, text=True,
-                          env=ENV, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        command(run_id, configs, work, overrides, ranks), cwd=work, capture_output=True, text=True, env=ENV, timeout=600
+    )
     log = proc.stdout + proc.stderr
     if ranks > 1:
         log = "\n".join(f"===== rank {r} =====\n{text}" for r, text in rank_logs(work, ranks).items()) + "\n" + log
@@ -51,5 +72,6 @@ def start(run_id: str, configs: list[str], work: Path, *overrides: str) -> subpr
     """Start one process in the background, its output in work/log.txt (so a pipe never fills up and blocks it)."""
     work.mkdir(parents=True, exist_ok=True)
     with open(work / "log.txt", "w") as log:  # the child keeps its own copy of the file handle
-        return subprocess.Popen(command(run_id, configs, work, overrides), cwd=work, stdout=log,
-                                stderr=subprocess.STDOUT, env=ENV)  # fmt: skip
+        return subprocess.Popen(
+            command(run_id, configs, work, overrides), cwd=work, stdout=log, stderr=subprocess.STDOUT, env=ENV
+        )

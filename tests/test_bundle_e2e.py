@@ -9,6 +9,8 @@ import torch
 from bundle_runner import run_bundle
 from pannuke_fixtures import rewrite, write_dataset
 
+pytestmark = pytest.mark.slow
+
 TRAIN = ["train.json"]
 EVALUATE = ["train.json", "evaluate.json"]
 
@@ -69,6 +71,21 @@ def test_bad_dataset_fails_before_touching_the_model(trained, tmp_path):
 
 def test_default_run_id_trains_too(tmp_path):
     data = write_dataset(tmp_path / "data", tiles=(2, 1, 1))
-    run_bundle("run", TRAIN, tmp_path, "--dataset_dir", str(data), "--epochs", "1", "--batch_size", "2",
-               "--train_folds", "[1]", "--val_fold", "2", "--test_fold", "3")
+    run_bundle(
+        "run",
+        TRAIN,
+        tmp_path,
+        "--dataset_dir",
+        str(data),
+        "--epochs",
+        "1",
+        "--batch_size",
+        "2",
+        "--train_folds",
+        "[1]",
+        "--val_fold",
+        "2",
+        "--test_fold",
+        "3",
+    )
     assert (tmp_path / "models" / "model.pt").is_file()

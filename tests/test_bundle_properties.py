@@ -18,10 +18,16 @@ CONFIGS = BUNDLE_ROOT / "configs"
 def test_train_workflow_has_the_standard_properties(tmp_path):
     data = write_dataset(tmp_path / "data")
     workflow = ConfigWorkflow(
-        config_file=str(CONFIGS / "train.json"), workflow_type="train", meta_file=str(CONFIGS / "metadata.json"),
-        bundle_root=str(BUNDLE_ROOT), dataset_dir=str(data), cache_dir=str(tmp_path / "cache"),
-        ckpt_dir=str(tmp_path / "models"), output_dir=str(tmp_path / "eval"), num_workers=0,
-    )  # fmt: skip
+        config_file=str(CONFIGS / "train.json"),
+        workflow_type="train",
+        meta_file=str(CONFIGS / "metadata.json"),
+        bundle_root=str(BUNDLE_ROOT),
+        dataset_dir=str(data),
+        cache_dir=str(tmp_path / "cache"),
+        ckpt_dir=str(tmp_path / "models"),
+        output_dir=str(tmp_path / "eval"),
+        num_workers=0,
+    )
     workflow.initialize()
     assert workflow.check_properties() == []
     assert workflow.max_epochs == 100 and len(workflow.train_dataset) == 3
@@ -32,10 +38,15 @@ def test_inference_workflow_has_the_standard_properties_and_runs(tmp_path):
     images.mkdir()
     Image.fromarray(make_tile(np.random.default_rng(5))[0].astype(np.uint8)).save(images / "tile.png")
     workflow = ConfigWorkflow(
-        config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "inference.json")], workflow_type="infer",
-        meta_file=str(CONFIGS / "metadata.json"), bundle_root=str(BUNDLE_ROOT), input_dir=str(images),
-        output_dir=str(tmp_path / "out"), ckpt_dir=str(tmp_path / "models"), num_workers=0,
-    )  # fmt: skip
+        config_file=[str(CONFIGS / "train.json"), str(CONFIGS / "inference.json")],
+        workflow_type="infer",
+        meta_file=str(CONFIGS / "metadata.json"),
+        bundle_root=str(BUNDLE_ROOT),
+        input_dir=str(images),
+        output_dir=str(tmp_path / "out"),
+        ckpt_dir=str(tmp_path / "models"),
+        num_workers=0,
+    )
     workflow.initialize()
     assert workflow.check_properties() == []
     assert len(workflow.dataset) == 1

@@ -26,8 +26,8 @@ def _labels(shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     boxes = [(10, 10, 1), (100, 246, 2), (270, 480, 3), (150, 60, 1), (40, 300, 2)]  # row, col, source type
     for k, (r, c, t) in enumerate(boxes):
         if r + 8 <= shape[0] and c + 8 <= shape[1]:
-            inst[r:r + 8, c:c + 8] = 10 * (k + 1)
-            types[r:r + 8, c:c + 8] = t
+            inst[r : r + 8, c : c + 8] = 10 * (k + 1)
+            types[r : r + 8, c : c + 8] = t
     return inst, types
 
 
@@ -48,16 +48,27 @@ def _write_set(root: Path, stem: str, shape: tuple[int, int], mask_format: str =
 
 
 def _run(root: Path, *extra: str, fold: int = 1) -> int:
-    args = ["--images", str(root / "images"), "--masks", str(root / "masks"), "--output_dir", str(root / "out"),
-            "--fold", str(fold), *extra]
+    args = [
+        "--images",
+        str(root / "images"),
+        "--masks",
+        str(root / "masks"),
+        "--output_dir",
+        str(root / "out"),
+        "--fold",
+        str(fold),
+        *extra,
+    ]
     return main(args)
 
 
 def _load(root: Path, fold: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     base = root / "out" / f"Fold {fold}"
-    return (np.load(base / "images" / f"fold{fold}" / "images.npy"),
-            np.load(base / "masks" / f"fold{fold}" / "masks.npy"),
-            np.load(base / "images" / f"fold{fold}" / "types.npy"))
+    return (
+        np.load(base / "images" / f"fold{fold}" / "images.npy"),
+        np.load(base / "masks" / f"fold{fold}" / "masks.npy"),
+        np.load(base / "images" / f"fold{fold}" / "types.npy"),
+    )
 
 
 def _check_pannuke_masks(masks: np.ndarray) -> None:
@@ -169,8 +180,21 @@ def test_append_adds_tiles_after_the_existing_ones(tmp_path: Path) -> None:
     first_images, first_masks, _ = _load(tmp_path)
     second = tmp_path / "second"
     _write_set(second, "b", (300, 500), seed=1)
-    args = ["--images", str(second / "images"), "--masks", str(second / "masks"), "--output_dir",
-            str(tmp_path / "out"), "--fold", "1", "--tissue", "Stomach", "--class_map", CONSEP_MAP, "--append"]
+    args = [
+        "--images",
+        str(second / "images"),
+        "--masks",
+        str(second / "masks"),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--fold",
+        "1",
+        "--tissue",
+        "Stomach",
+        "--class_map",
+        CONSEP_MAP,
+        "--append",
+    ]
     assert main(args) == 0
     images, masks, types = _load(tmp_path)
     assert images.shape[0] == 5 and masks.shape[0] == 5

@@ -22,6 +22,8 @@ from monai.bundle import ConfigParser
 
 from conftest import BUNDLE_ROOT
 
+pytestmark = pytest.mark.slow
+
 DYNAMIC_AXES = {"image": {0: "batch", 2: "height", 3: "width"}, "pred": {0: "batch", 2: "height", 3: "width"}}
 ONNX_KWARGS = {"input_names": ["image"], "output_names": ["pred"], "dynamic_axes": DYNAMIC_AXES}
 
@@ -35,11 +37,19 @@ def network() -> torch.nn.Module:
 def export_cli(command: str, net_file: Path, ckpt: Path) -> None:
     """The documented command line, run from bundle/ like a user would."""
     cmd = [
-        sys.executable, "-m", "monai.bundle", command, "network_def",
-        "--filepath", str(net_file),
-        "--ckpt_file", str(ckpt),
-        "--meta_file", "configs/metadata.json",
-        "--config_file", "configs/train.json",
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        command,
+        "network_def",
+        "--filepath",
+        str(net_file),
+        "--ckpt_file",
+        str(ckpt),
+        "--meta_file",
+        "configs/metadata.json",
+        "--config_file",
+        "configs/train.json",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
     proc = subprocess.run(cmd, cwd=BUNDLE_ROOT, capture_output=True, text=True, env=env, timeout=600)

@@ -121,8 +121,15 @@ def test_an_image_failing_inside_the_engine_does_not_stop_the_run(tmp_path, capl
     for name in ("a", "b"):
         Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(tmp_path / "images" / f"{name}.png")
     (tmp_path / "out" / "a" / "a_overlay.png").mkdir(parents=True)
-    settings = {"input_dir": str(tmp_path / "images"), "output_dir": str(tmp_path / "out"), "overwrite": True,
-                "num_workers": 0, "device": "cpu", "amp": False, "network": DarknessNet()}
+    settings = {
+        "input_dir": str(tmp_path / "images"),
+        "output_dir": str(tmp_path / "out"),
+        "overwrite": True,
+        "num_workers": 0,
+        "device": "cpu",
+        "amp": False,
+        "network": DarknessNet(),
+    }
     parser = bundle_parser()
     for key, value in settings.items():
         parser[key] = value

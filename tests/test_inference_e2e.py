@@ -25,6 +25,8 @@ from scripts.pannuke.demo_data import make_tile
 from scripts.pannuke.format import NUM_CLASSES, TILE_SIZE, TYPE_NAMES
 from scripts.nuclei.targets import label_map, masks_to_instances
 
+pytestmark = pytest.mark.slow
+
 INFERENCE = ["train.json", "inference.json"]
 FEATURES = [16, 16, 32, 32, 64, 32]  # the bundle's BasicUNet, narrower: same code path, a fraction of the CPU time
 FEATURE_OVERRIDE = ("--network_def#features", json.dumps(FEATURES), "--target", "boundary")

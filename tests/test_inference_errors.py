@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 from bundle_runner import run_bundle
+
+pytestmark = pytest.mark.slow
 
 INFERENCE = ["train.json", "inference.json"]
 
@@ -11,8 +14,16 @@ def test_missing_weights_explain_how_to_get_them(tmp_path):
     """Neither a trained model nor the shipped one (here: pointed at a file that does not exist)."""
     (tmp_path / "images").mkdir()
     absent = tmp_path / "absent" / "model_fp16.pt"
-    proc = run_bundle("run", INFERENCE, tmp_path, "--input_dir", str(tmp_path / "images"),
-                      "--pretrained_checkpoint", str(absent), check=False)  # fmt: skip
+    proc = run_bundle(
+        "run",
+        INFERENCE,
+        tmp_path,
+        "--input_dir",
+        str(tmp_path / "images"),
+        "--pretrained_checkpoint",
+        str(absent),
+        check=False,
+    )
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert f"no trained weights at {tmp_path / 'models' / 'model.pt'}" in log

@@ -13,6 +13,8 @@ from bundle_runner import run_bundle
 from conftest import BUNDLE_ROOT
 from pannuke_fixtures import fold_path, write_dataset
 
+pytestmark = pytest.mark.slow
+
 INFERENCE = ["train.json", "inference.json"]
 FEATURES = [8, 8, 16, 16, 32, 8]  # narrow BasicUNet: only the files matter here, not the nuclei
 SENTINEL = "left by the first run\n"
@@ -91,9 +93,14 @@ def test_a_failed_write_leaves_the_outputs_complete_or_absent(tmp_path, monkeypa
 
     inst = np.zeros((32, 32), np.int32)
     inst[4:12, 4:12] = 1
-    item = {"name": "tile", "rgb": np.full((32, 32, 3), 200, np.uint8), "inst_map": inst[None],
-            "type_map": (inst > 0)[None].astype(np.uint8), "inst_types": np.array([0, 2], np.uint8),
-            "inst_probs": np.array([0.0, 0.9], np.float32)}  # fmt: skip
+    item = {
+        "name": "tile",
+        "rgb": np.full((32, 32, 3), 200, np.uint8),
+        "inst_map": inst[None],
+        "type_map": (inst > 0)[None].astype(np.uint8),
+        "inst_types": np.array([0, 2], np.uint8),
+        "inst_probs": np.array([0.0, 0.9], np.float32),
+    }
     writer = NucleiOutputsWriterd(output_dir=str(tmp_path), overwrite=True)
 
     def disk_full(*args, **kwargs):

@@ -28,18 +28,34 @@ from conftest import BUNDLE_ROOT
 from pannuke_fixtures import write_dataset
 from scripts.scoring.pq import PER_IMAGE_CSV
 
+pytestmark = pytest.mark.slow
+
 TRAIN, MULTI_TRAIN = ["train.json"], ["train.json", "multi_gpu_train.json"]
 EVALUATE, MULTI_EVALUATE = ["train.json", "evaluate.json"], ["train.json", "evaluate.json", "multi_gpu_evaluate.json"]
 SMALL_NETWORK = ["--network_def#features", "[8, 8, 16, 32, 64, 8]", "--network_def#norm", "instance"]
 SMALL_EXACT_RUN = [
-    *SMALL_NETWORK, "--epochs", "2", "--learning_rate", "0.05", "--val_interval", "1", "--network_def#dropout", "0.0",
-    "--train#preprocessing#transforms", "$@train#preprocessing_transforms + [@train#targets]",
-    "--optimizer#_target_", "torch.optim.SGD", "--optimizer#momentum", "0.9",
-    "--validate#dataloader#batch_size", "1",
+    *SMALL_NETWORK,
+    "--epochs",
+    "2",
+    "--learning_rate",
+    "0.05",
+    "--val_interval",
+    "1",
+    "--network_def#dropout",
+    "0.0",
+    "--train#preprocessing#transforms",
+    "$@train#preprocessing_transforms + [@train#targets]",
+    "--optimizer#_target_",
+    "torch.optim.SGD",
+    "--optimizer#momentum",
+    "0.9",
+    "--validate#dataloader#batch_size",
+    "1",
     # equal class weights: a weighted cross-entropy divides by the summed weights of the pixels it sees, so with
     # type weights each rank normalises over its own tiles and 2 x 1 tile differs from 1 x 2 by ~1e-4 by design
-    "--type_weights", "[1, 1, 1, 1, 1]",
-]  # fmt: skip
+    "--type_weights",
+    "[1, 1, 1, 1, 1]",
+]
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +85,10 @@ def test_two_ranks_train_like_one_process_with_the_whole_batch(runs):
     assert one["model"].keys() == two["model"].keys()
     worst = max(relative_difference(one["model"][k], two["model"][k]) for k in one["model"])
     assert worst < 1e-4, f"weights differ by {worst:.2e} (float rounding is ~1e-5; a different sample order ~1e-2)"
-    momentum = [torch.cat([s["momentum_buffer"].flatten() for s in state["optimizer"]["state"].values()])
-                for state in (one, two)]  # fmt: skip
+    momentum = [
+        torch.cat([s["momentum_buffer"].flatten() for s in state["optimizer"]["state"].values()])
+        for state in (one, two)
+    ]
     assert momentum[0].norm() > 1.0  # the gradients were large: the comparison means something
     assert relative_difference(*momentum) < 1e-3
     # the validation metric covers all 3 tiles of the fold on both runs (2 + 1 tiles on the two ranks)
@@ -99,8 +117,19 @@ def test_sharded_evaluation_scores_the_whole_fold(runs, tmp_path):
     (tmp_path / "models").mkdir()
     shutil.copy(single / "models" / "model.pt", tmp_path / "models" / "model.pt")
     best = load_state(single)["evaluator"]["best_metric"]  # val_bpq of these weights over fold 2, one process
-    launch("run", MULTI_EVALUATE, tmp_path, "--dataset_dir", str(data), "--test_fold", "2", "--batch_size", "1",
-           *SMALL_NETWORK, ranks=2)  # fmt: skip
+    launch(
+        "run",
+        MULTI_EVALUATE,
+        tmp_path,
+        "--dataset_dir",
+        str(data),
+        "--test_fold",
+        "2",
+        "--batch_size",
+        "1",
+        *SMALL_NETWORK,
+        ranks=2,
+    )
     logs = rank_logs(tmp_path, 2)
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())["metrics"]
     assert metrics["val_bpq"] == pytest.approx(best, rel=1e-5)

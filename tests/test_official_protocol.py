@@ -44,10 +44,21 @@ def test_combine_splits_mean_and_spread(tmp_path):
     assert (tmp_path / "out" / "protocol_scores.csv").read_text().count("\n") > 10
 
 
+@pytest.mark.slow
 def test_one_split_end_to_end_and_no_rerun(tmp_path, capsys):
     data = write_dataset(tmp_path / "data", tiles=(2, 1, 1))
-    common = ["--dataset_dir", str(data), "--epochs", "1", "--batch_size", "2", "--num_workers", "0",
-              "--cache_dir", str(tmp_path / "cache")]
+    common = [
+        "--dataset_dir",
+        str(data),
+        "--epochs",
+        "1",
+        "--batch_size",
+        "2",
+        "--num_workers",
+        "0",
+        "--cache_dir",
+        str(tmp_path / "cache"),
+    ]
     assert main(["--output_dir", str(tmp_path / "proto"), "--splits", "1", *common]) == 0
     scores = tmp_path / "proto" / "split1" / "eval" / "pannuke_scores.json"
     assert scores.is_file() and (tmp_path / "proto" / "split1" / "models" / "model.pt").is_file()

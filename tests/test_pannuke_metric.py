@@ -35,8 +35,12 @@ def random_tile(rng: np.random.Generator, size: int = 64, n: int = 12) -> tuple[
     ids = rng.choice(np.arange(1, 10_000), size=n, replace=False)
     for inst_id in ids:
         rr, cc = ellipse(
-            rng.uniform(0, size), rng.uniform(0, size), rng.uniform(2, 7), rng.uniform(2, 7),
-            shape=inst.shape, rotation=rng.uniform(0, np.pi),
+            rng.uniform(0, size),
+            rng.uniform(0, size),
+            rng.uniform(2, 7),
+            rng.uniform(2, 7),
+            shape=inst.shape,
+            rotation=rng.uniform(0, np.pi),
         )
         inst[rr, cc] = inst_id
         types[rr, cc] = rng.integers(1, NUM_TYPES + 1)

@@ -207,8 +207,14 @@ def test_transform_takes_one_key():
 def test_transform_from_bundle_config():
     from monai.bundle import ConfigParser
 
-    config = {"post": {"_target_": "scripts.nuclei.postprocess.NucleiInstancesd", "keys": "pred", "target": "boundary",
-                       "min_size": 5}}
+    config = {
+        "post": {
+            "_target_": "scripts.nuclei.postprocess.NucleiInstancesd",
+            "keys": "pred",
+            "target": "boundary",
+            "min_size": 5,
+        }
+    }
     transform = ConfigParser(config).get_parsed_content("post")
     probs = soft_probs({}, (16, 16))
     probs[:, 4:10, 4:10] = soft_probs({3: 0.9}, (6, 6))

@@ -85,8 +85,9 @@ def test_trained_weights_are_ignored_by_git():
     paths = ["bundle/models/model.pt", "bundle/models/training_state.pt", "bundle/models/demo/model.pt"]
     proc = subprocess.run(["git", "check-ignore", *paths], cwd=BUNDLE_ROOT.parent, capture_output=True, text=True)
     assert proc.stdout.split() == paths
-    tracked = subprocess.run(["git", "ls-files", "bundle/models"], cwd=BUNDLE_ROOT.parent, capture_output=True,
-                             text=True)  # fmt: skip
+    tracked = subprocess.run(
+        ["git", "ls-files", "bundle/models"], cwd=BUNDLE_ROOT.parent, capture_output=True, text=True
+    )
     assert "bundle/models/pretrained/model_fp16.pt" in tracked.stdout.split()
 
 
@@ -97,11 +98,17 @@ def run_in(bundle: Path, *args: str) -> str:
     return proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_fresh_bundle_segments_with_the_shipped_model_and_training_leaves_it_untouched(tmp_path):
     """The README's order on a fresh clone: inference first (no training), then a training run beside it."""
     bundle = tmp_path / "bundle"
-    shutil.copytree(BUNDLE_ROOT, bundle, ignore=shutil.ignore_patterns("demo_data", "cache", "eval", "runs",
-                                                                     "__pycache__", "model.pt", "training_state.pt"))
+    shutil.copytree(
+        BUNDLE_ROOT,
+        bundle,
+        ignore=shutil.ignore_patterns(
+            "demo_data", "cache", "eval", "runs", "__pycache__", "model.pt", "training_state.pt"
+        ),
+    )
     shipped = bundle / "models" / "pretrained" / "model_fp16.pt"
     before = sha256(shipped)
     images = tmp_path / "images"
@@ -127,6 +134,7 @@ SHARED = BUNDLE_ROOT.parents[1] / "shared" / "data" / "nucls"
 
 
 @pytest.mark.skipif(not SHARED.is_dir(), reason="needs ../shared/data (real annotated H&E tiles)")
+@pytest.mark.slow
 def test_shipped_model_finds_real_nuclei_on_tiles_it_never_saw(tmp_path):
     """Inference as a user runs it, on real NuCLS tiles (a test set of the shipped model), scored against their
     annotations: far from perfect (a CPU-trained model), but clearly segmenting nuclei."""
@@ -137,8 +145,17 @@ def test_shipped_model_finds_real_nuclei_on_tiles_it_never_saw(tmp_path):
     names = ["test_1", "test_2", "test_3"]
     for name in names:
         shutil.copy(SHARED / "images" / f"{name}.png", images)
-    run_in(BUNDLE_ROOT, "--config_file", "['configs/train.json','configs/inference.json']", "--input_dir", str(images),
-           "--output_dir", str(tmp_path / "out"), "--ckpt_dir", str(tmp_path / "no_training"))  # fmt: skip
+    run_in(
+        BUNDLE_ROOT,
+        "--config_file",
+        "['configs/train.json','configs/inference.json']",
+        "--input_dir",
+        str(images),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--ckpt_dir",
+        str(tmp_path / "no_training"),
+    )
     import tifffile
 
     pq = []

@@ -23,12 +23,20 @@ from pannuke_fixtures import write_dataset
 from scripts.engine.checkpointing import BestMetricState, BestModelSaver, TrainingState, atomic_save
 from scripts.engine.cli_flags import as_bool
 
+pytestmark = pytest.mark.slow
+
 TRAIN = ["train.json"]
 EPOCHS = 8
 RUN = [
-    "--epochs", str(EPOCHS), "--batch_size", "2", "--network_def#features", "[8, 8, 16, 32, 64, 8]",
-    "--train#dataloader#num_workers", "1",
-]  # fmt: skip
+    "--epochs",
+    str(EPOCHS),
+    "--batch_size",
+    "2",
+    "--network_def#features",
+    "[8, 8, 16, 32, 64, 8]",
+    "--train#dataloader#num_workers",
+    "1",
+]
 
 
 def wait_for(path: Path, proc, timeout: float = 120.0) -> None:
@@ -85,8 +93,10 @@ def test_resumed_run_continues_after_the_saved_epoch_and_finishes(killed_and_res
 def test_resumed_run_ends_where_an_uninterrupted_run_ends(killed_and_resumed):
     """Weights, optimizer, schedule, best metric and the random stream all came back, so the results are identical."""
     run = killed_and_resumed
-    resumed, reference = (torch.load(run.root / w / "models" / "training_state.pt", weights_only=True)
-                          for w in ("killed", "uninterrupted"))  # fmt: skip
+    resumed, reference = (
+        torch.load(run.root / w / "models" / "training_state.pt", weights_only=True)
+        for w in ("killed", "uninterrupted")
+    )
     for key, value in reference["model"].items():
         torch.testing.assert_close(resumed["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
     assert resumed["lr_scheduler"]["last_epoch"] == reference["lr_scheduler"]["last_epoch"] == EPOCHS
@@ -132,8 +142,9 @@ def test_a_failed_write_leaves_the_previous_file_intact(tmp_path, monkeypatch):
 def test_best_model_follows_the_restored_best_metric(tmp_path):
     """After a resume, an epoch that does not beat the restored best must not replace model.pt."""
     network = torch.nn.Linear(2, 1)
-    evaluator = SimpleNamespace(state=SimpleNamespace(epoch=5, best_metric=-1, best_metric_epoch=-1,
-                                                      key_metric_name="val_mean_dice"))  # fmt: skip
+    evaluator = SimpleNamespace(
+        state=SimpleNamespace(epoch=5, best_metric=-1, best_metric_epoch=-1, key_metric_name="val_mean_dice")
+    )
     BestMetricState(evaluator).load_state_dict({"best_metric": 0.8, "best_metric_epoch": 3})
     saver = BestModelSaver(network, tmp_path / "model.pt")
     saver(evaluator)

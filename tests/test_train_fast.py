@@ -18,6 +18,8 @@ from scripts.augment.batch import BatchAffine, BatchFlipRotate90, BatchStainJitt
 from scripts.pannuke.device_tiles import DeviceTiles, identity_collate
 from scripts.pannuke.datasets import PanNuke, PanNukeDataset
 
+pytestmark = pytest.mark.slow
+
 SMALL = ["--network_def#features", "[8, 8, 16, 32, 64, 8]", "--epochs", "2", "--batch_size", "2"]
 
 
@@ -126,8 +128,9 @@ def test_device_tiles_work_with_the_samplers_of_both_configs(pannuke):
 
 def test_fast_config_trains_through_monai_bundle(pannuke):
     data, root = pannuke
-    log = launch("training", ["train.json", "train_fast.json"], root / "single", "--dataset_dir", str(data.dataset_dir),
-                 *SMALL)  # fmt: skip
+    log = launch(
+        "training", ["train.json", "train_fast.json"], root / "single", "--dataset_dir", str(data.dataset_dir), *SMALL
+    )
     assert "tiles held on cpu" in log and "Epoch: 2/2" in log
     state = torch.load(root / "single" / "models" / "model.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
@@ -135,8 +138,15 @@ def test_fast_config_trains_through_monai_bundle(pannuke):
 
 def test_fast_config_composes_with_the_multi_gpu_overlay(pannuke):
     data, root = pannuke
-    launch("training", ["train.json", "train_fast.json", "multi_gpu_train.json"], root / "multi", "--dataset_dir",
-           str(data.dataset_dir), *SMALL, ranks=2)  # fmt: skip
+    launch(
+        "training",
+        ["train.json", "train_fast.json", "multi_gpu_train.json"],
+        root / "multi",
+        "--dataset_dir",
+        str(data.dataset_dir),
+        *SMALL,
+        ranks=2,
+    )
     final = torch.load(root / "multi" / "models" / "training_state.pt", weights_only=True)
     assert final["trainer"]["iteration"] == 2 * 2  # 5 tiles over 2 ranks, padded to 3 each: 2 steps of 2 per epoch
 

@@ -97,8 +97,9 @@ class BatchAffine:
         out = dict(batch)
         for key, mode in zip(self.keys, self.modes):
             x = batch[key]
-            moved = F.grid_sample(x.float(), grid.to(torch.float32), mode=mode, padding_mode=self.padding_mode,
-                                  align_corners=False)  # fmt: skip
+            moved = F.grid_sample(
+                x.float(), grid.to(torch.float32), mode=mode, padding_mode=self.padding_mode, align_corners=False
+            )
             out[key] = _keep(picked, moved.to(x.dtype), x)
         return out
 
@@ -106,8 +107,9 @@ class BatchAffine:
 class BatchStainJitter:
     """Per tile with probability prob: H&E stain jitter with its own scale and shift, the batched RandHEStainJitterd."""
 
-    def __init__(self, keys: Sequence[str] = ("image",), prob: float = 0.8, scale_range: float = 0.05,
-                 shift_range: float = 0.05):  # fmt: skip
+    def __init__(
+        self, keys: Sequence[str] = ("image",), prob: float = 0.8, scale_range: float = 0.05, shift_range: float = 0.05
+    ):
         self.keys, self.prob = (keys,) if isinstance(keys, str) else tuple(keys), prob
         self.scale_range, self.shift_range = scale_range, shift_range
 
@@ -121,4 +123,3 @@ class BatchStainJitter:
             shift = _uniform(-self.shift_range, self.shift_range, (n, 3), device).to(image.dtype)
             out[key] = _keep(picked, jitter_stains(image, scale, shift), image)
         return out
-

@@ -155,6 +155,8 @@ def balanced_type_weights(pannuke: PanNuke, folds: int | str | Sequence[int], po
             counts += np.bincount(nuclei % (NUM_TYPES + 1), minlength=NUM_TYPES + 1)
     present = counts[1:]
     weights = np.where(present > 0, (present.max() / np.maximum(present, 1)) ** power, 1.0)
-    logger.info(f"nuclei per type in folds {as_fold_list(folds)}: {present.tolist()} -> type weights "
-                f"{np.round(weights, 2).tolist()}")  # fmt: skip
+    logger.info(
+        f"nuclei per type in folds {as_fold_list(folds)}: {present.tolist()} -> type weights "
+        f"{np.round(weights, 2).tolist()}"
+    )
     return [round(float(w), 3) for w in weights]

@@ -57,8 +57,10 @@ def _check_probs(probs: np.ndarray, channels: int = NUM_CLASSES, what: str = "pr
             "post-processing works on one decollated item, not a batch"
         )
     if probs.shape[0] != channels:
-        names = {NUM_CLASSES: f"background, {NUM_TYPES} types, boundary",
-                 NUM_TYPES + 1: f"background, {NUM_TYPES} types"}  # fmt: skip
+        names = {
+            NUM_CLASSES: f"background, {NUM_TYPES} types, boundary",
+            NUM_TYPES + 1: f"background, {NUM_TYPES} types",
+        }
         raise ValueError(f"expected {channels} channels of {what} ({names.get(channels, '')}), got {probs.shape[0]}")
     return probs.astype(np.float32, copy=False)
 

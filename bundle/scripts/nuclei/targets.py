@@ -158,8 +158,11 @@ class NucleiTargetsd(MapTransform):
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         inst, types = torch.as_tensor(d[self.inst_key]), torch.as_tensor(d[self.type_key])
-        d[self.label_key] = nuclei_targets(inst.reshape(1, *inst.shape[-2:]).round().long(),
-                                           types.reshape(1, *types.shape[-2:]).round().long(), self.target)[0]
+        d[self.label_key] = nuclei_targets(
+            inst.reshape(1, *inst.shape[-2:]).round().long(),
+            types.reshape(1, *types.shape[-2:]).round().long(),
+            self.target,
+        )[0]
         return d
 
 

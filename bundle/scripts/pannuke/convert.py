@@ -104,22 +104,43 @@ def build_parser() -> argparse.ArgumentParser:
         "--tissue Colon --class_map '1:Dead,2:Inflammatory,3:Neoplastic,4:Connective'",
     )
     p.add_argument("--images", required=True, type=Path, help="folder of RGB images (png, jpg, tif, npy)")
-    p.add_argument("--masks", required=True, type=Path, help="folder of instance maps with the images' stems "
-                   "(png, tif, npy, or npz with inst_map and optional type_map)")
+    p.add_argument(
+        "--masks",
+        required=True,
+        type=Path,
+        help="folder of instance maps with the images' stems "
+        "(png, tif, npy, or npz with inst_map and optional type_map)",
+    )
     p.add_argument("--types", type=Path, default=None, help="optional folder of per-pixel type maps (same stems)")
     p.add_argument("--output_dir", required=True, type=Path, help="PanNuke root; the fold goes in '<root>/Fold K'")
     p.add_argument("--fold", required=True, type=int, choices=(1, 2, 3), help="fold number")
-    p.add_argument("--tissue", default="Unknown", help="tissue name stored in types.npy for every tile "
-                   "(default: Unknown)")
-    p.add_argument("--class_map", default=None, help="source type id -> PanNuke type, e.g. "
-                   "'1:Dead,2:Inflammatory,3:Neoplastic,4:Connective'; default: ids 1-5 are PanNuke order "
-                   f"({', '.join(TYPE_NAMES)})")
-    p.add_argument("--unmapped", default=None, help="PanNuke type for nuclei whose source type is not in the map "
-                   "(default: drop them, which makes them background)")
-    p.add_argument("--default_type", default=None, help="PanNuke type for every nucleus of files with no type map "
-                   "(required if some have none)")
-    p.add_argument("--stride", type=int, default=TILE_SIZE, help=f"step between tiles, 1..{TILE_SIZE} "
-                   f"(default: {TILE_SIZE}; smaller = overlapping tiles)")
+    p.add_argument(
+        "--tissue", default="Unknown", help="tissue name stored in types.npy for every tile (default: Unknown)"
+    )
+    p.add_argument(
+        "--class_map",
+        default=None,
+        help="source type id -> PanNuke type, e.g. "
+        "'1:Dead,2:Inflammatory,3:Neoplastic,4:Connective'; default: ids 1-5 are PanNuke order "
+        f"({', '.join(TYPE_NAMES)})",
+    )
+    p.add_argument(
+        "--unmapped",
+        default=None,
+        help="PanNuke type for nuclei whose source type is not in the map "
+        "(default: drop them, which makes them background)",
+    )
+    p.add_argument(
+        "--default_type",
+        default=None,
+        help="PanNuke type for every nucleus of files with no type map (required if some have none)",
+    )
+    p.add_argument(
+        "--stride",
+        type=int,
+        default=TILE_SIZE,
+        help=f"step between tiles, 1..{TILE_SIZE} (default: {TILE_SIZE}; smaller = overlapping tiles)",
+    )
     p.add_argument("--skip_empty", action="store_true", help="do not write tiles that contain no nucleus")
     p.add_argument("--skip_bad", action="store_true", help="warn about and skip bad pairs instead of failing")
     mode = p.add_mutually_exclusive_group()
@@ -187,8 +208,10 @@ def find_pairs(images: Path, masks: Path, types: Path | None) -> tuple[list[Pair
         found_masks = mask_files.get(stem, [])
         found_types = type_files.get(stem, [])
         if len(imgs) > 1:
-            problems.append(f"{imgs[0]}: several images share the stem {stem!r} ({', '.join(p.name for p in imgs)}); "
-                            "rename or remove all but one")
+            problems.append(
+                f"{imgs[0]}: several images share the stem {stem!r} ({', '.join(p.name for p in imgs)}); "
+                "rename or remove all but one"
+            )
         elif not found_masks:
             problems.append(f"{imgs[0]}: no mask named {stem}.{{png,tif,tiff,npy,npz}} in {masks}")
         elif len(found_masks) > 1:
@@ -232,17 +255,23 @@ def to_rgb_uint8(pixels: np.ndarray, path: Path) -> np.ndarray:
     if pixels.ndim == 3 and pixels.shape[0] in (3, 4) and pixels.shape[2] not in (3, 4):
         pixels = np.moveaxis(pixels, 0, -1)  # planar TIFF / CHW npy
     if pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] in (1, 2)):
-        raise ConversionError(f"{path}: grayscale image {pixels.shape}; H&E input must be RGB. Convert it to RGB, "
-                              "or check that a mask did not end up in the images folder")
+        raise ConversionError(
+            f"{path}: grayscale image {pixels.shape}; H&E input must be RGB. Convert it to RGB, "
+            "or check that a mask did not end up in the images folder"
+        )
     if pixels.ndim != 3 or pixels.shape[2] not in (3, 4):
         raise ConversionError(f"{path}: expected an (H, W, 3) RGB or (H, W, 4) RGBA image, got shape {pixels.shape}")
     if pixels.dtype in (np.uint16, np.int32, np.uint32, np.int64, np.uint64):
-        raise ConversionError(f"{path}: {pixels.dtype} (16-bit or deeper) image; convert it to 8-bit RGB first "
-                              "(e.g. with the scanner software or skimage.util.img_as_ubyte)")
+        raise ConversionError(
+            f"{path}: {pixels.dtype} (16-bit or deeper) image; convert it to 8-bit RGB first "
+            "(e.g. with the scanner software or skimage.util.img_as_ubyte)"
+        )
     if np.issubdtype(pixels.dtype, np.floating):
         if pixels.min() < 0 or pixels.max() > 255 or pixels.max() <= 1:
-            raise ConversionError(f"{path}: float image with range [{pixels.min():g}, {pixels.max():g}]; "
-                                  "save it with values 0-255 (or as uint8)")
+            raise ConversionError(
+                f"{path}: float image with range [{pixels.min():g}, {pixels.max():g}]; "
+                "save it with values 0-255 (or as uint8)"
+            )
         pixels = np.rint(pixels).astype(np.uint8)
     elif pixels.dtype == np.bool_ or pixels.dtype != np.uint8:
         raise ConversionError(f"{path}: unsupported image dtype {pixels.dtype}; save as 8-bit RGB")
@@ -266,8 +295,10 @@ def to_label_map(values: np.ndarray, path: Path, what: str) -> np.ndarray:
     if values.ndim == 3 and values.shape[2] == 1:
         values = values[..., 0]
     if values.ndim != 2:
-        raise ConversionError(f"{path}: {what} must be a single-channel (H, W) label image, got shape {values.shape}"
-                              " (colour-coded masks are not supported: save one integer id per pixel)")
+        raise ConversionError(
+            f"{path}: {what} must be a single-channel (H, W) label image, got shape {values.shape}"
+            " (colour-coded masks are not supported: save one integer id per pixel)"
+        )
     if np.issubdtype(values.dtype, np.floating):
         if not np.all(np.isfinite(values)) or not np.array_equal(values, np.round(values)):
             raise ConversionError(f"{path}: {what} has non-integer values; save integer ids")
@@ -277,8 +308,9 @@ def to_label_map(values: np.ndarray, path: Path, what: str) -> np.ndarray:
     if values.size and values.min() < 0:
         raise ConversionError(f"{path}: {what} has negative values; ids must be >= 0 (0 = background)")
     if values.size and values.max() >= 2**32:
-        raise ConversionError(f"{path}: {what} has ids >= 2**32; relabel it "
-                              "(e.g. skimage.segmentation.relabel_sequential)")
+        raise ConversionError(
+            f"{path}: {what} has ids >= 2**32; relabel it (e.g. skimage.segmentation.relabel_sequential)"
+        )
     return values
 
 
@@ -317,14 +349,17 @@ def instance_types(inst: np.ndarray, types: np.ndarray) -> dict[int, int]:
     return dict(zip(ids.tolist(), majority.tolist()))
 
 
-def channel_map(inst: np.ndarray, types: np.ndarray | None, rules: TypeRules, path: Path,
-                dropped: Counter) -> np.ndarray:
+def channel_map(
+    inst: np.ndarray, types: np.ndarray | None, rules: TypeRules, path: Path, dropped: Counter
+) -> np.ndarray:
     """(H, W) int8 PanNuke channel per pixel, -1 where there is no (kept) nucleus; counts drops by source type."""
     chan = np.full(inst.shape, -1, dtype=np.int8)
     if types is None:
         if rules.default is None:
-            raise ConversionError(f"{path}: no type map (no type_map in the npz and no --types folder); pass "
-                                  "--default_type NAME to put every nucleus in one channel")
+            raise ConversionError(
+                f"{path}: no type map (no type_map in the npz and no --types folder); pass "
+                "--default_type NAME to put every nucleus in one channel"
+            )
         chan[inst > 0] = rules.default
         return chan
     source = instance_types(inst, types)  # ids in ascending order
@@ -428,8 +463,7 @@ def convert_pair(pair: Pair, rules: TypeRules, stride: int, skip_empty: bool, dr
     return cut_tiles(image, inst, channel_map(inst, types, rules, pair.mask, dropped), stride, skip_empty)
 
 
-def convert_all(pairs: list[Pair], rules: TypeRules, stride: int, skip_empty: bool,
-                summary: Summary) -> list[Tile]:
+def convert_all(pairs: list[Pair], rules: TypeRules, stride: int, skip_empty: bool, summary: Summary) -> list[Tile]:
     """Tile every pair, recording each bad one in summary.skipped instead of stopping at the first."""
     tiles = []
     for pair in pairs:
@@ -450,18 +484,23 @@ def check_existing_fold(files: dict[str, Path]) -> int:
     """Validate an existing fold for --append and return its tile count; names the file at fault."""
     for path in files.values():
         if not path.is_file():
-            raise ConversionError(f"--append: {path} is missing, so this is not a complete PanNuke fold; "
-                                  "use --overwrite to replace it")
+            raise ConversionError(
+                f"--append: {path} is missing, so this is not a complete PanNuke fold; use --overwrite to replace it"
+            )
     try:
         images = np.load(files["images"], mmap_mode="r")
         masks = np.load(files["masks"], mmap_mode="r")
         types = np.load(files["types"], allow_pickle=False)
     except (OSError, ValueError) as err:
-        raise ConversionError(f"--append: cannot read the existing fold in {files['images'].parents[2]} ({err}); "
-                              "use --overwrite to replace it") from err
+        raise ConversionError(
+            f"--append: cannot read the existing fold in {files['images'].parents[2]} ({err}); "
+            "use --overwrite to replace it"
+        ) from err
     n = images.shape[0]
-    expected = {files["images"]: (images, (n, TILE_SIZE, TILE_SIZE, 3)),
-                files["masks"]: (masks, (n, TILE_SIZE, TILE_SIZE, NUM_TYPES + 1))}
+    expected = {
+        files["images"]: (images, (n, TILE_SIZE, TILE_SIZE, 3)),
+        files["masks"]: (masks, (n, TILE_SIZE, TILE_SIZE, NUM_TYPES + 1)),
+    }
     for path, (arr, shape) in expected.items():
         if arr.shape != shape or arr.dtype != np.float64:
             raise ConversionError(f"--append: {path} is {arr.shape} {arr.dtype}, expected {shape} float64")
@@ -470,17 +509,20 @@ def check_existing_fold(files: dict[str, Path]) -> int:
     return n
 
 
-def write_fold_arrays(target: dict[str, Path], tiles: list[Tile], tissue: str,
-                      existing: dict[str, Path] | None) -> None:
+def write_fold_arrays(
+    target: dict[str, Path], tiles: list[Tile], tissue: str, existing: dict[str, Path] | None
+) -> None:
     """Write the three arrays (existing fold's tiles first when appending) without holding them all in memory."""
     old_n = 0 if existing is None else check_existing_fold(existing)
     n = old_n + len(tiles)
     for path in target.values():
         path.parent.mkdir(parents=True, exist_ok=True)
-    images = np.lib.format.open_memmap(target["images"], mode="w+", dtype=np.float64,
-                                       shape=(n, TILE_SIZE, TILE_SIZE, 3))
-    masks = np.lib.format.open_memmap(target["masks"], mode="w+", dtype=np.float64,
-                                      shape=(n, TILE_SIZE, TILE_SIZE, NUM_TYPES + 1))
+    images = np.lib.format.open_memmap(
+        target["images"], mode="w+", dtype=np.float64, shape=(n, TILE_SIZE, TILE_SIZE, 3)
+    )
+    masks = np.lib.format.open_memmap(
+        target["masks"], mode="w+", dtype=np.float64, shape=(n, TILE_SIZE, TILE_SIZE, NUM_TYPES + 1)
+    )
     old_types = np.zeros(0, dtype=str)
     if existing is not None:
         old_images = np.load(existing["images"], mmap_mode="r")
@@ -581,8 +623,10 @@ def run(args: argparse.Namespace) -> Path:
     if summary.skipped:
         listed = "\n  ".join(summary.skipped)
         if not args.skip_bad:
-            raise ConversionError(f"{len(summary.skipped)} bad input(s), nothing written "
-                                  f"(fix them, or pass --skip_bad to skip them):\n  {listed}")
+            raise ConversionError(
+                f"{len(summary.skipped)} bad input(s), nothing written "
+                f"(fix them, or pass --skip_bad to skip them):\n  {listed}"
+            )
         warnings.warn(f"--skip_bad: skipped {len(summary.skipped)} bad input(s):\n  {listed}", stacklevel=2)
     if not tiles:
         raise ConversionError("no tiles to write (no valid pairs, or every tile empty with --skip_empty)")

@@ -53,8 +53,11 @@ class DeviceTiles(Dataset):
     def __getitems__(self, indices: Sequence[int]) -> Batch:
         """One batch: float image in 0..1 and float inst and type maps, then the transform (augmentation, targets)."""
         index = torch.as_tensor(indices, dtype=torch.long).to(self.device, non_blocking=True)
-        batch = {"image": self.image[index].float().div_(255.0), "inst": self.inst[index].float(),
-                 "type": self.type[index].float()}  # fmt: skip
+        batch = {
+            "image": self.image[index].float().div_(255.0),
+            "inst": self.inst[index].float(),
+            "type": self.type[index].float(),
+        }
         if self.transform is not None:
             batch = self.transform(batch)
         batch["image"] = batch["image"].contiguous(memory_format=self.memory_format)

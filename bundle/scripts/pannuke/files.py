@@ -119,8 +119,8 @@ def check_fold_headers(files: FoldFiles) -> int:
         raise PanNukeFormatError(
             f"{files.types}: the tissue names are stored as a Python object array, which only unpickling can read, "
             "and unpickling a data file can run any code in it, so the bundle never does. If you trust this file, "
-            f"convert it once to plain strings: python -c \"import numpy as np; p = {str(files.types)!r}; "
-            "np.save(p, np.array(np.load(p, allow_pickle=True), dtype=str))\""
+            f'convert it once to plain strings: python -c "import numpy as np; p = {str(files.types)!r}; '
+            'np.save(p, np.array(np.load(p, allow_pickle=True), dtype=str))"'
         )
     if len(types.shape) != 1 or types.dtype.kind not in "US":
         raise PanNukeFormatError(

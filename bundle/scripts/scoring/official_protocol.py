@@ -33,18 +33,35 @@ SCORES_FILE = "pannuke_scores.json"
 def split_overrides(split: int, run_dir: Path) -> list[str]:
     train, val, test = SPLITS[split]
     return [
-        "--train_folds", f"[{train}]", "--val_fold", str(val), "--test_fold", str(test),
-        "--ckpt_dir", str(run_dir / "models"), "--output_dir", str(run_dir / "eval"),
-    ]  # fmt: skip
+        "--train_folds",
+        f"[{train}]",
+        "--val_fold",
+        str(val),
+        "--test_fold",
+        str(test),
+        "--ckpt_dir",
+        str(run_dir / "models"),
+        "--output_dir",
+        str(run_dir / "eval"),
+    ]
 
 
 def bundle_command(run_id: str, configs: list[str], overrides: list[str]) -> list[str]:
     config_files = "[" + ",".join(repr(str(BUNDLE_ROOT / "configs" / c)) for c in configs) + "]"
     return [
-        sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_files,
-        "--logging_file", str(BUNDLE_ROOT / "configs" / "logging.conf"), "--bundle_root", str(BUNDLE_ROOT),
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        run_id,
+        "--config_file",
+        config_files,
+        "--logging_file",
+        str(BUNDLE_ROOT / "configs" / "logging.conf"),
+        "--bundle_root",
+        str(BUNDLE_ROOT),
         *overrides,
-    ]  # fmt: skip
+    ]
 
 
 def run_split(split: int, output_dir: Path, extra: list[str], force: bool) -> Path:

@@ -38,6 +38,8 @@ class BinaryPQMetric(_MeanOverImages):
         if y_pred.shape != y.shape:
             raise ValueError(f"bPQ needs predicted and true instance maps of one shape: {y_pred.shape} vs {y.shape}")
         pred, true = y_pred.detach().cpu().numpy(), y.detach().cpu().numpy()
-        scores = [pq_counts(t.reshape(t.shape[-2:]), p.reshape(p.shape[-2:]))[2] if t.any() else float("nan")
-                  for p, t in zip(pred, true)]  # fmt: skip
+        scores = [
+            pq_counts(t.reshape(t.shape[-2:]), p.reshape(p.shape[-2:]))[2] if t.any() else float("nan")
+            for p, t in zip(pred, true)
+        ]
         return torch.tensor(scores, dtype=torch.float32, device=y.device).view(-1, 1)
