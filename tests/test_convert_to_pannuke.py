@@ -229,7 +229,7 @@ def test_bad_pairs_are_all_named_and_nothing_is_written(tmp_path: Path, capsys) 
     err = capsys.readouterr().err
     assert "nomask.png" in err and "no mask" in err
     assert "wrongsize.png is 256x300" in err and "wrongsize.npz is 256x256" in err
-    assert "broken.png" in err and "cannot read" in err
+    assert "broken.png" in err and "not a readable image" in err
     assert "--skip_bad" in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
     with pytest.warns(UserWarning, match=r"skipped 3 bad input") as record:
@@ -244,11 +244,7 @@ def test_unusable_images_and_missing_types_get_clear_errors(tmp_path: Path, caps
     Image.fromarray(np.full((256, 256), 128, np.uint8)).save(tmp_path / "images" / "g.png")  # grayscale
     assert _run(tmp_path, "--default_type", "Dead") == 2
     assert "grayscale" in capsys.readouterr().err
-    tifffile.imwrite(tmp_path / "images" / "g.tif", np.zeros((256, 256, 3), np.uint16))
     (tmp_path / "images" / "g.png").unlink()
-    assert _run(tmp_path, "--default_type", "Dead") == 2
-    assert "16-bit" in capsys.readouterr().err
-    (tmp_path / "images" / "g.tif").unlink()
     rgba = np.zeros((256, 256, 4), np.uint8)
     rgba[..., 0] = 255
     rgba[:, 128:, 3] = 255  # left half transparent
@@ -259,6 +255,19 @@ def test_unusable_images_and_missing_types_get_clear_errors(tmp_path: Path, caps
     images = _load(tmp_path)[0]
     assert (images[0, :, :128] == 255).all()  # transparent -> white
     assert (images[0, :, 128:] == [255, 0, 0]).all()
+
+
+def test_16bit_images_are_read_as_inference_reads_them(tmp_path: Path) -> None:
+    """One reader for the converter and inference: a 16-bit TIFF is scaled to 8 bits, not refused."""
+    from scripts.io.images import read_rgb
+
+    image = _write_set(tmp_path, "g", (256, 256), mask_format="tif")
+    (tmp_path / "images" / "g.png").unlink()
+    tifffile.imwrite(tmp_path / "images" / "g.tif", image.astype(np.uint16) * 257)
+    assert _run(tmp_path, "--default_type", "Dead") == 0
+    converted = _load(tmp_path)[0][0]
+    np.testing.assert_array_equal(converted, image.astype(np.float64))
+    np.testing.assert_array_equal(converted, read_rgb(tmp_path / "images" / "g.tif"))
 
 
 def test_skip_empty_and_stride(tmp_path: Path) -> None:

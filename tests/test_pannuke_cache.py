@@ -6,7 +6,8 @@ import pytest
 
 from pannuke_fixtures import fold_path, rewrite, write_dataset
 from scripts.pannuke.cache import ensure_fold_cache, open_fold_cache
-from scripts.pannuke.files import PanNukeFormatError, locate_folds
+from scripts.errors import DataError
+from scripts.pannuke.files import locate_folds
 from scripts.nuclei.targets import label_map, masks_to_instances
 
 
@@ -46,7 +47,7 @@ def test_cache_is_reused_and_rebuilt_when_source_changes(tmp_path):
 def test_zero_one_images_rejected(tmp_path):
     root = write_dataset(tmp_path / "data")
     rewrite(root, 1, "images", lambda a: a / 255.0)
-    with pytest.raises(PanNukeFormatError, match="0-1 scale.*Multiply by 255"):
+    with pytest.raises(DataError, match="0-1 scale.*Multiply by 255"):
         _cache(root, tmp_path)
 
 
@@ -58,7 +59,7 @@ def test_nan_image_rejected_with_tile_index(tmp_path):
         return a
 
     rewrite(root, 1, "images", poison)
-    with pytest.raises(PanNukeFormatError, match="images.npy: tile 2 holds NaN"):
+    with pytest.raises(DataError, match="images.npy: tile 2 holds NaN"):
         _cache(root, tmp_path)
 
 
@@ -70,21 +71,21 @@ def test_nan_mask_rejected(tmp_path):
         return a
 
     rewrite(root, 1, "masks", poison)
-    with pytest.raises(PanNukeFormatError, match="masks.npy.*NaN"):
+    with pytest.raises(DataError, match="masks.npy.*NaN"):
         _cache(root, tmp_path)
 
 
 def test_interpolated_masks_rejected(tmp_path):
     root = write_dataset(tmp_path / "data")
     rewrite(root, 1, "masks", lambda a: a * 0.5)
-    with pytest.raises(PanNukeFormatError, match="integer instance ids"):
+    with pytest.raises(DataError, match="integer instance ids"):
         _cache(root, tmp_path)
 
 
 def test_failed_conversion_leaves_no_cache(tmp_path):
     root = write_dataset(tmp_path / "data")
     rewrite(root, 1, "images", lambda a: a / 255.0)
-    with pytest.raises(PanNukeFormatError):
+    with pytest.raises(DataError):
         _cache(root, tmp_path)
     assert not any((tmp_path / "cache").iterdir())
 
@@ -104,7 +105,7 @@ def test_object_array_tissue_names_are_refused_without_unpickling(tmp_path):
     root = write_dataset(tmp_path / "data")
     marker = tmp_path / "code_ran"
     rewrite(root, 1, "types", lambda a: np.array([_Payload(str(marker))] * len(a), dtype=object))
-    with pytest.raises(PanNukeFormatError, match="object array.*never does.*np.save") as error:
+    with pytest.raises(DataError, match="object array.*never does.*np.save") as error:
         _cache(root, tmp_path)
     assert str(fold_path(root, 1, "types")) in str(error.value)
     assert not marker.exists()

@@ -3,7 +3,7 @@ import pytest
 
 from pannuke_fixtures import rewrite, write_dataset
 from scripts.pannuke.datasets import PanNuke, PanNukeDataset, as_fold_list
-from scripts.pannuke.files import PanNukeFormatError
+from scripts.errors import DataError
 
 
 def test_fold_list_forms():
@@ -29,7 +29,7 @@ def test_every_fold_is_value_checked_up_front(tmp_path):
     """A bad test fold stops a training run before it starts, not at evaluation time."""
     root = write_dataset(tmp_path / "data")
     rewrite(root, 3, "images", lambda a: a / 255.0)
-    with pytest.raises(PanNukeFormatError, match="Fold 3.*0-1 scale"):
+    with pytest.raises(DataError, match="Fold 3.*0-1 scale"):
         PanNuke(root, tmp_path / "cache", [1, 2, 3])
 
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from pannuke_fixtures import fold_path, rewrite, write_dataset
-from scripts.pannuke.files import PanNukeFormatError, locate_folds
+from scripts.errors import DataError
+from scripts.pannuke.files import locate_folds
 
 
 @pytest.mark.parametrize("layout", ["official", "kaggle"])
@@ -20,14 +21,14 @@ def test_missing_fold_names_paths_tried(tmp_path):
     write_dataset(tmp_path)
     os.remove(fold_path(tmp_path, 3, "images"))
     os.remove(fold_path(tmp_path, 3, "masks"))
-    with pytest.raises(PanNukeFormatError, match=r"fold 3 not found.*Fold 3/images/fold3/images.npy.*Part 3"):
+    with pytest.raises(DataError, match=r"fold 3 not found.*Fold 3/images/fold3/images.npy.*Part 3"):
         locate_folds(tmp_path, [1, 2, 3])
 
 
 def test_incomplete_fold_names_missing_file(tmp_path):
     write_dataset(tmp_path)
     os.remove(fold_path(tmp_path, 2, "types"))
-    with pytest.raises(PanNukeFormatError, match="incomplete.*types.npy"):
+    with pytest.raises(DataError, match="incomplete.*types.npy"):
         locate_folds(tmp_path, [2])
 
 
@@ -36,46 +37,46 @@ def test_truncated_file(tmp_path):
     path = fold_path(tmp_path, 1, "masks")
     with open(path, "r+b") as f:
         f.truncate(path.stat().st_size - 1000)
-    with pytest.raises(PanNukeFormatError, match=r"masks.npy: truncated"):
+    with pytest.raises(DataError, match=r"masks.npy: truncated"):
         locate_folds(tmp_path, [1])
 
 
 def test_wrong_shape(tmp_path):
     write_dataset(tmp_path)
     rewrite(tmp_path, 1, "images", lambda a: a[:, :128])
-    with pytest.raises(PanNukeFormatError, match=r"images.npy: expected shape \(N, 256, 256, 3\).*\(3, 128, 256, 3\)"):
+    with pytest.raises(DataError, match=r"images.npy: expected shape \(N, 256, 256, 3\).*\(3, 128, 256, 3\)"):
         locate_folds(tmp_path, [1])
 
 
 def test_masks_without_background_channel(tmp_path):
     write_dataset(tmp_path)
     rewrite(tmp_path, 1, "masks", lambda a: a[..., :5])
-    with pytest.raises(PanNukeFormatError, match="masks.npy: expected shape"):
+    with pytest.raises(DataError, match="masks.npy: expected shape"):
         locate_folds(tmp_path, [1])
 
 
 def test_mismatched_counts(tmp_path):
     write_dataset(tmp_path)
     rewrite(tmp_path, 1, "types", lambda a: a[:-1])
-    with pytest.raises(PanNukeFormatError, match="tile counts differ.*images.npy has 3.*types.npy has 2"):
+    with pytest.raises(DataError, match="tile counts differ.*images.npy has 3.*types.npy has 2"):
         locate_folds(tmp_path, [1])
 
 
 def test_not_a_folder(tmp_path):
-    with pytest.raises(PanNukeFormatError, match="is not a folder"):
+    with pytest.raises(DataError, match="is not a folder"):
         locate_folds(tmp_path / "nope", [1])
 
 
 def test_unknown_fold(tmp_path):
     write_dataset(tmp_path)
-    with pytest.raises(PanNukeFormatError, match="fold 4 does not exist"):
+    with pytest.raises(DataError, match="fold 4 does not exist"):
         locate_folds(tmp_path, [4])
 
 
 def test_not_npy(tmp_path):
     write_dataset(tmp_path)
     fold_path(tmp_path, 1, "images").write_bytes(b"PK\x03\x04 this is a zip")
-    with pytest.raises(PanNukeFormatError, match="not a readable .npy"):
+    with pytest.raises(DataError, match="not a readable .npy"):
         locate_folds(tmp_path, [1])
 
 

@@ -77,7 +77,7 @@ def test_the_first_run_really_was_killed_mid_training(killed_and_resumed):
     saved_epoch = run.killed["trainer"]["iteration"] // run.killed["trainer"]["epoch_length"]
     assert 1 <= saved_epoch < EPOCHS
     assert all(isinstance(v, torch.Tensor) for v in run.model_after_kill.values())  # readable, not half written
-    assert not list((run.work / "models").glob(".*.tmp"))
+    assert not list((run.work / "models").glob(".tmp-*"))  # the atomic writer's temporaries
 
 
 def test_resumed_run_continues_after_the_saved_epoch_and_finishes(killed_and_resumed):

@@ -14,9 +14,11 @@ from collections.abc import Hashable, Mapping
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, RandomizableTransform
+from skimage.color import rgb_from_hed
 
-# rows: hematoxylin, eosin, residual (DAB) optical-density vectors over R, G, B
-RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+# rows: hematoxylin, eosin, residual (DAB) optical-density vectors over R, G, B; scikit-image's Ruifrok & Johnston
+# matrix is the one source of the stain vectors (the demo data paints its nuclei with the same rows)
+RGB_FROM_HED = torch.tensor(rgb_from_hed, dtype=torch.float32)
 HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
 _EPS = 1.0 / 255.0
 

@@ -2,7 +2,7 @@
 
 MONAI's CheckpointSaver writes `model.pt` in place and deletes the previous best before writing the new one, so a
 crash at the wrong moment leaves a truncated file or none.  Every file here is written to a temporary file in the
-same folder, flushed to disk and renamed over the old one with `os.replace`: readers see the old file or the new
+same folder, flushed to disk and renamed over the old one (`scripts.io.atomic`): readers see the old file or the new
 one, never half of one.  Contents are tensors and plain Python values only, so `torch.load(weights_only=True)` (what
 MONAI's CheckpointLoader uses) reads them.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,37 +21,19 @@ from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, EarlyStopHandler
 
 from scripts.engine.cli_flags import as_bool
+from scripts.io.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temp file next to `path`, fsync, then os.replace: `path` is always complete or untouched."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a model file is meant to be read by others
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    """torch.save through the bundle's atomic writer: `path` is always complete or untouched."""
 
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            torch.save(obj, handle)
 
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (a power cut right after os.replace could otherwise undo it)."""
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic_write(path, write)
 
 
 def unwrap(module: Any) -> Any:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
 from torch.utils.tensorboard import SummaryWriter
+
+from scripts.io.atomic import write_json
 
 
 class LearningRateLogger:
@@ -41,10 +41,7 @@ class MetricsJSONSaver:
     def __call__(self, engine: Engine) -> None:
         numbers = (int, float, torch.Tensor)
         metrics = {k: float(v) if isinstance(v, numbers) else v for k, v in engine.state.metrics.items()}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps({**self.extra, "metrics": metrics}, indent=2))
-        os.replace(tmp, self.path)
+        write_json(self.path, {**self.extra, "metrics": metrics})
 
 
 def require_checkpoint(path: str) -> str:

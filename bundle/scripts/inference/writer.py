@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from monai.transforms import MapTransform
 
+from scripts.nuclei.postprocess import as_plane
 from scripts.engine.cli_flags import as_bool
 from scripts.io.nuclei_writers import (
     instances_to_geojson,
@@ -50,12 +51,6 @@ OUTPUT_SUFFIXES = {
 }
 NIFTI_SUFFIX = "_instances.nii.gz"
 INCOMPLETE_FLAG = ".incomplete"  # present in an image's folder while its outputs are being moved in
-
-
-def _plane(value: object) -> np.ndarray:
-    """(H, W) numpy array from a (1, H, W) or (H, W) tensor / array."""
-    array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-    return array[0] if array.ndim == 3 and array.shape[0] == 1 else array
 
 
 def _rgb(value: object) -> np.ndarray:
@@ -116,8 +111,8 @@ class NucleiOutputsWriterd(MapTransform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
         name = str(d[self.name_key])
-        inst = _plane(d[self.inst_key])
-        type_map = _plane(d[self.type_key])
+        inst = as_plane(d[self.inst_key])
+        type_map = as_plane(d[self.type_key])
         inst_types, inst_probs = np.asarray(d[self.inst_types_key]), np.asarray(d[self.inst_probs_key])
         image = _rgb(d[self.image_key])
         if image.shape[:2] != inst.shape:

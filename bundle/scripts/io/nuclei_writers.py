@@ -17,16 +17,14 @@ and refuses to replace an existing file unless overwrite=True.
 
 from __future__ import annotations
 
-import csv
-import json
 import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 
+from scripts.io.atomic import atomic_write, write_csv_rows, write_json
 from scripts.pannuke.format import NUM_TYPES, TYPE_COLOURS, TYPE_NAMES
 
 PathLike = str | os.PathLike
@@ -79,28 +77,6 @@ def _label_dtype(inst: np.ndarray) -> np.dtype:
     return np.dtype(np.uint16) if top < 2**16 else np.dtype(np.uint32)
 
 
-# ---------------------------------------------------------------- atomic writes
-
-
-def _atomic_write(path: PathLike, write: Callable[[Path], None], overwrite: bool) -> Path:
-    """Run write(tmp) on a temp file in the target's folder, then os.replace it onto path (all or nothing)."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # the temp name ends with the target's name so extension-driven writers (nibabel: .nii / .nii.gz) pick the format
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=f"-{path.name}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 # ---------------------------------------------------------------- label maps
 
 
@@ -110,7 +86,7 @@ def write_label_tiff(path: PathLike, inst: np.ndarray, overwrite: bool = False) 
 
     inst = _check_inst(inst)
     data = inst.astype(_label_dtype(inst))
-    return _atomic_write(path, lambda tmp: tifffile.imwrite(tmp, data, compression="zlib"), overwrite)
+    return atomic_write(path, lambda tmp: tifffile.imwrite(tmp, data, compression="zlib"), overwrite)
 
 
 def write_label_nifti(path: PathLike, inst: np.ndarray, overwrite: bool = False) -> Path:
@@ -127,7 +103,7 @@ def write_label_nifti(path: PathLike, inst: np.ndarray, overwrite: bool = False)
         raise ValueError(f"{path}: a NIfTI file name must end in .nii or .nii.gz")
     img = nib.Nifti1Image(np.ascontiguousarray(inst.T.astype(_label_dtype(inst))), affine=np.eye(4))
     img.header.set_intent("label")
-    return _atomic_write(path, lambda tmp: nib.save(img, str(tmp)), overwrite)
+    return atomic_write(path, lambda tmp: nib.save(img, str(tmp)), overwrite)
 
 
 # ---------------------------------------------------------------- outlines
@@ -257,8 +233,7 @@ def write_geojson(path: PathLike, fc: Mapping, overwrite: bool = False) -> Path:
     """Compact UTF-8 GeoJSON; QuPath imports it by drag and drop or File > Import objects."""
     if fc.get("type") != "FeatureCollection":
         raise ValueError("write_geojson expects a GeoJSON FeatureCollection dict (see instances_to_geojson)")
-    text = json.dumps(fc, separators=(",", ":"))
-    return _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite)
+    return write_json(path, fc, overwrite, indent=None)
 
 
 # ---------------------------------------------------------------- measurements
@@ -302,15 +277,8 @@ def write_csv(path: PathLike, table: Mapping[str, np.ndarray], overwrite: bool =
     if len(set(lengths.values())) > 1:
         raise ValueError(f"all table columns must have the same length, got {lengths}")
     columns = [np.asarray(col).tolist() for col in table.values()]
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            out = csv.writer(f)
-            out.writerow(list(table))
-            for row in zip(*columns):
-                out.writerow([_csv_cell(v) for v in row])
-
-    return _atomic_write(path, write, overwrite)
+    rows = ([_csv_cell(v) for v in row] for row in zip(*columns))
+    return write_csv_rows(path, list(table), rows, overwrite)
 
 
 # ---------------------------------------------------------------- overlay
@@ -341,4 +309,4 @@ def overlay_png(
     from PIL import Image
 
     picture = Image.fromarray(overlay_image(image, inst, inst_types))
-    return _atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"), overwrite)
+    return atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"), overwrite)

@@ -228,6 +228,14 @@ def type_map_from_instances(inst: np.ndarray, inst_types: np.ndarray) -> np.ndar
     return inst_types[inst]
 
 
+def as_plane(value: torch.Tensor | np.ndarray) -> np.ndarray:
+    """The (H, W) numpy map of a decollated (1, H, W) or (H, W) instance or type map, on the CPU."""
+    array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    if array.ndim < 2 or int(np.prod(array.shape[:-2])) != 1:
+        raise ValueError(f"expected one (1, H, W) or (H, W) map, got shape {array.shape}")
+    return array.reshape(array.shape[-2:])
+
+
 def _to_probabilities(logits: torch.Tensor, softmax: bool) -> np.ndarray:
     """Bring a (C,H,W) logits/probability tensor to a numpy float32 probability map on the CPU."""
     logits = logits.detach().float()

@@ -20,7 +20,8 @@ from typing import BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from scripts.pannuke.files import FoldFiles, NpyHeader, PanNukeFormatError, read_npy_header
+from scripts.errors import DataError
+from scripts.pannuke.files import FoldFiles, NpyHeader, read_npy_header
 from scripts.pannuke.format import TILE_SIZE
 from scripts.nuclei.targets import label_map, masks_to_instances
 
@@ -126,12 +127,12 @@ def read_tiles(path: Path, header: NpyHeader, start: int, stop: int) -> np.ndarr
 def check_images(images: np.ndarray, path: Path, start: int) -> np.ndarray:
     bad = ~np.isfinite(images)
     if bad.any():
-        raise PanNukeFormatError(f"{path}: tile {start + np.argwhere(bad)[0][0]} holds NaN or infinite values.")
+        raise DataError(f"{path}: tile {start + np.argwhere(bad)[0][0]} holds NaN or infinite values.")
     lo, hi = float(images.min()), float(images.max())
     if lo < 0 or hi > 255:
-        raise PanNukeFormatError(f"{path}: pixel values must lie in 0-255, found {lo:g}..{hi:g} in tiles {start}+.")
+        raise DataError(f"{path}: pixel values must lie in 0-255, found {lo:g}..{hi:g} in tiles {start}+.")
     if 0.0 < hi <= 1.0:  # all zeros (a black padding tile) is not a scale
-        raise PanNukeFormatError(
+        raise DataError(
             f"{path}: pixel values lie in 0..{hi:g}, a 0-1 scale; PanNuke images are 0-255. Multiply by 255 and save."
         )
     return images
@@ -140,9 +141,9 @@ def check_images(images: np.ndarray, path: Path, start: int) -> np.ndarray:
 def check_masks(masks: np.ndarray, path: Path, start: int) -> np.ndarray:
     type_ids = masks[..., :5]
     if not np.isfinite(type_ids).all():
-        raise PanNukeFormatError(f"{path}: tiles {start}+ hold NaN or infinite values in the type channels.")
+        raise DataError(f"{path}: tiles {start}+ hold NaN or infinite values in the type channels.")
     if (type_ids < 0).any() or not np.array_equal(type_ids, np.rint(type_ids)):
-        raise PanNukeFormatError(
+        raise DataError(
             f"{path}: channels 0-4 must be non-negative integer instance ids, found fractional or negative values "
             f"in tiles {start}+. These are not PanNuke instance masks (were they resized with interpolation?)."
         )

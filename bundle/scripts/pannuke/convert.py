@@ -37,32 +37,13 @@ import numpy as np
 if __package__ in (None, ""):  # run as a file (python scripts/pannuke/convert.py): make `scripts` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from scripts.errors import DataError
+from scripts.io.images import IMAGE_SUFFIXES, WHITE, read_labels, read_rgb
+from scripts.pannuke.files import fold_folder, fold_paths_inside
 from scripts.pannuke.format import NUM_TYPES, TILE_SIZE, TYPE_NAMES
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy")
+IMAGE_EXTS = (*IMAGE_SUFFIXES, ".npy")
 LABEL_EXTS = (".png", ".tif", ".tiff", ".npy", ".npz")
-WHITE = 255
-
-
-class ConversionError(Exception):
-    """A problem with one input file (or the arguments) that the user can fix; the message says how."""
-
-
-# ---------------------------------------------------------------- fold layout
-
-
-def fold_dir(root: Path, fold: int) -> Path:
-    """The official PanNuke folder name, with its space."""
-    return Path(root) / f"Fold {fold}"
-
-
-def fold_files(folder: Path, fold: int) -> dict[str, Path]:
-    """Paths of the three arrays inside one fold folder, in the official layout."""
-    return {
-        "images": folder / "images" / f"fold{fold}" / "images.npy",
-        "types": folder / "images" / f"fold{fold}" / "types.npy",
-        "masks": folder / "masks" / f"fold{fold}" / "masks.npy",
-    }
 
 
 # ---------------------------------------------------------------- arguments
@@ -74,7 +55,7 @@ def parse_type_name(name: str) -> int:
     for channel, known in enumerate(TYPE_NAMES):
         if known.lower() == key:
             return channel
-    raise ConversionError(f"unknown PanNuke type {name!r}; use one of {', '.join(TYPE_NAMES)}")
+    raise DataError(f"unknown PanNuke type {name!r}; use one of {', '.join(TYPE_NAMES)}")
 
 
 def parse_class_map(text: str | None) -> dict[int, int]:
@@ -87,9 +68,9 @@ def parse_class_map(text: str | None) -> dict[int, int]:
             continue
         source, sep, name = item.partition(":")
         if not sep or not source.strip().isdigit():
-            raise ConversionError(f"bad --class_map entry {item!r}: write SOURCE_ID:TYPE_NAME, e.g. 2:Inflammatory")
+            raise DataError(f"bad --class_map entry {item!r}: write SOURCE_ID:TYPE_NAME, e.g. 2:Inflammatory")
         if int(source) in mapping:
-            raise ConversionError(f"--class_map maps source id {int(source)} twice")
+            raise DataError(f"--class_map maps source id {int(source)} twice")
         mapping[int(source)] = parse_type_name(name)
     return mapping
 
@@ -188,7 +169,7 @@ class Pair:
 def _by_stem(folder: Path, exts: tuple[str, ...]) -> dict[str, list[Path]]:
     """Files of the given extensions in a folder, grouped by stem (several per stem = ambiguous)."""
     if not folder.is_dir():
-        raise ConversionError(f"{folder} is not a folder")
+        raise DataError(f"{folder} is not a folder")
     found: dict[str, list[Path]] = {}
     for path in sorted(folder.iterdir()):
         if path.is_file() and path.suffix.lower() in exts:
@@ -202,7 +183,7 @@ def find_pairs(images: Path, masks: Path, types: Path | None) -> tuple[list[Pair
     mask_files = _by_stem(masks, LABEL_EXTS)
     type_files = _by_stem(types, LABEL_EXTS) if types is not None else {}
     if not image_files:
-        raise ConversionError(f"no images ({', '.join(IMAGE_EXTS)}) in {images}")
+        raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) in {images}")
     pairs, problems = [], []
     for stem, imgs in image_files.items():
         found_masks = mask_files.get(stem, [])
@@ -228,109 +209,14 @@ def find_pairs(images: Path, masks: Path, types: Path | None) -> tuple[list[Pair
 # ---------------------------------------------------------------- reading
 
 
-def _read_raster(path: Path, labels: bool = False) -> np.ndarray:
-    """Pixels of a PNG / JPG / TIFF / NPY file as stored (TIFF via tifffile, which reads what Pillow cannot).
-
-    A palette ("P") PNG is an image's colours for images but its palette indices are the ids for label maps.
-    """
-    suffix = path.suffix.lower()
-    if suffix == ".npy":
-        return np.load(path, allow_pickle=False)
-    if suffix in (".tif", ".tiff"):
-        import tifffile
-
-        return tifffile.imread(path)
-    from PIL import Image
-
-    with Image.open(path) as im:
-        if im.mode in ("P", "PA") and not labels:
-            im = im.convert("RGBA")
-        elif im.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
-            im = im.convert("RGB")
-        return np.asarray(im)
-
-
-def to_rgb_uint8(pixels: np.ndarray, path: Path) -> np.ndarray:
-    """(H, W, 3) uint8 RGB; RGBA is composited on white (PanNuke's padding colour), anything ambiguous is refused."""
-    if pixels.ndim == 3 and pixels.shape[0] in (3, 4) and pixels.shape[2] not in (3, 4):
-        pixels = np.moveaxis(pixels, 0, -1)  # planar TIFF / CHW npy
-    if pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[2] in (1, 2)):
-        raise ConversionError(
-            f"{path}: grayscale image {pixels.shape}; H&E input must be RGB. Convert it to RGB, "
-            "or check that a mask did not end up in the images folder"
-        )
-    if pixels.ndim != 3 or pixels.shape[2] not in (3, 4):
-        raise ConversionError(f"{path}: expected an (H, W, 3) RGB or (H, W, 4) RGBA image, got shape {pixels.shape}")
-    if pixels.dtype in (np.uint16, np.int32, np.uint32, np.int64, np.uint64):
-        raise ConversionError(
-            f"{path}: {pixels.dtype} (16-bit or deeper) image; convert it to 8-bit RGB first "
-            "(e.g. with the scanner software or skimage.util.img_as_ubyte)"
-        )
-    if np.issubdtype(pixels.dtype, np.floating):
-        if pixels.min() < 0 or pixels.max() > 255 or pixels.max() <= 1:
-            raise ConversionError(
-                f"{path}: float image with range [{pixels.min():g}, {pixels.max():g}]; "
-                "save it with values 0-255 (or as uint8)"
-            )
-        pixels = np.rint(pixels).astype(np.uint8)
-    elif pixels.dtype == np.bool_ or pixels.dtype != np.uint8:
-        raise ConversionError(f"{path}: unsupported image dtype {pixels.dtype}; save as 8-bit RGB")
-    if pixels.shape[2] == 4:
-        alpha = pixels[..., 3:].astype(np.float64) / 255.0
-        pixels = np.rint(pixels[..., :3] * alpha + WHITE * (1.0 - alpha)).astype(np.uint8)
-    return np.ascontiguousarray(pixels)
-
-
-def read_image(path: Path) -> np.ndarray:
-    """Load one image as (H, W, 3) uint8 RGB, with a message naming the file if it cannot be used."""
-    try:
-        pixels = _read_raster(path)
-    except Exception as err:  # Pillow, tifffile and numpy raise many types for a corrupt file
-        raise ConversionError(f"{path}: cannot read image ({err})") from err
-    return to_rgb_uint8(np.asarray(pixels), path)
-
-
-def to_label_map(values: np.ndarray, path: Path, what: str) -> np.ndarray:
-    """(H, W) int64 label map; colour-coded or fractional masks are refused since ids would be guessed."""
-    if values.ndim == 3 and values.shape[2] == 1:
-        values = values[..., 0]
-    if values.ndim != 2:
-        raise ConversionError(
-            f"{path}: {what} must be a single-channel (H, W) label image, got shape {values.shape}"
-            " (colour-coded masks are not supported: save one integer id per pixel)"
-        )
-    if np.issubdtype(values.dtype, np.floating):
-        if not np.all(np.isfinite(values)) or not np.array_equal(values, np.round(values)):
-            raise ConversionError(f"{path}: {what} has non-integer values; save integer ids")
-    elif not (np.issubdtype(values.dtype, np.integer) or values.dtype == np.bool_):
-        raise ConversionError(f"{path}: {what} has unsupported dtype {values.dtype}")
-    values = values.astype(np.int64)
-    if values.size and values.min() < 0:
-        raise ConversionError(f"{path}: {what} has negative values; ids must be >= 0 (0 = background)")
-    if values.size and values.max() >= 2**32:
-        raise ConversionError(
-            f"{path}: {what} has ids >= 2**32; relabel it (e.g. skimage.segmentation.relabel_sequential)"
-        )
-    return values
-
-
 def read_label(path: Path, key: str, what: str, required: bool = True) -> np.ndarray | None:
-    """Load a label map from PNG/TIFF/NPY or from one key of an NPZ (None if an optional key is absent)."""
-    try:
-        if path.suffix.lower() == ".npz":
-            with np.load(path, allow_pickle=False) as npz:
-                if key not in npz.files:
-                    if not required:
-                        return None
-                    raise ConversionError(f"{path}: no {key!r} array in the npz (it has {', '.join(npz.files)})")
-                values = npz[key]
-        else:
-            values = _read_raster(path, labels=True)
-    except ConversionError:
-        raise
-    except Exception as err:
-        raise ConversionError(f"{path}: cannot read {what} ({err})") from err
-    return to_label_map(np.asarray(values), path, what)
+    """A label map from PNG / TIFF / NPY, or array `key` of an NPZ (None if an optional key is absent)."""
+    values = read_labels(path, what, key)
+    if values is None and required:
+        with np.load(path, allow_pickle=False) as npz:
+            found = ", ".join(npz.files)
+        raise DataError(f"{path}: no {key!r} array in the npz (it has {found})")
+    return values
 
 
 # ---------------------------------------------------------------- typing nuclei
@@ -356,7 +242,7 @@ def channel_map(
     chan = np.full(inst.shape, -1, dtype=np.int8)
     if types is None:
         if rules.default is None:
-            raise ConversionError(
+            raise DataError(
                 f"{path}: no type map (no type_map in the npz and no --types folder); pass "
                 "--default_type NAME to put every nucleus in one channel"
             )
@@ -445,7 +331,7 @@ class Summary:
 
 def convert_pair(pair: Pair, rules: TypeRules, stride: int, skip_empty: bool, dropped: Counter) -> list[Tile]:
     """Read, check and tile one image / mask (/ type mask) triple."""
-    image = read_image(pair.image)
+    image = read_rgb(pair.image)
     inst = read_label(pair.mask, "inst_map", "instance mask")
     sizes = {pair.image: image.shape[:2], pair.mask: inst.shape}
     if pair.types is not None:
@@ -454,12 +340,12 @@ def convert_pair(pair: Pair, rules: TypeRules, stride: int, skip_empty: bool, dr
     elif pair.mask.suffix.lower() == ".npz":
         types = read_label(pair.mask, "type_map", "type mask", required=False)
         if types is not None and types.shape != inst.shape:
-            raise ConversionError(f"{pair.mask}: inst_map is {inst.shape} but type_map is {types.shape}")
+            raise DataError(f"{pair.mask}: inst_map is {inst.shape} but type_map is {types.shape}")
     else:
         types = None
     if len(set(sizes.values())) > 1:
         listed = ", ".join(f"{p} is {s[0]}x{s[1]}" for p, s in sizes.items())
-        raise ConversionError(f"size mismatch: {listed}; image and masks must have the same height and width")
+        raise DataError(f"size mismatch: {listed}; image and masks must have the same height and width")
     return cut_tiles(image, inst, channel_map(inst, types, rules, pair.mask, dropped), stride, skip_empty)
 
 
@@ -469,7 +355,7 @@ def convert_all(pairs: list[Pair], rules: TypeRules, stride: int, skip_empty: bo
     for pair in pairs:
         try:
             new = convert_pair(pair, rules, stride, skip_empty, summary.dropped)
-        except ConversionError as err:
+        except DataError as err:
             summary.skipped.append(str(err))
             continue
         tiles.extend(new)
@@ -484,7 +370,7 @@ def check_existing_fold(files: dict[str, Path]) -> int:
     """Validate an existing fold for --append and return its tile count; names the file at fault."""
     for path in files.values():
         if not path.is_file():
-            raise ConversionError(
+            raise DataError(
                 f"--append: {path} is missing, so this is not a complete PanNuke fold; use --overwrite to replace it"
             )
     try:
@@ -492,7 +378,7 @@ def check_existing_fold(files: dict[str, Path]) -> int:
         masks = np.load(files["masks"], mmap_mode="r")
         types = np.load(files["types"], allow_pickle=False)
     except (OSError, ValueError) as err:
-        raise ConversionError(
+        raise DataError(
             f"--append: cannot read the existing fold in {files['images'].parents[2]} ({err}); "
             "use --overwrite to replace it"
         ) from err
@@ -503,9 +389,9 @@ def check_existing_fold(files: dict[str, Path]) -> int:
     }
     for path, (arr, shape) in expected.items():
         if arr.shape != shape or arr.dtype != np.float64:
-            raise ConversionError(f"--append: {path} is {arr.shape} {arr.dtype}, expected {shape} float64")
+            raise DataError(f"--append: {path} is {arr.shape} {arr.dtype}, expected {shape} float64")
     if types.shape != (n,) or types.dtype.kind not in "US":
-        raise ConversionError(f"--append: {files['types']} is {types.shape} {types.dtype}, expected ({n},) strings")
+        raise DataError(f"--append: {files['types']} is {types.shape} {types.dtype}, expected ({n},) strings")
     return n
 
 
@@ -560,12 +446,12 @@ def replace_fold(tmp_fold: Path, final: Path) -> None:
 
 def write_fold(root: Path, fold: int, tiles: list[Tile], tissue: str, append: bool) -> Path:
     """Write the fold into a temp folder beside it, then rename: a crash never leaves half a fold."""
-    final = fold_dir(root, fold)
+    final = fold_folder(root, fold)
     root.mkdir(parents=True, exist_ok=True)
     tmp_fold = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
-        existing = fold_files(final, fold) if append and final.exists() else None
-        write_fold_arrays(fold_files(tmp_fold, fold), tiles, tissue, existing)
+        existing = fold_paths_inside(final, fold) if append and final.exists() else None
+        write_fold_arrays(fold_paths_inside(tmp_fold, fold), tiles, tissue, existing)
         replace_fold(tmp_fold, final)
     except BaseException:
         shutil.rmtree(tmp_fold, ignore_errors=True)
@@ -578,13 +464,13 @@ def write_fold(root: Path, fold: int, tiles: list[Tile], tissue: str, append: bo
 
 def check_target(args: argparse.Namespace) -> None:
     """Refuse to touch an existing fold unless asked, before any work is done."""
-    final = fold_dir(args.output_dir, args.fold)
+    final = fold_folder(args.output_dir, args.fold)
     if final.exists() and not (args.append or args.overwrite):
-        raise ConversionError(f"{final} already exists; pass --append to add tiles to it or --overwrite to replace it")
+        raise DataError(f"{final} already exists; pass --append to add tiles to it or --overwrite to replace it")
     if not 1 <= args.stride <= TILE_SIZE:
-        raise ConversionError(f"--stride must be 1..{TILE_SIZE} (a larger step would skip pixels), got {args.stride}")
+        raise DataError(f"--stride must be 1..{TILE_SIZE} (a larger step would skip pixels), got {args.stride}")
     if args.append and final.exists():
-        check_existing_fold(fold_files(final, args.fold))
+        check_existing_fold(fold_paths_inside(final, args.fold))
     if args.append and not final.exists():
         print(f"note: --append but {final} does not exist yet; creating it")
 
@@ -623,13 +509,13 @@ def run(args: argparse.Namespace) -> Path:
     if summary.skipped:
         listed = "\n  ".join(summary.skipped)
         if not args.skip_bad:
-            raise ConversionError(
+            raise DataError(
                 f"{len(summary.skipped)} bad input(s), nothing written "
                 f"(fix them, or pass --skip_bad to skip them):\n  {listed}"
             )
         warnings.warn(f"--skip_bad: skipped {len(summary.skipped)} bad input(s):\n  {listed}", stacklevel=2)
     if not tiles:
-        raise ConversionError("no tiles to write (no valid pairs, or every tile empty with --skip_empty)")
+        raise DataError("no tiles to write (no valid pairs, or every tile empty with --skip_empty)")
     summary.tiles = len(tiles)
     summary.nuclei = count_nuclei(tiles)
     final = write_fold(args.output_dir, args.fold, tiles, args.tissue, args.append)
@@ -642,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except ConversionError as err:
+    except DataError as err:
         print(f"convert_to_pannuke: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+from skimage.color import rgb_from_hed
 from skimage.draw import ellipse
 
-from scripts.pannuke.files import LAYOUTS
+from scripts.pannuke.files import LAYOUTS, fold_paths
 from scripts.pannuke.format import NUM_TYPES, TILE_SIZE
 
 logger = logging.getLogger(__name__)
@@ -33,8 +34,7 @@ NUCLEUS_LOOK = {
     3: ((2.5, 3.5), (1.0, 1.3), (1.1, 1.25)),  # Dead: tiny, pyknotic
     4: ((6.0, 8.0), (1.0, 1.3), (0.6, 0.8)),  # Epithelial: medium, round
 }
-HEMATOXYLIN_OD = np.array([0.65, 0.70, 0.29])  # Ruifrok & Johnston stain vectors (optical density per RGB)
-EOSIN_OD = np.array([0.07, 0.99, 0.11])
+HEMATOXYLIN_OD, EOSIN_OD = rgb_from_hed[0], rgb_from_hed[1]  # Ruifrok & Johnston optical density per RGB
 
 
 def make_tile(rng: np.random.Generator, size: int = TILE_SIZE) -> tuple[np.ndarray, np.ndarray]:
@@ -99,7 +99,7 @@ def write_demo_dataset(
     for fold, n in enumerate(tiles_per_fold, start=1):
         rng = np.random.default_rng([seed, fold])
         tiles = [make_tile(rng) for _ in range(n)]
-        paths = {key: root / p.format(k=fold) for key, p in LAYOUTS[layout].items()}
+        paths = fold_paths(root, fold, layout)
         for path in paths.values():
             path.parent.mkdir(parents=True, exist_ok=True)
         np.save(paths["images"], np.stack([t[0] for t in tiles]))

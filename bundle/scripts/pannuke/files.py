@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scripts.errors import DataError
 from scripts.pannuke.format import TILE_SIZE
 
 logger = logging.getLogger(__name__)
@@ -35,10 +36,6 @@ DOWNLOAD_HINT = (
     "Download PanNuke from https://warwick.ac.uk/fac/cross_fac/tia/data/pannuke (unzip 'Fold 1', 'Fold 2', 'Fold 3' "
     "into one folder) or the Kaggle copy ('Part 1', 'Part 2', 'Part 3'), and pass that folder as --dataset_dir."
 )
-
-
-class PanNukeFormatError(ValueError):
-    """A PanNuke file is missing or not what the format promises; the message names the file and the fix."""
 
 
 @dataclass(frozen=True)
@@ -72,35 +69,51 @@ def read_npy_header(path: Path) -> NpyHeader:
             shape, fortran_order, dtype = read_header(f)
             offset = f.tell()
     except (OSError, ValueError) as e:
-        raise PanNukeFormatError(f"{path}: not a readable .npy file ({e}). Re-download or re-extract it.") from e
+        raise DataError(f"{path}: not a readable .npy file ({e}). Re-download or re-extract it.") from e
     if dtype.hasobject:
         return NpyHeader(tuple(shape), dtype, offset, fortran_order)
     expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     actual = os.path.getsize(path)
     if actual < expected:
-        raise PanNukeFormatError(
+        raise DataError(
             f"{path}: truncated, the header promises shape {tuple(shape)} {dtype} ({expected:,} bytes) but the file "
             f"has {actual:,} bytes. The download or unzip was interrupted: fetch this file again."
         )
     return NpyHeader(tuple(shape), dtype, offset, fortran_order)
 
 
+def fold_paths(root: str | os.PathLike, fold: int, layout: str = "official") -> dict[str, Path]:
+    """Where one fold's images.npy, types.npy and masks.npy lie under `root` in a layout (the one source of them)."""
+    return {key: Path(root) / pattern.format(k=fold) for key, pattern in LAYOUTS[layout].items()}
+
+
+def fold_folder(root: str | os.PathLike, fold: int, layout: str = "official") -> Path:
+    """The top folder of one fold (`Fold K` or `Part K`, with its space), which holds all of its files."""
+    return Path(root) / Path(LAYOUTS[layout]["images"].format(k=fold)).parts[0]
+
+
+def fold_paths_inside(folder: str | os.PathLike, fold: int, layout: str = "official") -> dict[str, Path]:
+    """The fold's files inside its top folder `folder`, wherever that folder is (e.g. a temporary one)."""
+    top = fold_folder("", fold, layout)
+    return {key: Path(folder) / path.relative_to(top) for key, path in fold_paths("", fold, layout).items()}
+
+
 def find_fold(dataset_dir: Path, fold: int) -> FoldFiles:
     """Locate one fold in either layout; the error lists every path tried."""
     tried = []
     for layout, pattern in LAYOUTS.items():
-        paths = {key: dataset_dir / p.format(k=fold) for key, p in pattern.items()}
+        paths = fold_paths(dataset_dir, fold, layout)
         if paths["images"].is_file() or paths["masks"].is_file():
             missing = [str(p) for p in paths.values() if not p.is_file()]
             if missing:
-                raise PanNukeFormatError(
+                raise DataError(
                     f"fold {fold} ({layout} layout) in {dataset_dir} is incomplete, missing: {', '.join(missing)}. "
                     + DOWNLOAD_HINT
                 )
             return FoldFiles(fold, layout, paths["images"], paths["masks"], paths["types"])
         tried.append(str(paths["images"]))
     looked = " and ".join(tried)
-    raise PanNukeFormatError(f"fold {fold} not found in {dataset_dir}: looked for {looked}. " + DOWNLOAD_HINT)
+    raise DataError(f"fold {fold} not found in {dataset_dir}: looked for {looked}. " + DOWNLOAD_HINT)
 
 
 def check_fold_headers(files: FoldFiles) -> int:
@@ -111,44 +124,44 @@ def check_fold_headers(files: FoldFiles) -> int:
     _expect_shape(files.masks, masks, (TILE_SIZE, TILE_SIZE, 6), "(N, 256, 256, 6): 5 type channels + background")
     for path, header in ((files.images, images), (files.masks, masks)):
         if header.dtype.kind not in "fiu" or header.fortran_order:
-            raise PanNukeFormatError(
+            raise DataError(
                 f"{path}: expected a C-ordered numeric array (PanNuke ships float64), found dtype {header.dtype}"
                 f"{' in Fortran order' if header.fortran_order else ''}. Re-download the file."
             )
     if types.dtype.kind == "O":
-        raise PanNukeFormatError(
+        raise DataError(
             f"{files.types}: the tissue names are stored as a Python object array, which only unpickling can read, "
             "and unpickling a data file can run any code in it, so the bundle never does. If you trust this file, "
             f'convert it once to plain strings: python -c "import numpy as np; p = {str(files.types)!r}; '
             'np.save(p, np.array(np.load(p, allow_pickle=True), dtype=str))"'
         )
     if len(types.shape) != 1 or types.dtype.kind not in "US":
-        raise PanNukeFormatError(
+        raise DataError(
             f"{files.types}: expected (N,) tissue names as strings, found shape {types.shape} dtype {types.dtype}."
         )
     counts = {files.images: images.shape[0], files.masks: masks.shape[0], files.types: types.shape[0]}
     if len(set(counts.values())) != 1:
         listing = ", ".join(f"{p} has {n}" for p, n in counts.items())
-        raise PanNukeFormatError(f"fold {files.fold}: tile counts differ ({listing}); the three files must match.")
+        raise DataError(f"fold {files.fold}: tile counts differ ({listing}); the three files must match.")
     if images.shape[0] == 0:
-        raise PanNukeFormatError(f"{files.images}: holds no tiles.")
+        raise DataError(f"{files.images}: holds no tiles.")
     return images.shape[0]
 
 
 def _expect_shape(path: Path, header: NpyHeader, tail: tuple[int, ...], what: str) -> None:
     if len(header.shape) != 4 or header.shape[1:] != tail:
-        raise PanNukeFormatError(f"{path}: expected shape {what}, found {header.shape}.")
+        raise DataError(f"{path}: expected shape {what}, found {header.shape}.")
 
 
 def locate_folds(dataset_dir: str | os.PathLike, folds: list[int]) -> dict[int, FoldFiles]:
     """Find and header-check every requested fold, logging which layout was found."""
     root = Path(dataset_dir)
     if not root.is_dir():
-        raise PanNukeFormatError(f"dataset_dir {root} is not a folder. " + DOWNLOAD_HINT)
+        raise DataError(f"dataset_dir {root} is not a folder. " + DOWNLOAD_HINT)
     found = {}
     for fold in sorted(set(folds)):
         if fold not in FOLDS:
-            raise PanNukeFormatError(f"fold {fold} does not exist: PanNuke has folds 1, 2 and 3.")
+            raise DataError(f"fold {fold} does not exist: PanNuke has folds 1, 2 and 3.")
         files = find_fold(root, fold)
         n = check_fold_headers(files)
         logger.info(f"PanNuke fold {fold}: {n} tiles, {files.layout} layout, {files.images.parent}")

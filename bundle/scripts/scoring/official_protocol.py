@@ -16,7 +16,6 @@ a printed table with the mean and standard deviation over the splits.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import subprocess
@@ -24,6 +23,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from scripts.io.atomic import write_csv_rows, write_json
 
 SPLITS: dict[int, tuple[int, int, int]] = {1: (1, 2, 3), 2: (2, 1, 3), 3: (3, 2, 1)}
 BUNDLE_ROOT = Path(__file__).resolve().parents[2]
@@ -108,18 +109,15 @@ def combine_splits(score_files: dict[int, Path]) -> dict:
 
 
 def write_protocol_tables(table: dict, output_dir: Path) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "protocol_scores.json").write_text(json.dumps(_json_safe(table), indent=2) + "\n")
-    with open(output_dir / "protocol_scores.csv", "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["group", "name", "metric", "mean", "std", "n_splits"])
-        for key, s in table["overall"].items():
-            writer.writerow(["overall", "", key, s["mean"], s["std"], s["n_splits"]])
-        for name, s in table["per_class"].items():
-            writer.writerow(["class", name, "PQ", s["mean"], s["std"], s["n_splits"]])
-        for tissue, metrics in table["per_tissue"].items():
-            for key, s in metrics.items():
-                writer.writerow(["tissue", tissue, key, s["mean"], s["std"], s["n_splits"]])
+    rows = [["overall", "", key, s["mean"], s["std"], s["n_splits"]] for key, s in table["overall"].items()]
+    rows += [["class", name, "PQ", s["mean"], s["std"], s["n_splits"]] for name, s in table["per_class"].items()]
+    rows += [
+        ["tissue", tissue, key, s["mean"], s["std"], s["n_splits"]]
+        for tissue, metrics in table["per_tissue"].items()
+        for key, s in metrics.items()
+    ]
+    write_csv_rows(output_dir / "protocol_scores.csv", ["group", "name", "metric", "mean", "std", "n_splits"], rows)
+    write_json(output_dir / "protocol_scores.json", table)
 
 
 def format_table(table: dict) -> str:
@@ -129,12 +127,6 @@ def format_table(table: dict) -> str:
     lines += [f"  PQ {name:<13} {fmt(s)}" for name, s in table["per_class"].items()]
     lines += [f"  {tissue:<16} bPQ {fmt(m['bPQ'])}  mPQ {fmt(m['mPQ'])}" for tissue, m in table["per_tissue"].items()]
     return "\n".join(lines)
-
-
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def main(argv: list[str] | None = None) -> int:

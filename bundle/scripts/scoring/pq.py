@@ -23,13 +23,9 @@ should give each instance a single type.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import multiprocessing
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -37,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scripts.io.atomic import csv_text, json_text, write_text
 from scripts.pannuke.format import TYPE_NAMES
 
 MATCH_IOU = 0.5
@@ -304,36 +301,6 @@ def aggregate_scores(rows: Sequence[dict[str, float]], tissues: Sequence[str]) -
     return {"overall": overall, "per_tissue": per_tissue, "per_class": per_class}
 
 
-def _json_safe(value):
-    """NaN is not JSON: write it as null so that any JSON reader can load the scores."""
-    if isinstance(value, dict):
-        return {key: _json_safe(v) for key, v in value.items()}
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
-
-
-def _csv_text(header: Sequence[str], lines: Sequence[Sequence]) -> str:
-    """CSV text built in memory, so a failure leaves the old file untouched."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(lines)
-    return buffer.getvalue()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename it over `path` in one step."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_score_tables(rows: Sequence[dict[str, float]], tissues: Sequence[str], out_dir: str | os.PathLike) -> dict:
     """Write the per-image and per-tissue CSVs and the JSON summary under out_dir; return the aggregate.
 
@@ -342,18 +309,18 @@ def write_score_tables(rows: Sequence[dict[str, float]], tissues: Sequence[str],
     agg = aggregate_scores(rows, tissues)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    image_text = _csv_text(
+    image_text = csv_text(
         ("index", "tissue", *ROW_KEYS),
         [(i, tissue, *(row[key] for key in ROW_KEYS)) for i, (row, tissue) in enumerate(zip(rows, tissues))],
     )
-    tissue_text = _csv_text(
+    tissue_text = csv_text(
         ("tissue", "n_images", *ROW_KEYS),
         [(name, s["n_images"], *(s[key] for key in ROW_KEYS)) for name, s in agg["per_tissue"].items()],
     )
-    json_text = json.dumps(_json_safe(agg), indent=2, allow_nan=False) + "\n"
-    _write_atomic(out / PER_IMAGE_CSV, image_text)
-    _write_atomic(out / PER_TISSUE_CSV, tissue_text)
-    _write_atomic(out / SCORES_JSON, json_text)
+    scores_text = json_text(agg) + "\n"
+    write_text(out / PER_IMAGE_CSV, image_text)
+    write_text(out / PER_TISSUE_CSV, tissue_text)
+    write_text(out / SCORES_JSON, scores_text)
     return agg
 
 

@@ -11,20 +11,13 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
-import torch
 from ignite.engine import Engine, Events
 from torch.utils.tensorboard import SummaryWriter
 
+from scripts.nuclei.postprocess import as_plane
 from scripts.scoring.pq import CLASS_KEYS, TISSUE_MEAN_KEYS, format_summary, score_image, write_score_tables
 
 logger = logging.getLogger(__name__)
-
-
-def _plane(value: torch.Tensor | np.ndarray) -> np.ndarray:
-    """(1, H, W) or (H, W) tensor/array -> (H, W) numpy."""
-    array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
-    return array.reshape(array.shape[-2:])
 
 
 class PanNukeScoreHandler:
@@ -64,8 +57,8 @@ class PanNukeScoreHandler:
                     f"PanNukeScoreHandler needs {missing} in each item: add NucleiInstancesd to the post-processing "
                     "and 'inst', 'type' to the dataset keys (see `instances` and `dataset_keys` in configs/train.json)"
                 )
-            true_inst, true_type = (_plane(item[k]) for k in self.true_keys)
-            pred_inst, pred_type = (_plane(item[k]) for k in self.pred_keys)
+            true_inst, true_type = (as_plane(item[k]) for k in self.true_keys)
+            pred_inst, pred_type = (as_plane(item[k]) for k in self.pred_keys)
             self.rows.append(score_image(true_inst, true_type, pred_inst, pred_type))
             self.tissues.append(str(item[self.tissue_key]))
 
