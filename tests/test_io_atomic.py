@@ -1,0 +1,66 @@
+"""The one atomic writer: complete or untouched files, the user's permissions, a full disk named, strict JSON."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import stat
+
+import numpy as np
+import pytest
+import torch
+
+from scripts.io.atomic import atomic_write, json_text, write_csv_rows, write_json, write_text
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = write_text(tmp_path / "scores.json", "old")
+
+    def fail(tmp):
+        tmp.write_text("half of the new")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(path, fail)
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["scores.json"]
+
+
+def test_a_full_disk_is_reported_with_the_path(tmp_path):
+    def full(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match=r"no space left on the disk while writing .*model\.pt"):
+        atomic_write(tmp_path / "model.pt", full)
+    assert not list(tmp_path.iterdir())
+
+
+def test_outputs_get_the_permissions_the_umask_allows(tmp_path):
+    old = os.umask(0o027)
+    try:
+        path = write_text(tmp_path / "a.csv", "x\n")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640  # not mkstemp's 0600
+
+
+def test_overwrite_false_refuses_an_existing_file(tmp_path):
+    write_text(tmp_path / "a.txt", "first")
+    with pytest.raises(FileExistsError, match="a.txt already exists"):
+        write_text(tmp_path / "a.txt", "second", overwrite=False)
+    assert (tmp_path / "a.txt").read_text() == "first"
+
+
+def test_json_is_strict_nan_becomes_null_and_numbers_are_plain(tmp_path):
+    value = {"bPQ": math.nan, "n": np.int64(3), "x": np.float32(0.5), "t": torch.tensor([1.0, math.inf]), 1: "k"}
+    text = json_text(value)
+    assert json.loads(text) == {"bPQ": None, "n": 3, "x": 0.5, "t": [1.0, None], "1": "k"}
+    write_json(tmp_path / "s.json", value)
+    assert "NaN" not in (tmp_path / "s.json").read_text()
+
+
+def test_csv_rows(tmp_path):
+    write_csv_rows(tmp_path / "t.csv", ["a", "b"], [[1, "x"], [2, "y"]])
+    assert (tmp_path / "t.csv").read_text() == "a,b\n1,x\n2,y\n"
