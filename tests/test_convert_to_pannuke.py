@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -320,3 +321,65 @@ def test_real_consep_tiles(tmp_path: Path) -> None:
         for nucleus_id, source_type in zip(ids.tolist(), inst_type.tolist()):
             if (inst == nucleus_id).any():  # the dataset's own per-nucleus type agrees with the majority vote
                 assert (masks[i, ..., channel_of[source_type]] == nucleus_id).any()
+
+
+# ---------------------------------------------------------------- --split
+
+
+def _split_run(lab: Path, out: Path, *extra: str) -> int:
+    return main(["--images", str(lab / "images"), "--masks", str(lab / "masks"), "--output_dir", str(out), *extra])
+
+
+def test_split_shares_whole_images_out_into_three_folds(tmp_path: Path) -> None:
+    from pannuke_fixtures import write_lab_folder
+
+    lab = write_lab_folder(tmp_path / "lab", images=10)
+    assert _split_run(lab, tmp_path / "out", "--split", "0.8,0.1,0.1") == 0
+    record = json.loads((tmp_path / "out" / "split.json").read_text())
+    folds = {int(k): v for k, v in record["folds"].items()}
+    assert [len(folds[f]) for f in (1, 2, 3)] == [8, 1, 1]
+    assert sorted(sum(folds.values(), [])) == sorted(p.name for p in (lab / "images").iterdir())  # each image once
+    for fold, names in folds.items():
+        types = np.load(tmp_path / "out" / f"Fold {fold}" / "images" / f"fold{fold}" / "types.npy")
+        assert len(types) == 2 * len(names)  # a 256x300 image gives 2 tiles, all in its own fold
+    again = tmp_path / "again"
+    assert _split_run(lab, again, "--split", "0.8,0.1,0.1") == 0
+    assert json.loads((again / "split.json").read_text()) == record  # the seed makes the split reproducible
+
+
+def test_split_gives_every_fold_an_image_and_refuses_too_few(tmp_path: Path, capsys) -> None:
+    from pannuke_fixtures import write_lab_folder
+
+    from scripts.pannuke.convert import split_pairs
+
+    pairs = list(range(5))
+    shares = split_pairs(pairs, (0.98, 0.01, 0.01), seed=0)
+    assert sorted(len(v) for v in shares.values()) == [1, 1, 3] and sorted(sum(shares.values(), [])) == pairs
+    lab = write_lab_folder(tmp_path / "lab", images=2)
+    assert _split_run(lab, tmp_path / "out", "--split", "0.8,0.1,0.1") == 2
+    assert "needs at least 3 images" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_split_writes_nothing_if_one_input_is_bad(tmp_path: Path, capsys) -> None:
+    from pannuke_fixtures import write_lab_folder
+
+    lab = write_lab_folder(tmp_path / "lab", images=6)
+    (lab / "images" / "slide03.png").write_bytes(b"not a png")
+    assert _split_run(lab, tmp_path / "out", "--split", "0.6,0.2,0.2") == 2
+    assert "slide03.png" in capsys.readouterr().err
+    assert not list((tmp_path / "out").glob("Fold *"))
+
+
+@pytest.mark.parametrize("bad", ["0.8,0.2", "a,b,c", "-1,1,1"])
+def test_split_must_be_three_fractions(tmp_path: Path, bad: str) -> None:
+    with pytest.raises(SystemExit):
+        _split_run(tmp_path, tmp_path / "out", "--split", bad)
+
+
+def test_split_and_append_do_not_mix(tmp_path: Path, capsys) -> None:
+    from pannuke_fixtures import write_lab_folder
+
+    lab = write_lab_folder(tmp_path / "lab", images=3)
+    assert _split_run(lab, tmp_path / "out", "--split", "1,1,1", "--append") == 2
+    assert "--append adds to one fold" in capsys.readouterr().err

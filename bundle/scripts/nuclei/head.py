@@ -105,8 +105,18 @@ def _mean_inside(error: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
     return per_tile.mean()
 
 
-def loss_class_weights(target: str, type_weights: list[float], boundary_weight: float = 1.0) -> list[float]:
-    """DiceCE class weights: 1 for background, one per type, and `boundary_weight` for the outline class."""
+def loss_class_weights(
+    target: str, type_weights: Sequence[float] | None, boundary_weight: float = 1.0
+) -> list[float]:
+    """DiceCE class weights: 1 for background, one per type, and `boundary_weight` for the outline class.
+
+    Args:
+        target: "hv" or "boundary".
+        type_weights: one weight per type; None weighs the types equally (evaluate.json does, so that scoring a
+            test fold never needs the training folds the weights are counted on).
+        boundary_weight: the outline class's weight (boundary target only).
+    """
+    type_weights = [1.0] * NUM_TYPES if type_weights is None else list(type_weights)
     if len(type_weights) != NUM_TYPES:
         raise ValueError(f"type_weights needs one weight per type ({NUM_TYPES}), got {list(type_weights)}")
     weights = [1.0, *map(float, type_weights)]

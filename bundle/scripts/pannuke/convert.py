@@ -1,4 +1,4 @@
-"""Convert a lab's images + instance masks (+ optional type masks) into one PanNuke-format fold.
+"""Convert a lab's images + instance masks (+ optional type masks) into a PanNuke-format fold, or three.
 
 So the bundle can train on a lab's own annotations, this writes exactly what the official PanNuke release holds:
 
@@ -7,8 +7,14 @@ So the bundle can train on a lab's own annotations, this writes exactly what the
   <output_dir>/Fold K/masks/foldK/masks.npy     (N, 256, 256, 6) float64: channels 0-4 = instance ids of each
                                                  PanNuke type (TYPE_NAMES order), channel 5 = 1 where no nucleus
 
+With `--split 0.8,0.1,0.1` instead of `--fold K`, the images are shuffled (`--seed`) and shared out whole into
+folds 1, 2 and 3 in those proportions, so that the tiles of one image never straddle two folds; `split.json` beside
+the folds records which image went where.  The bundle's defaults (train 1, validate 2, test 3) then train and
+evaluate on the lab's folder with only `--dataset_dir`.
+
 Inputs, paired by file stem:
-  --images DIR  PNG / JPG / TIFF / NPY RGB images (RGBA is composited on white; grayscale and 16-bit are rejected)
+  --images DIR  PNG / JPG / TIFF / NPY RGB images, read by the bundle's one reader (scripts/io/images.py: RGBA on
+                white, 16-bit scaled, grayscale refused)
   --masks DIR   PNG / TIFF / NPY instance maps, or NPZ with `inst_map` and optionally `type_map`
   --types DIR   optional per-pixel type maps (PNG / TIFF / NPY, or NPZ with `type_map`); they win over an NPZ type_map
 
@@ -19,6 +25,7 @@ through --class_map (default: ids 1-5 are already PanNuke order); ids outside th
 Example (CoNSeP):
   python scripts/pannuke/convert.py --images consep/images --masks consep/labels --output_dir data/lab \\
       --fold 1 --tissue Colon --class_map "1:Dead,2:Inflammatory,3:Neoplastic,4:Connective"
+  python scripts/pannuke/convert.py --images lab/images --masks lab/masks --output_dir data/lab --split 0.8,0.1,0.1
 """
 
 from __future__ import annotations
@@ -38,8 +45,9 @@ if __package__ in (None, ""):  # run as a file (python scripts/pannuke/convert.p
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from scripts.errors import DataError
+from scripts.io.atomic import write_json
 from scripts.io.images import IMAGE_SUFFIXES, WHITE, read_labels, read_rgb
-from scripts.pannuke.files import fold_folder, fold_paths_inside
+from scripts.pannuke.files import FOLDS, fold_folder, fold_paths_inside
 from scripts.pannuke.format import NUM_TYPES, TILE_SIZE, TYPE_NAMES
 
 IMAGE_EXTS = (*IMAGE_SUFFIXES, ".npy")
@@ -75,6 +83,36 @@ def parse_class_map(text: str | None) -> dict[int, int]:
     return mapping
 
 
+def parse_split(text: str) -> tuple[float, float, float]:
+    """'0.8,0.1,0.1' -> three non-negative fractions of the images for folds 1, 2, 3 (normalised to sum 1)."""
+    try:
+        parts = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != len(FOLDS) or min(parts) < 0 or sum(parts) <= 0:
+        raise argparse.ArgumentTypeError(
+            f"expected three fractions for folds 1, 2, 3 such as 0.8,0.1,0.1, got {text!r}"
+        )
+    total = sum(parts)
+    return tuple(x / total for x in parts)  # type: ignore[return-value]
+
+
+def split_pairs(pairs: list[Pair], split: tuple[float, ...], seed: int) -> dict[int, list[Pair]]:
+    """Shuffle whole images (by `seed`) into folds in the proportions `split`; every fold with a share gets one."""
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    wanted = [fold for fold, share in zip(FOLDS, split, strict=True) if share > 0]
+    if len(pairs) < len(wanted):
+        raise DataError(f"--split needs at least {len(wanted)} images for folds {wanted}, found {len(pairs)}")
+    counts = [int(round(share * len(pairs))) if share > 0 else 0 for share in split]
+    for i, fold in enumerate(FOLDS):  # at least one image per fold asked for, taken from the largest
+        if fold in wanted and counts[i] == 0:
+            counts[int(np.argmax(counts))] -= 1
+            counts[i] = 1
+    counts[int(np.argmax(counts))] += len(pairs) - sum(counts)  # rounding: the largest fold absorbs the rest
+    bounds = np.cumsum([0, *counts])
+    return {fold: [pairs[j] for j in sorted(order[bounds[i] : bounds[i + 1]])] for i, fold in enumerate(FOLDS)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """All options; see the module docstring for the formats."""
     p = argparse.ArgumentParser(
@@ -94,7 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--types", type=Path, default=None, help="optional folder of per-pixel type maps (same stems)")
     p.add_argument("--output_dir", required=True, type=Path, help="PanNuke root; the fold goes in '<root>/Fold K'")
-    p.add_argument("--fold", required=True, type=int, choices=(1, 2, 3), help="fold number")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--fold", type=int, choices=FOLDS, help="write every tile into this one fold")
+    target.add_argument(
+        "--split",
+        type=parse_split,
+        help="share the images out into folds 1, 2, 3 in these proportions, e.g. 0.8,0.1,0.1 "
+        "(whole images, so no image straddles two folds)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="shuffle seed for --split (default 0)")
     p.add_argument(
         "--tissue", default="Unknown", help="tissue name stored in types.npy for every tile (default: Unknown)"
     )
@@ -462,22 +508,29 @@ def write_fold(root: Path, fold: int, tiles: list[Tile], tissue: str, append: bo
 # ---------------------------------------------------------------- CLI
 
 
+def target_folds(args: argparse.Namespace) -> tuple[int, ...]:
+    return FOLDS if args.split is not None else (args.fold,)
+
+
 def check_target(args: argparse.Namespace) -> None:
     """Refuse to touch an existing fold unless asked, before any work is done."""
-    final = fold_folder(args.output_dir, args.fold)
-    if final.exists() and not (args.append or args.overwrite):
-        raise DataError(f"{final} already exists; pass --append to add tiles to it or --overwrite to replace it")
+    if args.split is not None and args.append:
+        raise DataError("--append adds to one fold: use it with --fold, not with --split")
     if not 1 <= args.stride <= TILE_SIZE:
         raise DataError(f"--stride must be 1..{TILE_SIZE} (a larger step would skip pixels), got {args.stride}")
-    if args.append and final.exists():
-        check_existing_fold(fold_paths_inside(final, args.fold))
-    if args.append and not final.exists():
-        print(f"note: --append but {final} does not exist yet; creating it")
+    for fold in target_folds(args):
+        final = fold_folder(args.output_dir, fold)
+        if final.exists() and not (args.append or args.overwrite):
+            raise DataError(f"{final} already exists; pass --append to add tiles to it or --overwrite to replace it")
+        if args.append and final.exists():
+            check_existing_fold(fold_paths_inside(final, fold))
+        if args.append and not final.exists():
+            print(f"note: --append but {final} does not exist yet; creating it")
 
 
-def print_summary(summary: Summary, final: Path, orphans: list[Path]) -> None:
+def print_summary(summary: Summary, written: list[Path], orphans: list[Path]) -> None:
     """Counts a user can sanity-check against their annotation tool."""
-    print(f"wrote {final}")
+    print(f"wrote {', '.join(map(str, written))}")
     print(f"  images converted: {summary.images}, tiles written: {summary.tiles}")
     per_type = ", ".join(f"{TYPE_NAMES[c]} {summary.nuclei[c]}" for c in range(NUM_TYPES))
     print(f"  nuclei per type (a nucleus counts once per tile it appears in): {per_type}")
@@ -500,12 +553,20 @@ def count_nuclei(tiles: list[Tile]) -> Counter:
 
 
 def run(args: argparse.Namespace) -> Path:
-    """Whole conversion: check arguments and target, read and tile everything, then write the fold at once."""
+    """Whole conversion: check arguments and targets, read and tile everything, then write the fold(s).
+
+    Every input is read and checked before the first fold is written, so a bad file never leaves some folds new
+    and others old.
+    """
     rules = type_rules(args)
     check_target(args)
     pairs, problems, orphans = find_pairs(args.images, args.masks, args.types)
-    summary = Summary(skipped=problems)
-    tiles = convert_all(pairs, rules, args.stride, args.skip_empty, summary)
+    shares = {args.fold: pairs} if args.split is None else split_pairs(pairs, args.split, args.seed)
+    summary = Summary(skipped=list(problems))
+    tiles = {
+        fold: convert_all(fold_pairs, rules, args.stride, args.skip_empty, summary)
+        for fold, fold_pairs in shares.items()
+    }
     if summary.skipped:
         listed = "\n  ".join(summary.skipped)
         if not args.skip_bad:
@@ -514,13 +575,31 @@ def run(args: argparse.Namespace) -> Path:
                 f"(fix them, or pass --skip_bad to skip them):\n  {listed}"
             )
         warnings.warn(f"--skip_bad: skipped {len(summary.skipped)} bad input(s):\n  {listed}", stacklevel=2)
-    if not tiles:
-        raise DataError("no tiles to write (no valid pairs, or every tile empty with --skip_empty)")
-    summary.tiles = len(tiles)
-    summary.nuclei = count_nuclei(tiles)
-    final = write_fold(args.output_dir, args.fold, tiles, args.tissue, args.append)
-    print_summary(summary, final, orphans)
-    return final
+    empty = [fold for fold, fold_tiles in tiles.items() if not fold_tiles and shares[fold]]
+    if not any(tiles.values()) or empty:
+        where = f" for fold(s) {empty}" if args.split is not None and any(tiles.values()) else ""
+        raise DataError(f"no tiles to write{where} (no valid pairs, or every tile empty with --skip_empty)")
+    summary.tiles = sum(len(t) for t in tiles.values())
+    summary.nuclei = count_nuclei([tile for fold_tiles in tiles.values() for tile in fold_tiles])
+    written = [
+        write_fold(args.output_dir, fold, fold_tiles, args.tissue, args.append)
+        for fold, fold_tiles in tiles.items()
+        if fold_tiles
+    ]
+    print_summary(summary, written, orphans)
+    if args.split is None:
+        return written[0]
+    record = {
+        "split": list(args.split),
+        "seed": args.seed,
+        "folds": {str(fold): [p.image.name for p in fold_pairs] for fold, fold_pairs in shares.items()},
+    }
+    write_json(Path(args.output_dir) / "split.json", record)
+    counts = ", ".join(
+        f"fold {fold} {len(fold_pairs)} images / {len(tiles[fold])} tiles" for fold, fold_pairs in shares.items()
+    )
+    print(f"  split by image: {counts} (split.json)")
+    return Path(args.output_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
