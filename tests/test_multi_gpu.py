@@ -141,32 +141,79 @@ def test_sharded_evaluation_scores_the_whole_fold(runs, tmp_path):
 
 
 def overlay_handlers(configs: list[str], section: str, rank: int) -> tuple[set[str], set[str]]:
-    """(handler targets kept on `rank`, targets disabled there), evaluating each `_disabled_` expression."""
+    """(handler targets kept on `rank`, targets disabled there), evaluating each `_disabled_` flag as that rank."""
     parser = ConfigParser()
     parser.read_config([str(BUNDLE_ROOT / "configs" / c) for c in configs])
     parser.parse()
     kept, disabled = set(), set()
-    with mock.patch("torch.distributed.get_rank", return_value=rank):
+    with (
+        mock.patch("torch.distributed.is_initialized", return_value=True),
+        mock.patch("torch.distributed.get_rank", return_value=rank),
+    ):
         for i, item in enumerate(parser[section]):
-            target = type(parser.get_parsed_content(item[1:])).__name__ if isinstance(item, str) else item["_target_"]
+            if isinstance(item, str):  # a reference, such as @validate#early_stopper
+                target = parser[item[1:]]["_target_"]
+            else:
+                target = item["_target_"]
             has_flag = isinstance(item, dict) and "_disabled_" in item
             off = has_flag and parser.get_parsed_content(f"{section}#{i}#_disabled_")
             (disabled if off else kept).add(target.rsplit(".", 1)[-1])
     return kept, disabled
 
 
-def test_side_effect_handlers_run_on_rank_zero_only():
-    kept, disabled = overlay_handlers(MULTI_TRAIN, "train#handlers", rank=1)
-    assert kept == {"LrScheduleHandler", "ValidationHandler", "TrainingState"}  # TrainingState loads on every rank
-    assert disabled == {"StatsHandler", "TensorBoardStatsHandler", "LearningRateLogger"}
-    kept, disabled = overlay_handlers(MULTI_TRAIN, "validate#handlers", rank=1)
-    assert kept == {"EarlyStopHandler"}  # the gathered metric is the same on every rank, so all stop together
-    assert disabled == {"StatsHandler", "TensorBoardStatsHandler", "TensorBoardImageHandler", "BestModelSaver"}
-    assert overlay_handlers(MULTI_TRAIN, "validate#handlers", rank=0)[1] == set()
-    kept, disabled = overlay_handlers(MULTI_EVALUATE, "validate#handlers", rank=1)
-    # MetricsSaver and the PanNuke scorer gather across ranks (collective calls), so every rank runs them
-    assert kept == {"CheckpointLoader", "GatheredPanNukeScoreHandler", "MetricsSaver"}
-    assert disabled == {"StatsHandler", "MetricsJSONSaver"}
+@pytest.mark.parametrize("train", [TRAIN, MULTI_TRAIN])
+def test_side_effect_handlers_run_on_rank_zero_only(train):
+    """Named, not positional: train.json's `secondary_rank` switches MONAI's loggers off on ranks > 0, and the
+    bundle's own handlers check the rank themselves, so the multi-GPU overlays never touch a handler list."""
+    kept, disabled = overlay_handlers(train, "train#handlers", rank=1)
+    assert kept == {"LrScheduleHandler", "ValidationHandler", "LearningRateLogger", "TrainingState"}
+    assert disabled == {"StatsHandler", "TensorBoardStatsHandler"}
+    kept, disabled = overlay_handlers(train, "validate#handlers", rank=1)
+    assert kept == {"ResumableEarlyStopping", "BestModelSaver"}  # the same gathered metric on every rank
+    assert disabled == {"StatsHandler", "TensorBoardStatsHandler", "TensorBoardImageHandler"}
+    assert overlay_handlers(train, "validate#handlers", rank=0)[1] == set()
+    evaluate = EVALUATE if train == TRAIN else MULTI_EVALUATE
+    kept, disabled = overlay_handlers(evaluate, "validate#handlers", rank=1)
+    # the PanNuke scorer and MetricsSaver gather across ranks (collective calls), so every rank runs them
+    assert kept == {"CheckpointLoader", "PanNukeScoreHandler", "MetricsSaver", "MetricsJSONSaver"}
+    assert disabled == {"StatsHandler"}
+
+
+def test_overlays_name_what_they_change():
+    for name in ("multi_gpu_train.json", "multi_gpu_evaluate.json", "evaluate.json", "train_fast.json"):
+        keys = json.loads((BUNDLE_ROOT / "configs" / name).read_text())
+        positional = [k for k in keys if any(part.isdigit() for part in k.split("#"))]
+        assert not positional, f"{name} changes list positions: {positional}"
+
+
+def test_own_handlers_write_nothing_on_a_secondary_rank(tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+
+    from scripts.engine.checkpointing import BestModelSaver
+    from scripts.engine.handlers import LearningRateLogger, MetricsJSONSaver
+
+    state = {"epoch": 1, "best_metric_epoch": 1, "best_metric": 0.5, "key_metric_name": "val_bpq"}
+    engine = SimpleNamespace(state=SimpleNamespace(**state, metrics={"val_bpq": 0.5}))
+    network = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
+    handlers = [
+        BestModelSaver(network, tmp_path / "model.pt"),
+        LearningRateLogger(optimizer, str(tmp_path / "tb")),
+        MetricsJSONSaver(str(tmp_path)),
+    ]
+    with (
+        mock.patch("torch.distributed.is_initialized", return_value=True),
+        mock.patch("torch.distributed.get_rank", return_value=1),
+        mock.patch("ignite.distributed.get_rank", return_value=1),
+    ):
+        for handler in handlers:
+            handler(engine)
+    assert not list(tmp_path.iterdir())
+    for handler in handlers[::2]:  # and in a single process they do write
+        handler(engine)
+    assert {p.name for p in tmp_path.iterdir()} == {"model.pt", "metrics.json"}
 
 
 def test_outside_torchrun_the_overlay_says_how_to_start_it():

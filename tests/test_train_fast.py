@@ -160,3 +160,22 @@ def test_compile_flag_from_the_command_line_is_a_real_bool():
     parser.read_config([str(BUNDLE_ROOT / "configs" / c) for c in ("train.json", "train_fast.json")])
     parser["compile"] = "false"  # what `--compile false` hands over
     assert parser.get_parsed_content("train#trainer#compile") is False
+
+
+def test_both_training_paths_read_one_set_of_augmentation_numbers():
+    """train.json's `augmentation` is the only place the numbers live: change one there and both pipelines follow."""
+    from monai.bundle import ConfigParser
+
+    from conftest import BUNDLE_ROOT
+
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE_ROOT / "configs" / c) for c in ("train.json", "train_fast.json")])
+    parser["augmentation"]["affine_prob"] = 0.123
+    parser["augmentation"]["stain_shift_range"] = 0.0456
+    parser.parse()
+    cpu = {type(t).__name__: t for t in parser.get_parsed_content("train#random_transforms")}
+    fast = {type(t).__name__: t for t in parser.get_parsed_content("train#device_transforms").transforms}
+    assert cpu["RandAffined"].prob == fast["BatchAffine"].prob == 0.123
+    assert cpu["RandHEStainJitterd"].shift_range == fast["BatchStainJitter"].shift_range == 0.0456
+    raw = (BUNDLE_ROOT / "configs" / "train_fast.json").read_text()
+    assert "0.26" not in raw and "0.75" not in raw  # no copied numbers left to drift

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
-from monai.handlers import CheckpointLoader, EarlyStopHandler
+from ignite.handlers import EarlyStopping
+from monai.handlers import CheckpointLoader
 
 from scripts.engine.cli_flags import as_bool
 from scripts.io.atomic import atomic_write
@@ -56,8 +57,8 @@ class BestModelSaver:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        if engine.state.best_metric_epoch != engine.state.epoch:
-            return
+        if engine.state.best_metric_epoch != engine.state.epoch or idist.get_rank() != 0:
+            return  # every rank has the same weights under DDP: the main rank writes them
         atomic_save(unwrap(self.network).state_dict(), self.path)
         name = engine.state.key_metric_name
         logger.info(f"epoch {engine.state.epoch}: new best {name} {engine.state.best_metric:.4f}, saved {self.path}")
@@ -78,22 +79,43 @@ class BestMetricState:
         self.evaluator.state.best_metric_epoch = state["best_metric_epoch"]
 
 
-class EarlyStoppingState:
-    """The patience counter and best score of a MONAI EarlyStopHandler (kept by the ignite EarlyStopping inside it)."""
+class ResumableEarlyStopping:
+    """Stop training when the key metric has not improved for `patience` validations, resumably.
 
-    def __init__(self, handler: EarlyStopHandler) -> None:
-        self.handler = handler
+    Attach it to the evaluator; `set_trainer` names the engine to stop (train.json's `training` run step calls it).
+    It wraps ignite's EarlyStopping, whose counter and best score are a state dict that TrainingState saves, so a
+    resumed run keeps counting where the killed one stopped.  Every rank computes the same all-reduced metric, so
+    every rank stops at the same epoch.
 
-    def _stopper(self) -> Any:
-        if self.handler._handler is None:
-            raise RuntimeError("the EarlyStopHandler has no trainer yet: call set_trainer() before the trainer runs")
-        return self.handler._handler
+    Args:
+        patience: validations without improvement before training stops.
+        score_function: the evaluator's score, higher is better (e.g. monai.handlers.stopping_fn_from_metric).
+        min_delta: an increase of at most this much does not count as an improvement.
+    """
+
+    def __init__(self, patience: int, score_function: Callable[[Engine], float], min_delta: float = 0.0) -> None:
+        self.patience, self.score_function, self.min_delta = int(patience), score_function, float(min_delta)
+        self.stopping: EarlyStopping | None = None
+
+    def set_trainer(self, trainer: Engine) -> None:
+        self.stopping = EarlyStopping(self.patience, self.score_function, trainer, min_delta=self.min_delta)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def _require(self) -> EarlyStopping:
+        if self.stopping is None:
+            raise RuntimeError("ResumableEarlyStopping has no trainer: call set_trainer() before the trainer runs")
+        return self.stopping
+
+    def __call__(self, engine: Engine) -> None:
+        self._require()(engine)
 
     def state_dict(self) -> dict:
-        return dict(self._stopper().state_dict())
+        return dict(self._require().state_dict())
 
     def load_state_dict(self, state: Mapping) -> None:
-        self._stopper().load_state_dict(state)
+        self._require().load_state_dict(state)
 
 
 class RandomState:
@@ -126,7 +148,7 @@ class TrainingState:
         path: str | os.PathLike,
         objects: Mapping[str, Any],
         evaluator: Engine | None = None,
-        early_stopper: EarlyStopHandler | None = None,
+        early_stopper: ResumableEarlyStopping | None = None,
         resume: bool | str = False,
         map_location: Any = None,
     ) -> None:
@@ -142,7 +164,7 @@ class TrainingState:
         if evaluator is not None:
             self.objects["evaluator"] = BestMetricState(evaluator)
         if early_stopper is not None:
-            self.objects["early_stopping"] = EarlyStoppingState(early_stopper)
+            self.objects["early_stopping"] = early_stopper
 
     def attach(self, engine: Engine) -> None:
         self.objects["trainer"] = engine

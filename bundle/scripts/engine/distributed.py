@@ -1,5 +1,10 @@
-"""torchrun plumbing for the multi-GPU configs: join the process group, pick this rank's device, prepare the data
-once, and put per-tile evaluation results from all ranks back together.
+"""torchrun plumbing: join the process group, pick this rank's device, prepare the data once, and put per-tile
+evaluation results from all ranks back together.
+
+The bundle's own handlers and datasets call these helpers themselves, so they are right on 1 or N processes without
+an overlay swapping their classes (as MONAI's MetricsSaver is): the data is prepared `in_rank_order`, scores are
+gathered in dataset order, files are written by the main rank only.  MONAI's logging and TensorBoard handlers are
+switched off on the other ranks through train.json's named id `secondary_rank`.
 
 torchrun starts one process per GPU and describes the job in environment variables (RANK, LOCAL_RANK, WORLD_SIZE,
 MASTER_ADDR, MASTER_PORT).  Every rank parses the same config, so anything that writes shared files (the fold
@@ -15,13 +20,23 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
-from ignite.engine import Engine
-
-from scripts.pannuke.datasets import PanNuke
-from scripts.scoring.score_handler import PanNukeScoreHandler
 
 T = TypeVar("T")
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def is_main_rank() -> bool:
+    """True in a single process and on global rank 0 of a torchrun job: the one that writes shared outputs."""
+    return not is_distributed() or dist.get_rank() == 0
+
+
+def is_secondary_rank() -> bool:
+    """True on every rank of a torchrun job but rank 0 (train.json's `secondary_rank`, which disables handlers)."""
+    return not is_main_rank()
 
 
 def local_rank() -> int:
@@ -59,7 +74,7 @@ def in_rank_order(build: Callable[[], T]) -> T:
     any rank stops every rank at the end of that turn with the failing rank's message, instead of leaving the others
     waiting at a barrier until the collective times out.
     """
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         return build()
     my_turn = 0 if dist.get_rank() == 0 else 1 if local_rank() == 0 else 2
     result, error = None, None
@@ -80,34 +95,15 @@ def in_rank_order(build: Callable[[], T]) -> T:
     return result  # type: ignore[return-value]
 
 
-class DistributedPanNuke(PanNuke):
-    """PanNuke for torchrun: folds are checked and cached by one rank first, so no two ranks write the same cache."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        in_rank_order(lambda: PanNuke.__init__(self, *args, **kwargs))
-
-
 def gather_in_sampler_order(items: list[T]) -> list[T]:
     """All ranks' per-item results, in dataset order, on every rank.
 
     A DistributedSampler without shuffling hands rank r the items r, r + world_size, ... (MONAI's uneven split only
     drops the tail), so interleaving the ranks' lists restores the order a single process would have seen.
     """
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not is_distributed() or dist.get_world_size() == 1:
         return list(items)
     per_rank: list[list[T]] = [[] for _ in range(dist.get_world_size())]
     dist.all_gather_object(per_rank, list(items))
     longest = max(len(part) for part in per_rank)
     return [part[i] for i in range(longest) for part in per_rank if i < len(part)]
-
-
-class GatheredPanNukeScoreHandler(PanNukeScoreHandler):
-    """PanNukeScoreHandler for a sharded evaluation: rank 0 scores the rows of every rank, in dataset order.
-
-    Every rank must run it (the gather is collective); only rank 0 writes the tables, logs and TensorBoard scalars.
-    """
-
-    def complete(self, engine: Engine) -> None:
-        self.rows, self.tissues = gather_in_sampler_order(self.rows), gather_in_sampler_order(self.tissues)
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            super().complete(engine)

@@ -8,11 +8,14 @@ import torch
 from ignite.engine import Engine, Events
 from torch.utils.tensorboard import SummaryWriter
 
+from scripts.engine.distributed import is_main_rank
 from scripts.io.atomic import write_json
 
 
 class LearningRateLogger:
-    """Write the optimizer's learning rate to TensorBoard after every epoch (scheduled LRs are worth watching)."""
+    """Write the optimizer's learning rate to TensorBoard after every epoch (scheduled LRs are worth watching).
+
+    Under torchrun only the main rank writes."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, log_dir: str, tag: str = "learning_rate") -> None:
         self.optimizer, self.log_dir, self.tag = optimizer, log_dir, tag
@@ -23,13 +26,15 @@ class LearningRateLogger:
         engine.add_event_handler(Events.COMPLETED, lambda _: self._writer and self._writer.flush())
 
     def __call__(self, engine: Engine) -> None:
+        if not is_main_rank():
+            return
         if self._writer is None:
             self._writer = SummaryWriter(log_dir=self.log_dir)
         self._writer.add_scalar(self.tag, self.optimizer.param_groups[0]["lr"], engine.state.epoch)
 
 
 class MetricsJSONSaver:
-    """At the end of a run, write `engine.state.metrics` to `<output_dir>/<filename>` atomically."""
+    """At the end of a run, write `engine.state.metrics` to `<output_dir>/<filename>` atomically (main rank only)."""
 
     def __init__(self, output_dir: str, filename: str = "metrics.json", extra: dict | None = None) -> None:
         self.path = Path(output_dir) / filename
@@ -39,6 +44,8 @@ class MetricsJSONSaver:
         engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
+        if not is_main_rank():
+            return
         numbers = (int, float, torch.Tensor)
         metrics = {k: float(v) if isinstance(v, numbers) else v for k, v in engine.state.metrics.items()}
         write_json(self.path, {**self.extra, "metrics": metrics})

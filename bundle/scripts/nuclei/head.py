@@ -105,9 +105,7 @@ def _mean_inside(error: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
     return per_tile.mean()
 
 
-def loss_class_weights(
-    target: str, type_weights: Sequence[float] | None, boundary_weight: float = 1.0
-) -> list[float]:
+def loss_class_weights(target: str, type_weights: Sequence[float] | None, boundary_weight: float = 1.0) -> list[float]:
     """DiceCE class weights: 1 for background, one per type, and `boundary_weight` for the outline class.
 
     Args:

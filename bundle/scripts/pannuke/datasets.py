@@ -17,6 +17,8 @@ import numpy as np
 from monai.data import Dataset
 from monai.transforms import apply_transform
 
+from scripts.engine.distributed import in_rank_order
+from scripts.errors import DataError
 from scripts.pannuke.demo_data import ensure_demo_dataset
 from scripts.pannuke.cache import ensure_fold_cache, open_fold_cache
 from scripts.pannuke.files import FoldFiles, locate_folds
@@ -45,13 +47,16 @@ class PanNuke:
     ) -> None:
         if not dataset_dir:
             if demo_dir is None:
-                raise ValueError("dataset_dir is empty and no demo_dir was given: pass --dataset_dir /path/to/pannuke")
-            dataset_dir = ensure_demo_dataset(demo_dir)
+                raise DataError("dataset_dir is empty and no demo_dir was given: pass --dataset_dir /path/to/pannuke")
+            dataset_dir = in_rank_order(lambda: ensure_demo_dataset(demo_dir))
         self.dataset_dir = Path(dataset_dir)
         self.cache_dir = Path(cache_dir)
         self.files: dict[int, FoldFiles] = locate_folds(self.dataset_dir, as_fold_list(folds))
-        # every value check runs in the cache conversion: do it for all folds now, before any training starts
-        self.caches: dict[int, Path] = {fold: ensure_fold_cache(f, self.cache_dir) for fold, f in self.files.items()}
+        # every value check runs in the cache conversion: do it for all folds now, before any training starts; under
+        # torchrun one rank builds each cache and the others then find it built
+        self.caches: dict[int, Path] = in_rank_order(
+            lambda: {fold: ensure_fold_cache(f, self.cache_dir) for fold, f in self.files.items()}
+        )
 
     def cache(self, fold: int) -> Path:
         if fold not in self.caches:

@@ -14,6 +14,7 @@ import logging
 from ignite.engine import Engine, Events
 from torch.utils.tensorboard import SummaryWriter
 
+from scripts.engine.distributed import gather_in_sampler_order, is_main_rank
 from scripts.nuclei.postprocess import as_plane
 from scripts.scoring.pq import CLASS_KEYS, TISSUE_MEAN_KEYS, format_summary, score_image, write_score_tables
 
@@ -63,6 +64,10 @@ class PanNukeScoreHandler:
             self.tissues.append(str(item[self.tissue_key]))
 
     def complete(self, engine: Engine) -> None:
+        """Score every image of the run; under torchrun all ranks gather their rows and the main rank writes."""
+        self.rows, self.tissues = gather_in_sampler_order(self.rows), gather_in_sampler_order(self.tissues)
+        if not is_main_rank():
+            return
         if not self.rows:
             logger.warning("PanNukeScoreHandler: no images were scored")
             return
