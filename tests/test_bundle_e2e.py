@@ -66,6 +66,7 @@ def test_bad_dataset_fails_before_touching_the_model(trained, tmp_path):
     proc = run_bundle("training", TRAIN, work, "--dataset_dir", str(bad), "--epochs", "1", check=False)
     assert proc.returncode != 0
     assert "Fold 3/masks/fold3/masks.npy" in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr and "error: " in proc.stderr  # one readable line, no traceback wall
     assert hashlib.sha256(model.read_bytes()).hexdigest() == before
 
 

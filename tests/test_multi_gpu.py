@@ -218,7 +218,8 @@ def test_own_handlers_write_nothing_on_a_secondary_rank(tmp_path):
 
 def test_outside_torchrun_the_overlay_says_how_to_start_it():
     from scripts.engine.distributed import init_distributed
+    from scripts.errors import ConfigError
 
     outside = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    with mock.patch.dict(os.environ, outside, clear=True), pytest.raises(RuntimeError, match="started by torchrun"):
+    with mock.patch.dict(os.environ, outside, clear=True), pytest.raises(ConfigError, match="started by torchrun"):
         init_distributed()

@@ -18,6 +18,7 @@ from PIL import Image
 
 from bundle_launch import ENV
 from conftest import BUNDLE_ROOT
+from scripts.errors import ModelError
 from scripts.pannuke.demo_data import make_tile
 from scripts.engine.pretrained import export_half_precision, trained_or_shipped
 
@@ -59,7 +60,7 @@ def test_provenance_and_licence_are_documented():
 
 def test_trained_model_wins_over_the_shipped_one(tmp_path):
     shipped, trained = tmp_path / "shipped.pt", tmp_path / "models" / "model.pt"
-    with pytest.raises(FileNotFoundError, match="no trained weights"):
+    with pytest.raises(ModelError, match="no trained weights"):
         trained_or_shipped(trained, shipped)
     torch.save({"w": torch.ones(1)}, shipped)
     assert trained_or_shipped(trained, shipped) == str(shipped)

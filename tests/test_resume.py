@@ -20,6 +20,7 @@ import torch
 
 from bundle_launch import launch, start
 from pannuke_fixtures import write_dataset
+from scripts.errors import ModelError
 from scripts.engine.checkpointing import BestMetricState, BestModelSaver, TrainingState, atomic_save
 from scripts.engine.cli_flags import as_bool
 
@@ -108,7 +109,7 @@ def test_resumed_run_ends_where_an_uninterrupted_run_ends(killed_and_resumed):
 
 
 def test_resume_without_a_saved_state_says_so(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+    with pytest.raises(ModelError, match="nothing to resume"):
         TrainingState(tmp_path / "training_state.pt", objects={}, resume="true")
 
 

@@ -1,1 +1,8 @@
-"""Custom code of the PanNuke nuclei bundle: one module per job (loading, targets, post-processing, metrics, ...)."""
+"""Custom code of the PanNuke nuclei bundle, one folder per stage of the data flow (see docs/README.md).
+
+Importing it makes the bundle's expected errors (scripts/errors.py) end a run with one readable message.
+"""
+
+from scripts.errors import install_error_report
+
+install_error_report()

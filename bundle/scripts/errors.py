@@ -4,11 +4,22 @@ Each message names the file (or option) at fault, what was expected and found, a
 that escapes is a bug, or a fault of the machine, and keeps its traceback.
 
   DataError       datasets, folds, caches, the converter, and any image that cannot be read
-  ModelError      weights and checkpoints: missing, truncated, of another network or class count
-  InferenceError  a whole inference run cannot start (no input, unusable output folder)
+  ModelError      weights and checkpoints: missing, truncated, non-finite, of another network or class count
+  InferenceError  a whole inference run cannot start (no input)
+  ConfigError     an option that cannot be used as given: a yes/no flag, a folder that cannot be written, a run
+                  folder another run holds
+
+One mechanism turns them into what a user reads: importing `scripts` (which every workflow does) installs
+`report_bundle_errors` as `sys.excepthook`.  When a run ends with an exception that is, or was caused by, a
+BundleError, the user sees `error: <message>` and the exit status is 1, without the traceback wall of MONAI's
+"Failed to instantiate component"; any other exception keeps Python's full traceback.
 """
 
 from __future__ import annotations
+
+import os
+import sys
+from types import TracebackType
 
 
 class BundleError(Exception):
@@ -24,4 +35,37 @@ class ModelError(BundleError):
 
 
 class InferenceError(BundleError, ValueError):
-    """An inference run that cannot start: the input as a whole, or where its outputs go."""
+    """An inference run that cannot start: the input as a whole."""
+
+
+class ConfigError(BundleError, ValueError):
+    """An option or folder the run cannot use as given."""
+
+
+def bundle_error_in(error: BaseException | None) -> BundleError | None:
+    """The BundleError that `error` is or was raised from (MONAI wraps them in RuntimeError), if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, BundleError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def report_bundle_errors(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
+    """sys.excepthook: one readable message for expected errors, the full traceback for anything else.
+
+    Set PANNUKE_TRACEBACK=1 to see the traceback of an expected error too.
+    """
+    expected = bundle_error_in(error)
+    if expected is None or os.environ.get("PANNUKE_TRACEBACK"):
+        sys.__excepthook__(kind, error, tb)
+        return
+    print(f"error: {expected}", file=sys.stderr)
+
+
+def install_error_report() -> None:
+    """Make `report_bundle_errors` the process's excepthook, once (it leaves other hooks, e.g. a debugger's, alone)."""
+    if sys.excepthook is sys.__excepthook__:
+        sys.excepthook = report_bundle_errors

@@ -22,6 +22,7 @@ from ignite.handlers import EarlyStopping
 from monai.handlers import CheckpointLoader
 
 from scripts.engine.cli_flags import as_bool
+from scripts.errors import ModelError
 from scripts.io.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ class TrainingState:
     ) -> None:
         self.path, self.resume, self.map_location = Path(path), as_bool(resume, "resume"), map_location
         if self.resume and not self.path.is_file():
-            raise FileNotFoundError(
+            raise ModelError(
                 f"--resume true, but there is no training state at {self.path}: nothing to resume. Start without "
                 "--resume, or point --ckpt_dir at the models folder of the run to continue."
             )

@@ -6,6 +6,8 @@ string 'true', and any non-empty string, 'false' included, is truthy.  Options r
 
 from __future__ import annotations
 
+from scripts.errors import ConfigError
+
 WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
@@ -15,5 +17,5 @@ def as_bool(value: bool | int | str, name: str) -> bool:
         return value
     word = str(value).strip().lower()
     if word not in WORDS:
-        raise ValueError(f"--{name} must be true or false, got {value!r}")
+        raise ConfigError(f"--{name} must be true or false, got {value!r}")
     return WORDS[word]

@@ -21,6 +21,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from scripts.errors import BundleError, ConfigError, DataError
+
 T = TypeVar("T")
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -54,7 +56,7 @@ def init_distributed() -> int:
         return dist.get_rank()
     missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
     if missing:
-        raise RuntimeError(
+        raise ConfigError(
             f"the multi_gpu_*.json configs must be started by torchrun (missing {', '.join(missing)}), e.g. "
             "torchrun --nproc_per_node 2 -m monai.bundle run training --config_file "
             "\"['configs/train.json','configs/multi_gpu_train.json']\" ..."
@@ -84,14 +86,16 @@ def in_rank_order(build: Callable[[], T]) -> T:
                 result = build()
             except Exception as e:  # re-raised below, after the other ranks have heard about it
                 error = e
-        messages: list[str | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}")
+        messages: list[tuple[bool, str] | None] = [None] * dist.get_world_size()
+        report = None if error is None else (isinstance(error, BundleError), f"{type(error).__name__}: {error}")
+        dist.all_gather_object(messages, report)
         if error is not None:
             raise error
         failed = [(rank, message) for rank, message in enumerate(messages) if message]
         if failed:
-            rank, message = failed[0]
-            raise RuntimeError(f"rank {rank} failed while preparing the data, so this rank stops too: {message}")
+            rank, (expected, message) = failed[0]
+            text = f"rank {rank} failed while preparing the data, so this rank stops too: {message}"
+            raise DataError(text) if expected else RuntimeError(text)
     return result  # type: ignore[return-value]
 
 

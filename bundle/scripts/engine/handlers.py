@@ -9,6 +9,7 @@ from ignite.engine import Engine, Events
 from torch.utils.tensorboard import SummaryWriter
 
 from scripts.engine.distributed import is_main_rank
+from scripts.errors import ModelError
 from scripts.io.atomic import write_json
 
 
@@ -54,7 +55,7 @@ class MetricsJSONSaver:
 def require_checkpoint(path: str) -> str:
     """Fail early, with the way out, when the weights an evaluation or inference needs are missing."""
     if not Path(path).is_file():
-        raise FileNotFoundError(
+        raise ModelError(
             f"no trained weights at {path}. Train first (python -m monai.bundle run training --config_file "
             f"configs/train.json ...), or copy a model.pt state dict there, or pass --checkpoint /path/to/model.pt."
         )

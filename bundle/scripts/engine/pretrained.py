@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from scripts.engine.checkpointing import atomic_save
+from scripts.errors import ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def trained_or_shipped(trained: str | os.PathLike, shipped: str | os.PathLike) -
     if Path(shipped).is_file():
         logger.info(f"no trained model at {trained}: using the shipped pretrained model {shipped} ({SHIPPED_LICENCE})")
         return str(shipped)
-    raise FileNotFoundError(
+    raise ModelError(
         f"no trained weights at {trained} and no shipped pretrained model at {shipped}. Train first (python -m "
         "monai.bundle run training --config_file configs/train.json ...), or pass --checkpoint /path/to/model.pt."
     )
