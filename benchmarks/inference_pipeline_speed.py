@@ -177,7 +177,7 @@ def main() -> None:
         for i in range(args.images):
             Image.fromarray(he_image(args.image_size, 10 + i)).save(folder / f"image_{i}.png")
         run = bundle_parser(args, input_dir=str(folder), output_dir=str(Path(tmp) / "out"), overwrite=True)
-        run["handlers"] = [h for h in run["handlers"] if "CheckpointLoader" not in str(h)]
+        run["handlers"] = [h for h in run["handlers"] if "WeightsLoader" not in str(h)]
         run["network"] = network  # already loaded above, with or without a checkpoint
         evaluator = run.get_parsed_content("evaluator")
         guard = run.get_parsed_content("guard")

@@ -133,7 +133,7 @@ def test_an_image_failing_inside_the_engine_does_not_stop_the_run(tmp_path, capl
     parser = bundle_parser()
     for key, value in settings.items():
         parser[key] = value
-    parser["handlers"] = [h for h in parser["handlers"] if "CheckpointLoader" not in str(h)]
+    parser["handlers"] = [h for h in parser["handlers"] if "WeightsLoader" not in str(h)]
     with caplog.at_level("INFO"):
         parser.get_parsed_content("evaluator").run()
     guard = parser.get_parsed_content("guard")

@@ -64,3 +64,14 @@ def test_json_is_strict_nan_becomes_null_and_numbers_are_plain(tmp_path):
 def test_csv_rows(tmp_path):
     write_csv_rows(tmp_path / "t.csv", ["a", "b"], [[1, "x"], [2, "y"]])
     assert (tmp_path / "t.csv").read_text() == "a,b\n1,x\n2,y\n"
+
+
+def test_an_unwritable_output_folder_is_refused_before_work(tmp_path):
+    from scripts.errors import ConfigError
+    from scripts.io.atomic import require_writable
+
+    assert require_writable(tmp_path / "new" / "eval", "output_dir").is_dir()
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ConfigError, match=r"--output_dir .*file/eval cannot be written"):
+        require_writable(tmp_path / "file" / "eval", "output_dir")
+    assert not list((tmp_path / "new" / "eval").iterdir())  # the probe leaves nothing behind

@@ -166,7 +166,13 @@ def test_side_effect_handlers_run_on_rank_zero_only(train):
     """Named, not positional: train.json's `secondary_rank` switches MONAI's loggers off on ranks > 0, and the
     bundle's own handlers check the rank themselves, so the multi-GPU overlays never touch a handler list."""
     kept, disabled = overlay_handlers(train, "train#handlers", rank=1)
-    assert kept == {"LrScheduleHandler", "ValidationHandler", "LearningRateLogger", "TrainingState"}
+    assert kept == {
+        "StopOnNonFiniteLoss",
+        "LrScheduleHandler",
+        "ValidationHandler",
+        "LearningRateLogger",
+        "TrainingState",
+    }
     assert disabled == {"StatsHandler", "TensorBoardStatsHandler"}
     kept, disabled = overlay_handlers(train, "validate#handlers", rank=1)
     assert kept == {"ResumableEarlyStopping", "BestModelSaver"}  # the same gathered metric on every rank
@@ -175,7 +181,7 @@ def test_side_effect_handlers_run_on_rank_zero_only(train):
     evaluate = EVALUATE if train == TRAIN else MULTI_EVALUATE
     kept, disabled = overlay_handlers(evaluate, "validate#handlers", rank=1)
     # the PanNuke scorer and MetricsSaver gather across ranks (collective calls), so every rank runs them
-    assert kept == {"CheckpointLoader", "PanNukeScoreHandler", "MetricsSaver", "MetricsJSONSaver"}
+    assert kept == {"WeightsLoader", "PanNukeScoreHandler", "MetricsSaver", "MetricsJSONSaver"}
     assert disabled == {"StatsHandler"}
 
 

@@ -5,6 +5,7 @@ import pytest
 
 from pannuke_fixtures import fold_path, rewrite, write_dataset
 from scripts.errors import DataError
+from scripts.pannuke.demo_data import write_demo_dataset
 from scripts.pannuke.files import locate_folds
 
 
@@ -85,3 +86,27 @@ def test_float32_and_uint8_sources_accepted(tmp_path):
     rewrite(tmp_path, 1, "images", lambda a: a.astype(np.uint8))
     rewrite(tmp_path, 1, "masks", lambda a: a.astype(np.float32))
     assert locate_folds(tmp_path, [1])[1].fold == 1
+
+
+def test_both_layouts_present_is_said(tmp_path, caplog):
+    write_demo_dataset(tmp_path, tiles_per_fold=(1, 1, 1), layout="official")
+    write_demo_dataset(tmp_path, tiles_per_fold=(1, 1, 1), layout="kaggle")
+    with caplog.at_level("WARNING"):
+        files = locate_folds(tmp_path, [1])
+    assert files[1].layout == "official" and "both layouts" in caplog.text
+
+
+def test_fortran_ordered_arrays_are_read_not_refused(tmp_path):
+    import numpy as np
+
+    from scripts.pannuke.cache import read_tiles
+    from scripts.pannuke.files import check_fold_headers, read_npy_header
+
+    write_demo_dataset(tmp_path, tiles_per_fold=(3, 1, 1))
+    files = locate_folds(tmp_path, [1])[1]
+    images = np.load(files.images)
+    np.save(files.images, np.asfortranarray(images))
+    assert check_fold_headers(files) == 3
+    header = read_npy_header(files.images)
+    assert header.fortran_order
+    np.testing.assert_array_equal(read_tiles(files.images, header, 1, 3), images[1:3])

@@ -22,7 +22,9 @@ from ignite.handlers import EarlyStopping
 from monai.handlers import CheckpointLoader
 
 from scripts.engine.cli_flags import as_bool
+from scripts.engine.weights import check_finite, load_into, read_checkpoint
 from scripts.errors import ModelError
+from scripts.io.atomic import require_writable
 from scripts.io.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -53,6 +55,11 @@ class BestModelSaver:
 
     def __init__(self, network: torch.nn.Module, path: str | os.PathLike) -> None:
         self.network, self.path = network, Path(path)
+        if self.path.is_file() and idist.get_rank() == 0:
+            logger.warning(
+                f"{self.path} holds an earlier run's weights; this run replaces them at its first best validation "
+                "(copy the file elsewhere now to keep it)"
+            )
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
@@ -154,6 +161,7 @@ class TrainingState:
         map_location: Any = None,
     ) -> None:
         self.path, self.resume, self.map_location = Path(path), as_bool(resume, "resume"), map_location
+        require_writable(self.path.parent, "ckpt_dir")
         if self.resume and not self.path.is_file():
             raise ModelError(
                 f"--resume true, but there is no training state at {self.path}: nothing to resume. Start without "
@@ -170,9 +178,22 @@ class TrainingState:
     def attach(self, engine: Engine) -> None:
         self.objects["trainer"] = engine
         if self.resume:
+            self.check_resumable()
             loader = CheckpointLoader(load_path=str(self.path), load_dict=self.objects, map_location=self.map_location)
             loader.attach(engine)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
+
+    def check_resumable(self) -> None:
+        """Refuse, before training starts, a state that is unreadable, of another kind, NaN, or of another network."""
+        state = read_checkpoint(self.path, self.map_location)
+        missing = [key for key in self.objects if key not in state]
+        if missing:
+            raise ModelError(
+                f"{self.path} is not a training state this run can resume: it lacks {', '.join(missing)}. It was "
+                "written by another version or tool; start without --resume"
+            )
+        check_finite(state["model"], self.path, "model")
+        load_into(self.objects["model"], state["model"], self.path)
 
     def save(self, engine: Engine) -> None:
         if idist.get_rank() == 0:

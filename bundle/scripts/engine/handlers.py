@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 from ignite.engine import Engine, Events
+from monai.handlers import from_engine
 from torch.utils.tensorboard import SummaryWriter
 
 from scripts.engine.distributed import is_main_rank
@@ -32,6 +33,36 @@ class LearningRateLogger:
         if self._writer is None:
             self._writer = SummaryWriter(log_dir=self.log_dir)
         self._writer.add_scalar(self.tag, self.optimizer.param_groups[0]["lr"], engine.state.epoch)
+
+
+class StopOnNonFiniteLoss:
+    """Stop training with an error, at the end of the epoch, if any step's loss was NaN or infinite.
+
+    The check stays on the device during the epoch (no extra synchronisation per step) and runs before validation,
+    so a diverged run never saves its weights or a training state as if nothing had happened.  Put it first in
+    `train#handlers`.
+    """
+
+    def __init__(self, loss_key: str = "loss") -> None:
+        self.loss_key = loss_key
+        self.bad: torch.Tensor | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.record)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.check)
+
+    def record(self, engine: Engine) -> None:
+        loss = from_engine([self.loss_key], first=True)(engine.state.output)
+        bad = ~torch.isfinite(torch.as_tensor(loss).detach())
+        self.bad = bad if self.bad is None else self.bad | bad
+
+    def check(self, engine: Engine) -> None:
+        bad, self.bad = self.bad, None
+        if bad is not None and bool(bad.any()):
+            raise ModelError(
+                f"the training loss became NaN or infinite in epoch {engine.state.epoch}; nothing of this epoch was "
+                "saved. Lower --learning_rate, or check the data (a tile with NaN would have been refused)"
+            )
 
 
 class MetricsJSONSaver:

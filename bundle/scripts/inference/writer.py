@@ -32,6 +32,7 @@ from monai.transforms import MapTransform
 
 from scripts.nuclei.postprocess import as_plane
 from scripts.engine.cli_flags import as_bool
+from scripts.io.atomic import require_writable
 from scripts.io.nuclei_writers import (
     instances_to_geojson,
     measurements_table,
@@ -80,7 +81,7 @@ class NucleiOutputsWriterd(MapTransform):
         inst_probs_key: str = "inst_probs",
     ) -> None:
         super().__init__(keys=inst_key)
-        self.output_dir = Path(output_dir)
+        self.output_dir = require_writable(output_dir, "output_dir")
         self.overwrite = as_bool(overwrite, "overwrite")  # --overwrite false must not mean True
         self.save_nifti = as_bool(save_nifti, "save_nifti")
         self.name_key, self.image_key = name_key, image_key

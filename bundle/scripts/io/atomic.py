@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from scripts.errors import ConfigError
+
 PathLike = str | os.PathLike
 
 
@@ -59,6 +61,26 @@ def atomic_write(path: PathLike, write: Callable[[Path], None], overwrite: bool 
         raise
     fsync_folder(path.parent)
     return path
+
+
+def require_writable(folder: PathLike, option: str) -> Path:
+    """Create `folder` if needed and prove a file can be written in it, before any long work; a ConfigError otherwise.
+
+    Args:
+        folder: the output folder.
+        option: the config id that names it (ckpt_dir, output_dir), for the message.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            f"--{option} {folder} cannot be written ({err.strerror or err}); pass --{option} with a folder you can "
+            "write, or fix its permissions"
+        ) from None
+    return folder
 
 
 def fsync_folder(folder: PathLike) -> None:

@@ -115,6 +115,12 @@ def convert_chunk(images: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarray
 
 def read_tiles(path: Path, header: NpyHeader, start: int, stop: int) -> np.ndarray:
     """Copy tiles [start, stop) out of a .npy file through a memory map that is dropped right away."""
+    if header.fortran_order:  # tiles are strided through the whole file: map it all, copy only the chunk
+        mm = np.memmap(path, header.dtype, "r", offset=header.offset, shape=header.shape, order="F")
+        try:
+            return np.ascontiguousarray(mm[start:stop])
+        finally:
+            del mm
     tile_bytes = int(np.prod(header.shape[1:])) * header.dtype.itemsize
     offset, shape = header.offset + start * tile_bytes, (stop - start, *header.shape[1:])
     mm = np.memmap(path, header.dtype, "r", offset=offset, shape=shape)

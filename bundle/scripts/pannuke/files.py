@@ -100,6 +100,12 @@ def fold_paths_inside(folder: str | os.PathLike, fold: int, layout: str = "offic
 
 def find_fold(dataset_dir: Path, fold: int) -> FoldFiles:
     """Locate one fold in either layout; the error lists every path tried."""
+    present = [layout for layout in LAYOUTS if fold_paths(dataset_dir, fold, layout)["images"].is_file()]
+    if len(present) > 1:
+        logger.warning(
+            f"fold {fold} exists in both layouts in {dataset_dir} ({' and '.join(present)}); using the {present[0]} "
+            "one. Remove the other copy if it is not the same data."
+        )
     tried = []
     for layout, pattern in LAYOUTS.items():
         paths = fold_paths(dataset_dir, fold, layout)
@@ -123,10 +129,10 @@ def check_fold_headers(files: FoldFiles) -> int:
     _expect_shape(files.images, images, (TILE_SIZE, TILE_SIZE, 3), "(N, 256, 256, 3) RGB tiles")
     _expect_shape(files.masks, masks, (TILE_SIZE, TILE_SIZE, 6), "(N, 256, 256, 6): 5 type channels + background")
     for path, header in ((files.images, images), (files.masks, masks)):
-        if header.dtype.kind not in "fiu" or header.fortran_order:
+        if header.dtype.kind not in "fiu":
             raise DataError(
-                f"{path}: expected a C-ordered numeric array (PanNuke ships float64), found dtype {header.dtype}"
-                f"{' in Fortran order' if header.fortran_order else ''}. Re-download the file."
+                f"{path}: expected a numeric array (PanNuke ships float64), found dtype {header.dtype}. "
+                "Re-download the file, or save it with np.save(path, array.astype(np.float64))."
             )
     if types.dtype.kind == "O":
         raise DataError(

@@ -15,6 +15,7 @@ from ignite.engine import Engine, Events
 from torch.utils.tensorboard import SummaryWriter
 
 from scripts.engine.distributed import gather_in_sampler_order, is_main_rank
+from scripts.io.atomic import require_writable
 from scripts.nuclei.postprocess import as_plane
 from scripts.scoring.pq import CLASS_KEYS, TISSUE_MEAN_KEYS, format_summary, score_image, write_score_tables
 
@@ -35,6 +36,8 @@ class PanNukeScoreHandler:
         tissue_key: str = "tissue",
     ) -> None:
         self.output_dir, self.log_dir = output_dir, log_dir
+        if is_main_rank():
+            require_writable(output_dir, "output_dir")
         self.pred_keys = (pred_inst_key, pred_type_key)
         self.true_keys = (true_inst_key, true_type_key)
         self.tissue_key = tissue_key

@@ -1,0 +1,29 @@
+"""The bundle's small ignite handlers: a diverged training stops with an error before anything is saved."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from scripts.engine.handlers import StopOnNonFiniteLoss
+from scripts.errors import ModelError
+
+
+def _epoch(handler: StopOnNonFiniteLoss, losses: list[float], epoch: int = 1) -> None:
+    engine = SimpleNamespace(state=SimpleNamespace(epoch=epoch, output=None))
+    for loss in losses:
+        engine.state.output = [{"loss": torch.tensor(loss)}]
+        handler.record(engine)
+    handler.check(engine)
+
+
+def test_finite_losses_pass_and_a_nan_stops_the_epoch():
+    handler = StopOnNonFiniteLoss()
+    _epoch(handler, [0.9, 0.8])
+    with pytest.raises(ModelError, match="loss became NaN or infinite in epoch 2.*--learning_rate"):
+        _epoch(handler, [0.7, float("nan"), 0.6], epoch=2)
+    with pytest.raises(ModelError):
+        _epoch(handler, [float("inf")], epoch=3)
+    _epoch(handler, [0.5], epoch=4)  # each epoch is judged on its own steps
