@@ -383,3 +383,47 @@ def test_split_and_append_do_not_mix(tmp_path: Path, capsys) -> None:
     lab = write_lab_folder(tmp_path / "lab", images=3)
     assert _split_run(lab, tmp_path / "out", "--split", "1,1,1", "--append") == 2
     assert "--append adds to one fold" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- full disks
+
+
+def test_too_little_free_space_is_refused_before_writing(tmp_path: Path, capsys, monkeypatch) -> None:
+    import shutil as sh
+
+    _write_set(tmp_path, "a", (256, 256))
+    monkeypatch.setattr(sh, "disk_usage", lambda p: sh._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
+    assert _run(tmp_path, "--class_map", CONSEP_MAP) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'out'}: writing 1 tiles needs 0.01 GB, but only 0.00 GB are free" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())  # no hidden temp fold left
+
+
+def test_a_disk_that_fills_up_is_named_and_cleaned_up(tmp_path: Path, capsys, monkeypatch) -> None:
+    import errno
+
+    import scripts.pannuke.convert as convert
+
+    _write_set(tmp_path, "a", (256, 256))
+
+    def full(f, *args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(convert, "write_npy_header", full)
+    assert _run(tmp_path, "--class_map", CONSEP_MAP) == 2
+    err = capsys.readouterr().err
+    assert "images.npy: the disk filled up while writing the fold" in err and "Traceback" not in err
+    assert not any((tmp_path / "out").iterdir())
+
+
+def test_a_written_fold_is_not_private(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    _write_set(tmp_path, "a", (256, 256))
+    old = os.umask(0o022)
+    try:
+        assert _run(tmp_path, "--class_map", CONSEP_MAP) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out" / "Fold 1").stat().st_mode) == 0o755

@@ -126,3 +126,91 @@ def test_large_chunked_fold_matches(tmp_path, monkeypatch):
     cache = open_fold_cache(_cache(root, tmp_path))
     assert np.array_equal(cache["image"], np.load(fold_path(root, 1, "images")).astype(np.uint8))
     assert os.path.getsize(_cache(root, tmp_path) / "image.npy") > 5 * 256 * 256 * 3
+
+
+# ---------------------------------------------------------------- integrity
+
+
+def _fresh_process(monkeypatch):
+    """A new process has checked no checksum yet."""
+    import scripts.pannuke.cache as pc
+
+    monkeypatch.setattr(pc, "_VERIFIED", set())
+
+
+def _expected_image(root):
+    return np.load(fold_path(root, 1, "images")).astype(np.uint8)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "overwrite", "meta_truncated", "meta_missing", "file_missing"])
+def test_a_damaged_cache_is_rebuilt_with_a_log_line(tmp_path, monkeypatch, caplog, damage):
+    root = write_dataset(tmp_path / "data")
+    cache = _cache(root, tmp_path)
+    image = cache / "image.npy"
+    if damage == "truncate":
+        os.truncate(image, image.stat().st_size // 2)
+    elif damage == "overwrite":  # same size, other bytes: only the checksum sees it
+        with open(image, "r+b") as f:
+            f.seek(-1000, os.SEEK_END)
+            f.write(b"\xff" * 1000)
+    elif damage == "meta_truncated":
+        meta = cache / "meta.json"
+        meta.write_text(meta.read_text()[:40])
+    elif damage == "meta_missing":
+        (cache / "meta.json").unlink()
+    else:
+        (cache / "label.npy").unlink()
+    _fresh_process(monkeypatch)
+    with caplog.at_level("WARNING"):
+        rebuilt = _cache(root, tmp_path)
+    assert "rebuilding it" in caplog.text and str(cache) in caplog.text
+    assert np.array_equal(open_fold_cache(rebuilt)["image"], _expected_image(root))
+
+
+def test_a_source_swapped_with_the_same_size_and_mtime_is_noticed(tmp_path):
+    root = write_dataset(tmp_path / "data")
+    _cache(root, tmp_path)
+    path = fold_path(root, 1, "images")
+    stat = path.stat()
+    swapped = tmp_path / "swapped.npy"
+    np.save(swapped, 255 - np.load(path))
+    os.replace(swapped, path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert path.stat().st_size == stat.st_size and path.stat().st_mtime_ns == stat.st_mtime_ns
+    assert np.array_equal(open_fold_cache(_cache(root, tmp_path))["image"], _expected_image(root))
+
+
+def test_temporaries_of_a_killed_build_are_removed(tmp_path):
+    root = write_dataset(tmp_path / "data")
+    cache = _cache(root, tmp_path)
+    orphan = cache.with_name(f"{cache.name}.tmp99999999")
+    orphan.mkdir()
+    (orphan / "image.npy").write_bytes(b"half")
+    rewrite(root, 1, "images", lambda a: 255 - a)  # the next build runs, and cleans up first
+    _cache(root, tmp_path)
+    assert not orphan.exists()
+    assert not list(cache.parent.glob("*.lock"))
+
+
+def test_a_second_run_waits_for_the_build_and_uses_it(tmp_path, monkeypatch):
+    """Another live process holds the build lock: this run waits, then finds the cache built."""
+    import subprocess
+    import sys
+
+    import scripts.pannuke.cache as pc
+    from scripts.errors import ConfigError
+
+    root = write_dataset(tmp_path / "data")
+    files = locate_folds(root, [1])[1]
+    lock = pc.cache_path(files, tmp_path / "cache").with_name(pc.cache_path(files, tmp_path / "cache").name + ".lock")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        lock.parent.mkdir(parents=True)
+        lock.write_text(json.dumps({"pid": holder.pid, "host": __import__("socket").gethostname(), "command": "x"}))
+        monkeypatch.setattr(pc, "BUILD_WAIT_S", 0.5)
+        with pytest.raises(ConfigError, match=rf"in use by another run \(pid {holder.pid}"):
+            _cache(root, tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _cache(root, tmp_path).is_dir()  # the holder is gone: its lock is stale and taken over

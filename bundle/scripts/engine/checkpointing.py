@@ -25,9 +25,12 @@ from scripts.engine.cli_flags import as_bool
 from scripts.engine.weights import check_finite, load_into, read_checkpoint
 from scripts.errors import ModelError
 from scripts.io.atomic import require_writable
+from scripts.io.locks import FolderLock
 from scripts.io.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
+
+LOCK_NAME = ".training.lock"  # in ckpt_dir while a training runs; removed at exit, stale after a kill
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -162,6 +165,8 @@ class TrainingState:
     ) -> None:
         self.path, self.resume, self.map_location = Path(path), as_bool(resume, "resume"), map_location
         require_writable(self.path.parent, "ckpt_dir")
+        if idist.get_rank() == 0:  # one training per ckpt_dir: another would mix its model.pt with this state
+            FolderLock(self.path.parent / LOCK_NAME, f"the training folder {self.path.parent}").acquire()
         if self.resume and not self.path.is_file():
             raise ModelError(
                 f"--resume true, but there is no training state at {self.path}: nothing to resume. Start without "

@@ -26,7 +26,8 @@ from scripts.errors import ConfigError
 PathLike = str | os.PathLike
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's umask (read without changing it for longer than a call)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -49,7 +50,7 @@ def atomic_write(path: PathLike, write: Callable[[Path], None], overwrite: bool 
         write(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs are shared like any file the user writes
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; outputs are shared like any file the user writes
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)

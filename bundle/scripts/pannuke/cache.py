@@ -4,7 +4,14 @@ A fold is about 12.5 GB of float64; the cache holds the same information in abou
 instance map, uint8 type map, uint8 7-class label map, tissue names).  The source is read through short-lived
 memory maps of a few dozen tiles and the cache is written with plain sequential writes, so peak memory stays near
 one chunk whatever the fold size.  Every value check (NaN, integer masks, 0-255 scale) runs during this single pass,
-before any training; a cache is rebuilt when its source files change (size or modification time).
+before any training.
+
+A cache is trusted only as far as it can be checked.  `meta.json` records what it was built from (each source's
+size, modification and change times, inode and a hash of sampled blocks, so a file swapped in with the same size
+and mtime is noticed) and the size and SHA-256 of every cache file.  Opening a cache checks the sizes every time and
+the checksums on first use in a process; a cache that is truncated, overwritten, half-built or built from other
+sources is rebuilt, with a log line saying why.  A build holds a lock beside the cache (a second run waits for it,
+then uses its result) and removes the temporary folders of builds that were killed.
 """
 
 from __future__ import annotations
@@ -21,13 +28,17 @@ import numpy as np
 from tqdm import tqdm
 
 from scripts.errors import DataError
+from scripts.io.atomic import write_json
+from scripts.io.locks import FolderLock
 from scripts.pannuke.files import FoldFiles, NpyHeader, read_npy_header
 from scripts.pannuke.format import TILE_SIZE
 from scripts.nuclei.targets import label_map, masks_to_instances
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+BUILD_WAIT_S = 2 * 3600  # how long a run waits for another one building the same cache
+SAMPLE_BYTES = 1 << 20
 CHUNK_TILES = 32
 CACHE_ARRAYS: dict[str, tuple[np.dtype, tuple[int, ...]]] = {
     "image": (np.dtype(np.uint8), (TILE_SIZE, TILE_SIZE, 3)),
@@ -37,10 +48,65 @@ CACHE_ARRAYS: dict[str, tuple[np.dtype, tuple[int, ...]]] = {
 }
 
 
+def _source_id(path: Path) -> list:
+    """Size, mtime, ctime, inode and a hash of the first, middle and last MiB: cheap, and a swapped file shows."""
+    st = path.stat()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for offset in sorted({0, max(0, st.st_size // 2 - SAMPLE_BYTES // 2), max(0, st.st_size - SAMPLE_BYTES)}):
+            f.seek(offset)
+            digest.update(f.read(SAMPLE_BYTES))
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, digest.hexdigest()[:16]]
+
+
 def fingerprint(files: FoldFiles) -> dict:
-    """What the cache was built from: a changed size or modification time means a rebuild."""
-    sources = {str(p.resolve()): [p.stat().st_size, p.stat().st_mtime_ns] for p in files.sources()}
+    """What the cache was built from: any change to a source file means a rebuild."""
+    sources = {str(p.resolve()): _source_id(p) for p in files.sources()}
     return {"version": CACHE_VERSION, "fold": files.fold, "sources": sources}
+
+
+def _file_digests(root: Path) -> dict[str, list]:
+    names = [f"{key}.npy" for key in CACHE_ARRAYS] + ["tissue.npy"]
+    out = {}
+    for name in names:
+        with open(root / name, "rb") as f:
+            digest = hashlib.sha256()
+            while block := f.read(1 << 24):
+                digest.update(block)
+            out[name] = [os.fstat(f.fileno()).st_size, digest.hexdigest()]
+    return out
+
+
+_VERIFIED: set[str] = set()  # caches whose checksums this process has checked
+
+
+def cache_problem(root: Path, expected: dict) -> str | None:
+    """None if the cache at `root` is complete, intact and built from the expected sources; else what is wrong."""
+    meta = root / "meta.json"
+    if not root.exists():
+        return "missing"
+    try:
+        recorded = json.loads(meta.read_text())
+        files = recorded["files"]
+    except FileNotFoundError:
+        return "has no meta.json (an interrupted build?)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "has a damaged meta.json"
+    if recorded.get("fingerprint") != expected:
+        return "was built from other source files"
+    for name, (size, _) in files.items():
+        path = root / name
+        if not path.is_file():
+            return f"lacks {name}"
+        if path.stat().st_size != size:
+            return f"has {name} of {path.stat().st_size} bytes instead of {size} (truncated or replaced)"
+    if str(root) not in _VERIFIED:
+        actual = _file_digests(root)
+        changed = [name for name in files if actual.get(name, [None, None])[1] != files[name][1]]
+        if changed:
+            return f"has {', '.join(changed)} changed on disk since it was built (checksum)"
+        _VERIFIED.add(str(root))
+    return None
 
 
 def cache_path(files: FoldFiles, cache_dir: str | os.PathLike) -> Path:
@@ -49,25 +115,39 @@ def cache_path(files: FoldFiles, cache_dir: str | os.PathLike) -> Path:
 
 
 def ensure_fold_cache(files: FoldFiles, cache_dir: str | os.PathLike) -> Path:
-    """Return the cache folder of a fold, building it first if it is missing or stale."""
+    """Return the cache folder of a fold, building it first if it is missing, damaged or stale."""
     root = cache_path(files, cache_dir)
     expected = fingerprint(files)
-    meta = root / "meta.json"
-    if meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == expected:
+    if cache_problem(root, expected) is None:
         logger.info(f"fold {files.fold}: using cache {root}")
         return root
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    with FolderLock(root.with_name(f"{root.name}.lock"), f"the cache {root}").acquire(wait_s=BUILD_WAIT_S):
+        problem = cache_problem(root, expected)  # another run may have built it while this one waited
+        if problem is None:
+            logger.info(f"fold {files.fold}: using cache {root}, built by another run meanwhile")
+            return root
+        if problem not in ("missing", "was built from other source files"):
+            logger.warning(f"fold {files.fold}: the cache {root} {problem}: rebuilding it")
+        for stale in root.parent.glob(f"{root.name}.tmp*"):  # builds killed half-way (the lock is ours now)
+            shutil.rmtree(stale, ignore_errors=True)
+        build_fold_cache(files, root, expected)
+    return root
+
+
+def build_fold_cache(files: FoldFiles, root: Path, expected: dict) -> None:
+    """Convert the fold into a temporary folder beside `root`, record its checksums, then swap it in."""
     logger.info(f"fold {files.fold}: converting {files.images.parent} into the cache {root} (once per fold)")
     tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         n = convert_fold(files, tmp)
-        (tmp / "meta.json").write_text(json.dumps({"fingerprint": expected, "tiles": n}, indent=1))
+        write_json(tmp / "meta.json", {"fingerprint": expected, "tiles": n, "files": _file_digests(tmp)})
         shutil.rmtree(root, ignore_errors=True)
         tmp.rename(root)
+        _VERIFIED.add(str(root))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return root
 
 
 def open_fold_cache(root: Path) -> dict[str, np.ndarray]:
@@ -87,7 +167,7 @@ def convert_fold(files: FoldFiles, out_dir: Path) -> int:
     try:
         for key, f in outputs.items():
             dtype, shape = CACHE_ARRAYS[key]
-            _write_npy_header(f, dtype, (n, *shape))
+            write_npy_header(f, dtype, (n, *shape))
         with tqdm(total=n, desc=f"fold {files.fold}", unit="tile", mininterval=2.0) as bar:
             for start in range(0, n, CHUNK_TILES):
                 stop = min(start + CHUNK_TILES, n)
@@ -161,6 +241,6 @@ def load_tissue_names(path: Path) -> np.ndarray:
     return np.asarray(np.load(path, allow_pickle=False)).astype(str)
 
 
-def _write_npy_header(f: BinaryIO, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+def write_npy_header(f: BinaryIO, dtype: np.dtype, shape: tuple[int, ...]) -> None:
     header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
     np.lib.format.write_array_header_1_0(f, header)

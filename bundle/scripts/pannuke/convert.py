@@ -31,6 +31,9 @@ Example (CoNSeP):
 from __future__ import annotations
 
 import argparse
+import errno
+import itertools
+import os
 import shutil
 import sys
 import tempfile
@@ -45,8 +48,10 @@ if __package__ in (None, ""):  # run as a file (python scripts/pannuke/convert.p
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from scripts.errors import DataError
+from scripts.io.atomic import umask as _umask
 from scripts.io.atomic import write_json
 from scripts.io.images import IMAGE_SUFFIXES, WHITE, read_labels, read_rgb
+from scripts.pannuke.cache import write_npy_header
 from scripts.pannuke.files import FOLDS, fold_folder, fold_paths_inside
 from scripts.pannuke.format import NUM_TYPES, TILE_SIZE, TYPE_NAMES
 
@@ -441,6 +446,34 @@ def check_existing_fold(files: dict[str, Path]) -> int:
     return n
 
 
+TILE_BYTES = TILE_SIZE * TILE_SIZE * (3 + NUM_TYPES + 1) * 8  # one float64 image + mask tile on disk
+
+
+def check_free_space(root: Path, tiles: int) -> None:
+    """Refuse before writing when the fold cannot fit (PanNuke's float64 format is large: 3.7 MB a tile)."""
+    need = int(tiles * TILE_BYTES * 1.01) + (1 << 20)
+    free = shutil.disk_usage(root).free
+    if free < need:
+        raise DataError(
+            f"{root}: writing {tiles} tiles needs {need / 1e9:.2f} GB, but only {free / 1e9:.2f} GB are free there; "
+            "free some space or pass another --output_dir"
+        )
+
+
+def _stream_npy(path: Path, shape: tuple[int, ...], tiles) -> None:
+    """Write a float64 .npy tile by tile with plain writes: a full disk is an error naming the file (a memory map
+    would die with SIGBUS instead)."""
+    try:
+        with open(path, "wb") as f:
+            write_npy_header(f, np.dtype(np.float64), shape)
+            for tile in tiles:
+                f.write(np.ascontiguousarray(tile, dtype=np.float64).tobytes())
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise DataError(f"{path}: the disk filled up while writing the fold; free space and run again") from None
+        raise
+
+
 def write_fold_arrays(
     target: dict[str, Path], tiles: list[Tile], tissue: str, existing: dict[str, Path] | None
 ) -> None:
@@ -449,26 +482,16 @@ def write_fold_arrays(
     n = old_n + len(tiles)
     for path in target.values():
         path.parent.mkdir(parents=True, exist_ok=True)
-    images = np.lib.format.open_memmap(
-        target["images"], mode="w+", dtype=np.float64, shape=(n, TILE_SIZE, TILE_SIZE, 3)
-    )
-    masks = np.lib.format.open_memmap(
-        target["masks"], mode="w+", dtype=np.float64, shape=(n, TILE_SIZE, TILE_SIZE, NUM_TYPES + 1)
-    )
     old_types = np.zeros(0, dtype=str)
-    if existing is not None:
+    old_images = old_masks = ()
+    if existing is not None:  # read one tile at a time: memory stays flat for large folds
         old_images = np.load(existing["images"], mmap_mode="r")
         old_masks = np.load(existing["masks"], mmap_mode="r")
-        for i in range(old_n):  # one tile at a time keeps memory flat for large folds
-            images[i] = old_images[i]
-            masks[i] = old_masks[i]
         old_types = np.load(existing["types"], allow_pickle=False).astype(str)
-    for i, tile in enumerate(tiles, start=old_n):
-        images[i] = tile.image
-        masks[i] = tile_masks(tile)
-    images.flush()
-    masks.flush()
-    del images, masks
+    images = itertools.chain((old_images[i] for i in range(old_n)), (tile.image for tile in tiles))
+    masks = itertools.chain((old_masks[i] for i in range(old_n)), (tile_masks(tile) for tile in tiles))
+    _stream_npy(target["images"], (n, TILE_SIZE, TILE_SIZE, 3), images)
+    _stream_npy(target["masks"], (n, TILE_SIZE, TILE_SIZE, NUM_TYPES + 1), masks)
     np.save(target["types"], np.concatenate([old_types, np.array([tissue] * len(tiles), dtype=str)]).astype(str))
 
 
@@ -495,6 +518,7 @@ def write_fold(root: Path, fold: int, tiles: list[Tile], tissue: str, append: bo
     final = fold_folder(root, fold)
     root.mkdir(parents=True, exist_ok=True)
     tmp_fold = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+    os.chmod(tmp_fold, 0o777 & ~_umask())  # mkdtemp makes it private; the fold it becomes is shared like any folder
     try:
         existing = fold_paths_inside(final, fold) if append and final.exists() else None
         write_fold_arrays(fold_paths_inside(tmp_fold, fold), tiles, tissue, existing)
@@ -581,6 +605,12 @@ def run(args: argparse.Namespace) -> Path:
         raise DataError(f"no tiles to write{where} (no valid pairs, or every tile empty with --skip_empty)")
     summary.tiles = sum(len(t) for t in tiles.values())
     summary.nuclei = count_nuclei([tile for fold_tiles in tiles.values() for tile in fold_tiles])
+    appended = args.append and fold_folder(args.output_dir, args.fold).exists()
+    old_tiles = (
+        check_existing_fold(fold_paths_inside(fold_folder(args.output_dir, args.fold), args.fold)) if appended else 0
+    )
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    check_free_space(Path(args.output_dir), summary.tiles + old_tiles)  # every fold, before the first is written
     written = [
         write_fold(args.output_dir, fold, fold_tiles, args.tissue, args.append)
         for fold, fold_tiles in tiles.items()

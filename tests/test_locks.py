@@ -1,0 +1,57 @@
+"""Run-folder locks: a second training in the same ckpt_dir stops naming the first; a killed run's lock is stale."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from scripts.engine.checkpointing import LOCK_NAME, TrainingState
+from scripts.errors import ConfigError
+from scripts.io.locks import FolderLock
+
+
+@pytest.fixture
+def other_run():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def _hold(path, pid):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": "now", "command": "train A"}))
+
+
+def test_a_second_training_in_the_same_ckpt_dir_stops_naming_the_first(tmp_path, other_run):
+    _hold(tmp_path / "models" / LOCK_NAME, other_run.pid)
+    network = torch.nn.Linear(2, 1)
+    with pytest.raises(ConfigError, match=rf"training folder .*models is in use by another run \(pid {other_run.pid}"):
+        TrainingState(tmp_path / "models" / "training_state.pt", {"model": network})
+    assert not (tmp_path / "models" / "training_state.pt").exists()
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path, caplog):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _hold(tmp_path / "x.lock", dead.pid)
+    with caplog.at_level("WARNING"):
+        lock = FolderLock(tmp_path / "x.lock", "x").acquire()
+    assert "stale lock" in caplog.text
+    assert json.loads((tmp_path / "x.lock").read_text())["pid"] == os.getpid()
+    lock.release()
+    assert not (tmp_path / "x.lock").exists()
+
+
+def test_the_same_process_may_take_its_lock_again_and_others_cannot(tmp_path, other_run):
+    first = FolderLock(tmp_path / "y.lock", "y").acquire()
+    FolderLock(tmp_path / "y.lock", "y").acquire()  # a second workflow in this process
+    first.release()
+    _hold(tmp_path / "y.lock", other_run.pid)
+    assert FolderLock(tmp_path / "y.lock", "y").try_acquire()["pid"] == other_run.pid
