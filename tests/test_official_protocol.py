@@ -14,6 +14,7 @@ from scripts.scoring.official_protocol import (
     split_overrides,
     write_protocol_tables,
 )
+from scripts.errors import ConfigError
 from scripts.scoring.pq import ROW_KEYS, write_score_tables
 
 
@@ -67,6 +68,12 @@ def test_one_split_end_to_end_and_no_rerun(tmp_path, capsys):
     assert scores.stat().st_mtime_ns == stamp
     assert "not run again" in capsys.readouterr().out
     assert (tmp_path / "proto" / "protocol_scores.json").is_file()
+    # scores made with other options (here: another dataset) are never mixed into the table
+    other = write_dataset(tmp_path / "other", tiles=(2, 1, 1))
+    changed = [str(other) if item == str(data) else item for item in common]
+    with pytest.raises(ConfigError, match=r"holds scores made with other options.*--force"):
+        main(["--output_dir", str(tmp_path / "proto"), "--splits", "1", *changed])
+    assert scores.stat().st_mtime_ns == stamp
 
 
 def test_unknown_split_rejected(tmp_path):

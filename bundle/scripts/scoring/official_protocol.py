@@ -24,11 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
+from scripts.errors import BundleError, ConfigError
 from scripts.io.atomic import write_csv_rows, write_json
 
 SPLITS: dict[int, tuple[int, int, int]] = {1: (1, 2, 3), 2: (2, 1, 3), 3: (3, 2, 1)}
 BUNDLE_ROOT = Path(__file__).resolve().parents[2]
 SCORES_FILE = "pannuke_scores.json"
+RUN_RECORD = "run.json"  # the options that made a split's scores
 
 
 def split_overrides(split: int, run_dir: Path) -> list[str]:
@@ -66,12 +68,40 @@ def bundle_command(run_id: str, configs: list[str], overrides: list[str]) -> lis
 
 
 def run_split(split: int, output_dir: Path, extra: list[str], force: bool) -> Path:
-    """Train and evaluate one split unless its scores exist; returns its scores file."""
+    """Train and evaluate one split unless scores made with the same settings exist; returns its scores file.
+
+    `run.json` beside the scores records the options that made them; scores made with other options (another
+    dataset, other settings) are never mixed into the table: the run stops and says how to proceed.
+    """
     run_dir = output_dir / f"split{split}"
-    scores = run_dir / "eval" / SCORES_FILE
+    scores, record = run_dir / "eval" / SCORES_FILE, run_dir / RUN_RECORD
+    made_with = {"split": split, "options": list(extra)}
     if scores.is_file() and not force:
-        print(f"split {split}: scores exist in {scores}, not run again (--force to redo)")
-        return scores
+        try:
+            recorded = json.loads(record.read_text())
+        except (OSError, ValueError):
+            recorded = None
+        if recorded == made_with:
+            print(f"split {split}: scores made with these options exist in {scores}, not run again (--force redoes)")
+            return scores
+        before = (
+            "unknown options (no run.json)" if recorded is None else " ".join(recorded.get("options", [])) or "none"
+        )
+        raise ConfigError(
+            f"{scores} holds scores made with other options ({before}) than this run's ({' '.join(extra) or 'none'}); "
+            "pass --force to train and score the split again, or another --output_dir"
+        )
+    overrides = split_overrides(split, run_dir) + extra
+    print(f"split {split}: train fold {SPLITS[split][0]}, validate {SPLITS[split][1]}, test {SPLITS[split][2]}")
+    record.unlink(missing_ok=True)  # the old record no longer describes what is in the folder
+    for run_id, configs in (("training", ["train.json"]), ("run", ["train.json", "evaluate.json"])):
+        code = subprocess.run(bundle_command(run_id, configs, overrides)).returncode
+        if code != 0:
+            raise BundleError(f"split {split}: the {run_id} step failed (exit {code}); its message is above")
+    if not scores.is_file():
+        raise BundleError(f"split {split}: evaluation finished without writing {scores}")
+    write_json(record, made_with)
+    return scores
     overrides = split_overrides(split, run_dir) + extra
     print(f"split {split}: train fold {SPLITS[split][0]}, validate {SPLITS[split][1]}, test {SPLITS[split][2]}")
     for run_id, configs in (("training", ["train.json"]), ("run", ["train.json", "evaluate.json"])):
