@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from monai.networks.nets import BasicUNet
@@ -35,12 +36,11 @@ def test_good_and_half_precision_weights_load(good, tmp_path):
     assert next(target.parameters()).dtype == torch.float32
 
 
-@pytest.mark.parametrize("damage", ["truncated", "random", "empty", "text"])
+@pytest.mark.parametrize("damage", ["truncated", "empty", "text", *[f"random{seed}" for seed in range(40)]])
 def test_damaged_files_are_named(good, damage):
     data = good.read_bytes()
-    good.write_bytes(
-        {"truncated": data[: len(data) // 2], "random": os.urandom(5000), "empty": b"", "text": b"weights"}[damage]
-    )
+    noise = np.random.default_rng(int(damage[6:]) if damage.startswith("random") else 0).bytes(5000)
+    good.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "text": b"weights"}.get(damage, noise))
     with pytest.raises(ModelError, match=r"model\.pt: not a readable PyTorch checkpoint.*train again"):
         load_state_dict_file(net(), good)
 
