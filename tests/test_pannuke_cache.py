@@ -214,3 +214,40 @@ def test_a_second_run_waits_for_the_build_and_uses_it(tmp_path, monkeypatch):
         holder.kill()
         holder.wait()
     assert _cache(root, tmp_path).is_dir()  # the holder is gone: its lock is stale and taken over
+
+
+def test_overlapping_type_channels_are_recorded_and_scored_on_the_raw_channels(tmp_path, caplog):
+    """Where PanNuke's channels share a pixel the cache keeps one type, so the scorer reads the raw channels."""
+    from types import SimpleNamespace
+
+    from test_pannuke_metric import _overlapping_masks
+
+    from scripts.pannuke.cache import overlapping_tiles
+    from scripts.pannuke.datasets import PanNuke
+    from scripts.scoring.pq import score_image
+    from scripts.scoring.score_handler import PanNukeScoreHandler
+
+    root = write_dataset(tmp_path / "data")
+    raw = np.zeros((256, 256, 6))
+    raw[:64, :64] = _overlapping_masks()
+    raw[64:, :, 5] = 1
+    raw[:64, 64:, 5] = 1
+    rewrite(root, 3, "masks", lambda a: np.concatenate([raw[None], a[1:]]))
+    with caplog.at_level("WARNING"):
+        pannuke = PanNuke(root, tmp_path / "cache", folds=[3])
+    assert overlapping_tiles(pannuke.cache(3)) == {0} and "1 tiles have pixels in two type channels" in caplog.text
+    cache = open_fold_cache(pannuke.cache(3))
+    pred_inst = np.zeros((256, 256), np.int32)
+    pred_inst[10:21, 10:21] = 1
+    pred_type = (pred_inst > 0).astype(np.int32)
+    handler = PanNukeScoreHandler(str(tmp_path / "eval"), pannuke=pannuke)
+    items = [
+        {"fold": 3, "index": i, "tissue": "Breast", "inst": cache["inst"][i], "type": cache["type"][i]} for i in (0, 1)
+    ]
+    outputs = [{"inst_map": pred_inst, "type_map": pred_type}] * 2
+    handler.score_batch(SimpleNamespace(state=SimpleNamespace(batch=items, output=outputs)))
+    official = score_image(cache["inst"][0], cache["type"][0], pred_inst, pred_type, raw[..., :5])
+    assert handler.rows[0]["PQ_Neoplastic"] == official["PQ_Neoplastic"] == pytest.approx(1.0)
+    plain = score_image(cache["inst"][1], cache["type"][1], pred_inst, pred_type)  # a tile without overlap
+    assert handler.rows[1].keys() == plain.keys()
+    np.testing.assert_array_equal(list(handler.rows[1].values()), list(plain.values()))  # NaN-aware

@@ -376,3 +376,32 @@ def test_tables_written_atomically_and_readable(tmp_path):
     assert (tmp_path / pm.SCORES_JSON).read_text() == before
     summary = pm.format_summary(agg)
     assert "Skin" in summary and f"{agg['overall']['bPQ']:.4f}" in summary and "Neoplastic" in summary
+
+
+# ---------------------------------------------------------------- overlapping PanNuke channels
+
+
+def _overlapping_masks() -> np.ndarray:
+    """A Neoplastic nucleus and an Inflammatory one that share a 5x5 corner in PanNuke's raw channels."""
+    masks = np.zeros((64, 64, 6))
+    masks[10:21, 10:21, 0] = 5
+    masks[16:27, 16:27, 1] = 7
+    masks[..., 5] = (masks[..., :5].sum(-1) == 0).astype(float)
+    return masks
+
+
+def test_classes_are_scored_on_their_own_raw_channel_like_the_official_code():
+    from scripts.nuclei.targets import masks_to_instances
+
+    masks = _overlapping_masks()
+    true_inst, true_type = masks_to_instances(masks)  # the later channel takes the shared corner
+    pred_inst = np.zeros((64, 64), np.int32)
+    pred_inst[10:21, 10:21] = 1  # the Neoplastic nucleus exactly as annotated in its channel
+    pred_inst[16:27, 16:27][pred_inst[16:27, 16:27] == 0] = 2
+    pred_type = np.where(pred_inst == 1, 1, np.where(pred_inst == 2, 2, 0))
+    merged = pm.score_image(true_inst, true_type, pred_inst, pred_type)
+    raw = pm.score_image(true_inst, true_type, pred_inst, pred_type, true_channels=masks[..., :5])
+    # official: channel 0 holds the whole 11x11 nucleus, which the prediction matches exactly
+    assert raw["PQ_Neoplastic"] == pytest.approx(1.0)
+    assert merged["PQ_Neoplastic"] == pytest.approx(96 / 121)  # the merged map lost the shared corner
+    assert raw["bPQ"] == merged["bPQ"]  # binary scores do not depend on the channels

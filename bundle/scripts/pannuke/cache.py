@@ -141,8 +141,15 @@ def build_fold_cache(files: FoldFiles, root: Path, expected: dict) -> None:
     tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
     tmp.mkdir(parents=True)
     try:
-        n = convert_fold(files, tmp)
-        write_json(tmp / "meta.json", {"fingerprint": expected, "tiles": n, "files": _file_digests(tmp)})
+        n, overlapping = convert_fold(files, tmp)
+        if overlapping:
+            logger.warning(
+                f"fold {files.fold}: {len(overlapping)} tiles have pixels in two type channels of masks.npy (first: "
+                f"tile {overlapping[0]}); training sees the later channel there, and per-class PQ scores each class "
+                "on its own raw channel, as the official code does"
+            )
+        meta = {"fingerprint": expected, "tiles": n, "overlap_tiles": overlapping, "files": _file_digests(tmp)}
+        write_json(tmp / "meta.json", meta)
         shutil.rmtree(root, ignore_errors=True)
         tmp.rename(root)
         _VERIFIED.add(str(root))
@@ -157,13 +164,21 @@ def open_fold_cache(root: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def convert_fold(files: FoldFiles, out_dir: Path) -> int:
-    """Single validating pass over one fold, writing the cache arrays chunk by chunk."""
+def overlapping_tiles(root: Path) -> set[int]:
+    """Tiles of a built cache whose PanNuke mask has a pixel in two type channels (scored from the raw channels)."""
+    return set(json.loads((root / "meta.json").read_text()).get("overlap_tiles", []))
+
+
+def convert_fold(files: FoldFiles, out_dir: Path) -> tuple[int, list[int]]:
+    """Single validating pass over one fold, writing the cache arrays chunk by chunk.
+
+    Returns the number of tiles and the tiles whose type channels overlap."""
     images_header, masks_header = read_npy_header(files.images), read_npy_header(files.masks)
     n = images_header.shape[0]
     tissues = load_tissue_names(files.types)
     np.save(out_dir / "tissue.npy", tissues)
     outputs = {key: open(out_dir / f"{key}.npy", "wb") for key in CACHE_ARRAYS}
+    overlapping: list[int] = []
     try:
         for key, f in outputs.items():
             dtype, shape = CACHE_ARRAYS[key]
@@ -174,13 +189,15 @@ def convert_fold(files: FoldFiles, out_dir: Path) -> int:
                 images = check_images(read_tiles(files.images, images_header, start, stop), files.images, start)
                 masks = check_masks(read_tiles(files.masks, masks_header, start, stop), files.masks, start)
                 chunk = convert_chunk(images, masks)
+                shared = ((masks[..., :5] > 0).sum(-1) > 1).any(axis=(1, 2))
+                overlapping += (start + np.flatnonzero(shared)).tolist()
                 for key, f in outputs.items():
                     f.write(np.ascontiguousarray(chunk[key], dtype=CACHE_ARRAYS[key][0]).tobytes())
                 bar.update(stop - start)
     finally:
         for f in outputs.values():
             f.close()
-    return n
+    return n, overlapping
 
 
 def convert_chunk(images: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarray]:

@@ -176,9 +176,17 @@ def _nanmean(values: Sequence[float] | np.ndarray) -> float:
 
 
 def score_image(
-    true_inst: np.ndarray, true_type: np.ndarray, pred_inst: np.ndarray, pred_type: np.ndarray
+    true_inst: np.ndarray,
+    true_type: np.ndarray,
+    pred_inst: np.ndarray,
+    pred_type: np.ndarray,
+    true_channels: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Every per-image score of the protocol, from the bundle's (instance map, type map) pairs."""
+    """Every per-image score of the protocol, from the bundle's (instance map, type map) pairs.
+
+    `true_channels`, PanNuke's raw (H, W, 5) per-type instance maps, makes each class be scored on its own channel
+    as the official code does; it matters only where two channels label one pixel (the instance map keeps one).
+    """
     arrays = {"true_inst": true_inst, "true_type": true_type, "pred_inst": pred_inst, "pred_type": pred_type}
     arrays = {name: np.asarray(a) for name, a in arrays.items()}
     _check_same_shape(**arrays)
@@ -199,10 +207,22 @@ def score_image(
     row["Dice"] = 2.0 * overlap_px / (n_true_px + n_pred_px) if n_true_px + n_pred_px else math.nan
     row["AJI"] = _aji_from_indices(t, p, n_t, n_p)
     for c, key in enumerate(CLASS_KEYS, start=1):
+        if true_channels is not None:
+            row[key] = _class_pq_on_channel(np.asarray(true_channels)[..., c - 1], arrays, c)
+            continue
         t_c = np.where(tt == c, t, 0)
         row[key] = _pq_from_indices(t_c, np.where(pt == c, p, 0), n_t, n_p)[2] if t_c.any() else math.nan
     row["mPQ"] = _nanmean([row[key] for key in CLASS_KEYS])
     return row
+
+
+def _class_pq_on_channel(channel: np.ndarray, arrays: dict[str, np.ndarray], c: int) -> float:
+    """PQ of class c with its own raw PanNuke channel as the truth (NaN if the channel is empty)."""
+    pred_c = np.where(arrays["pred_type"] == c, arrays["pred_inst"], 0)
+    fg = (channel > 0) | (pred_c > 0)
+    t_c, n_t = _contiguous(np.rint(channel[fg]).astype(np.int64))
+    p_c, n_p = _contiguous(pred_c[fg])
+    return _pq_from_indices(t_c, p_c, n_t, n_p)[2] if n_t else math.nan
 
 
 _Image = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]

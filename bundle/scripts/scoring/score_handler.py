@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 from ignite.engine import Engine, Events
 from torch.utils.tensorboard import SummaryWriter
 
 from scripts.engine.distributed import gather_in_sampler_order, is_main_rank
 from scripts.io.atomic import require_writable
 from scripts.nuclei.postprocess import as_plane
+from scripts.pannuke.cache import overlapping_tiles, read_tiles
+from scripts.pannuke.datasets import PanNuke
+from scripts.pannuke.files import read_npy_header
 from scripts.scoring.pq import CLASS_KEYS, TISSUE_MEAN_KEYS, format_summary, score_image, write_score_tables
 
 logger = logging.getLogger(__name__)
@@ -34,13 +38,23 @@ class PanNukeScoreHandler:
         true_inst_key: str = "inst",
         true_type_key: str = "type",
         tissue_key: str = "tissue",
+        pannuke: PanNuke | None = None,
     ) -> None:
+        """
+        Args:
+            output_dir: where the score tables go.
+            log_dir: TensorBoard folder for the headline scores (None: none).
+            pannuke: the run's folds (`@pannuke`): tiles whose type channels overlap are then scored per class on
+                PanNuke's raw channels, as the official code does.
+        """
         self.output_dir, self.log_dir = output_dir, log_dir
         if is_main_rank():
             require_writable(output_dir, "output_dir")
         self.pred_keys = (pred_inst_key, pred_type_key)
         self.true_keys = (true_inst_key, true_type_key)
         self.tissue_key = tissue_key
+        self.pannuke = pannuke
+        self._overlaps: dict[int, set[int]] = {}
         self.rows: list[dict[str, float]] = []
         self.tissues: list[str] = []
 
@@ -63,8 +77,21 @@ class PanNukeScoreHandler:
                 )
             true_inst, true_type = (as_plane(item[k]) for k in self.true_keys)
             pred_inst, pred_type = (as_plane(item[k]) for k in self.pred_keys)
-            self.rows.append(score_image(true_inst, true_type, pred_inst, pred_type))
+            channels = self._raw_channels(item)
+            self.rows.append(score_image(true_inst, true_type, pred_inst, pred_type, channels))
             self.tissues.append(str(item[self.tissue_key]))
+
+    def _raw_channels(self, item: dict) -> np.ndarray | None:
+        """PanNuke's (H, W, 5) channels of this tile if two of them overlap somewhere in it, else None."""
+        if self.pannuke is None or "fold" not in item or "index" not in item:
+            return None
+        fold, index = int(item["fold"]), int(item["index"])
+        if fold not in self._overlaps:
+            self._overlaps[fold] = overlapping_tiles(self.pannuke.cache(fold))
+        if index not in self._overlaps[fold]:
+            return None
+        masks = self.pannuke.files[fold].masks
+        return read_tiles(masks, read_npy_header(masks), index, index + 1)[0, ..., :5]
 
     def complete(self, engine: Engine) -> None:
         """Score every image of the run; under torchrun all ranks gather their rows and the main rank writes."""

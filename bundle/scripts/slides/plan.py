@@ -1,0 +1,145 @@
+"""Plan each slide of a run: open it, find its tissue, lay the tile grid over it, and see what an earlier run finished.
+
+The grid lives in model pixels (0.25 µm/px).  Every tile has a core (`tile_size` square; the cores tile the slide
+without overlap) and a window (the core plus `margin` on each side) that the network sees.  A nucleus is kept only by
+the tile whose core holds its centroid, so a nucleus cut by a tile edge comes out once, whole, from the tile that sees
+all of it (margins are wider than a nucleus).  Tiles whose core has no tissue in the low-resolution mask are never read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from scripts.errors import DataError
+from scripts.engine.cli_flags import as_bool
+from scripts.io.atomic import atomic_write, require_writable
+from scripts.slides.progress import SlideProgress
+from scripts.slides.reader import Slide, find_slides, open_slide
+from scripts.slides.tissue import mask_from_file, tissue_mask
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Tile:
+    index: int
+    core: tuple[int, int, int, int]  # x, y, width, height in model pixels
+    window: tuple[int, int, int, int]
+
+
+@dataclass
+class SlidePlan:
+    """One slide of the run: where its outputs go, its tiles, and those still to do."""
+
+    name: str
+    path: Path
+    folder: Path
+    mpp: float
+    tiles: list[Tile] = field(default_factory=list)
+    todo: list[Tile] = field(default_factory=list)
+    tissue_mm2: float = 0.0
+    error: str = ""
+    slide: Slide | None = None
+
+    @property
+    def done(self) -> bool:
+        return not self.error and not self.todo
+
+
+def tile_grid(
+    mask: np.ndarray, model_px_per_mask_px: float, size: tuple[int, int], tile: int, margin: int
+) -> list[Tile]:
+    """Tiles whose core overlaps tissue, in row-major order."""
+    width, height = size
+    tiles = []
+    for y in range(0, height, tile):
+        for x in range(0, width, tile):
+            w, h = min(tile, width - x), min(tile, height - y)
+            r0, c0 = int(y / model_px_per_mask_px), int(x / model_px_per_mask_px)
+            r1 = max(r0 + 1, int(np.ceil((y + h) / model_px_per_mask_px)))
+            c1 = max(c0 + 1, int(np.ceil((x + w) / model_px_per_mask_px)))
+            if not mask[r0:r1, c0:c1].any():
+                continue
+            window = (x - margin, y - margin, w + 2 * margin, h + 2 * margin)
+            tiles.append(Tile(len(tiles), (x, y, w, h), window))
+    return tiles
+
+
+class SlidePlanner:
+    """Plans for every slide of `input_dir`; a slide that cannot be read is planned as failed, the others go on.
+
+    Args:
+        input_dir: a slide, or a folder of slides.
+        output_dir: one folder per slide goes here.
+        mpp: µm/px of level 0 for slides without that metadata (None: read it from each slide).
+        target_mpp: the model's scale.
+        tile_size: core size of a tile in model pixels.
+        margin: context around each core, in model pixels (wider than a nucleus).
+        mask_dir: optional folder of tissue masks named like the slides (`<stem>.png`).
+        overwrite: redo slides that are already finished.
+    """
+
+    def __init__(
+        self,
+        input_dir: str | os.PathLike,
+        output_dir: str | os.PathLike,
+        mpp: float | None = None,
+        target_mpp: float = 0.25,
+        tile_size: int = 1024,
+        margin: int = 64,
+        mask_dir: str | os.PathLike | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        self.output_dir = require_writable(output_dir, "output_dir")
+        self.tile_size, self.margin = int(tile_size), int(margin)
+        overwrite = as_bool(overwrite, "overwrite")
+        mpp = None if mpp in (None, "", 0, "null", "None") else float(mpp)
+        self.plans: list[SlidePlan] = []
+        for path in find_slides(input_dir):
+            plan = SlidePlan(path.stem, path, self.output_dir / path.stem, float(mpp or 0))
+            try:
+                self._plan(plan, mpp, target_mpp, mask_dir, overwrite)
+            except DataError as err:
+                plan.error, plan.todo = str(err), []
+                logger.error(f"{path.name}: FAILED, {err}")
+            self.plans.append(plan)
+
+    def _plan(self, plan: SlidePlan, mpp, target_mpp: float, mask_dir, overwrite: bool) -> None:
+        progress = SlideProgress(plan.folder, plan.name)
+        if progress.finished() and not overwrite:
+            logger.info(f"{plan.name}: finished earlier in {plan.folder}, skipped (--overwrite true redoes it)")
+            return
+        slide = open_slide(plan.path, mpp, float(target_mpp))
+        plan.slide, plan.mpp = slide, slide.mpp
+        thumb, factor = slide.thumbnail()
+        mask_path = Path(mask_dir) / f"{plan.name}.png" if mask_dir else None
+        mask = mask_from_file(mask_path, thumb.shape[:2]) if mask_path and mask_path.is_file() else tissue_mask(thumb)
+        plan.tissue_mm2 = float(mask.sum()) * (factor * target_mpp / 1000.0) ** 2
+        plan.tiles = tile_grid(mask, factor, slide.model_size, self.tile_size, self.margin)
+        if overwrite:
+            progress.reset()
+        done = progress.resume()
+        plan.todo = [t for t in plan.tiles if t.index not in done]
+        _write_tissue_png(plan.folder / f"{plan.name}_tissue.png", thumb, mask, plan.tiles, factor)
+        logger.info(
+            f"{plan.name}: {plan.tissue_mm2:.1f} mm² of tissue, {len(plan.tiles)} tiles of {self.tile_size} px, "
+            f"{len(plan.tiles) - len(plan.todo)} done earlier"
+        )
+
+
+def _write_tissue_png(path: Path, thumb: np.ndarray, mask: np.ndarray, tiles: list[Tile], factor: float) -> None:
+    """The thumbnail with glass dimmed and every processed tile's core outlined: what the run looked at."""
+    shown = np.where(mask[..., None], thumb, (thumb * 0.4 + 153).astype(np.uint8))
+    picture = Image.fromarray(shown)
+    draw = ImageDraw.Draw(picture)
+    for t in tiles:
+        x, y, w, h = (v / factor for v in t.core)
+        draw.rectangle([x, y, x + w, y + h], outline=(0, 160, 255))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))

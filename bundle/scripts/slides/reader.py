@@ -1,0 +1,166 @@
+"""Open a whole slide and read regions of it at the model's scale.
+
+OpenSlide (the pip-installable `openslide-bin` + `openslide-python`) reads SVS, NDPI, MRXS, SCN, Philips TIFF and
+generic tiled TIFF; `tiffslide` (tifffile + zarr, no system library) reads pyramidal TIFF and OME-TIFF, whose
+sub-resolutions OpenSlide does not see, and every TIFF where OpenSlide is not installed.  When both open a slide the
+one that sees more pyramid levels is used.  Both expose the same API, so the rest of the bundle does not care
+which one opened a slide.  The model works at about 0.25 µm/px (40x): `Slide.read` takes a region in model pixels,
+reads it from the pyramid level nearest to that scale (never a coarser one when a finer exists) and resamples it,
+so a 20x slide is upsampled rather than fed at the wrong scale.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from scripts.errors import DataError
+from scripts.io.images import blend_alpha
+
+logger = logging.getLogger(__name__)
+
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
+MPP_KEYS = ("openslide.mpp-x", "tiffslide.mpp-x", "aperio.MPP")
+
+
+def _backends():
+    try:
+        import openslide
+
+        yield "openslide", openslide.OpenSlide
+    except ImportError:  # openslide-bin not installed: tiffslide alone
+        pass
+    import tiffslide
+
+    yield "tiffslide", tiffslide.TiffSlide
+
+
+@dataclass
+class Slide:
+    """An open slide, its µm/px, and how the model's pixels map onto its pyramid.
+
+    Args:
+        path: the slide file.
+        mpp: µm per pixel of level 0, from the metadata or `--mpp`.
+        target_mpp: the model's scale (0.25 µm/px).
+    """
+
+    path: Path
+    handle: object
+    backend: str
+    mpp: float
+    target_mpp: float = 0.25
+
+    @property
+    def scale(self) -> float:
+        """Level-0 pixels per model pixel (1 at 40x, 0.5 at 20x)."""
+        return self.target_mpp / self.mpp
+
+    @property
+    def model_size(self) -> tuple[int, int]:
+        """(width, height) of the whole slide in model pixels."""
+        w, h = self.handle.level_dimensions[0]
+        return int(math.floor(w / self.scale)), int(math.floor(h / self.scale))
+
+    def level_for_model(self) -> int:
+        """The pyramid level read for the model: the coarsest one still at least as fine as the model's scale."""
+        downsamples = list(self.handle.level_downsamples)
+        fine_enough = [i for i, d in enumerate(downsamples) if d <= self.scale * 1.01]
+        return max(fine_enough, key=lambda i: downsamples[i]) if fine_enough else 0
+
+    def read(self, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """(height, width, 3) uint8 RGB of the model-pixel region at (x, y); outside the slide is white."""
+        level = self.level_for_model()
+        down = float(self.handle.level_downsamples[level])
+        x0, y0 = int(round(x * self.scale)), int(round(y * self.scale))  # level-0 origin
+        lw, lh = max(1, int(math.ceil(width * self.scale / down))), max(1, int(math.ceil(height * self.scale / down)))
+        region = np.asarray(self.handle.read_region((x0, y0), level, (lw, lh)))
+        rgb = blend_alpha(region) if region.shape[-1] == 4 else region[..., :3]
+        if (lw, lh) != (width, height):
+            rgb = np.asarray(Image.fromarray(rgb).resize((width, height), Image.Resampling.BILINEAR))
+        return np.ascontiguousarray(rgb)
+
+    def thumbnail(self, max_side: int = 2048) -> tuple[np.ndarray, float]:
+        """A low-resolution RGB view from the coarsest level, and its model pixels per thumbnail pixel."""
+        mw, mh = self.model_size
+        factor = max(mw, mh) / max_side if max(mw, mh) > max_side else 1.0
+        level = self.handle.get_best_level_for_downsample(factor * self.scale)
+        size = self.handle.level_dimensions[level]
+        region = np.asarray(self.handle.read_region((0, 0), level, size))
+        rgb = blend_alpha(region) if region.shape[-1] == 4 else region[..., :3]
+        tw, th = max(1, int(round(mw / factor))), max(1, int(round(mh / factor)))
+        return np.asarray(Image.fromarray(rgb).resize((tw, th), Image.Resampling.BILINEAR)), mw / tw
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def slide_mpp(handle: object) -> float | None:
+    for key in MPP_KEYS:
+        value = handle.properties.get(key)
+        try:
+            mpp = float(value)
+        except (TypeError, ValueError):
+            continue
+        if mpp > 0 and math.isfinite(mpp):
+            return mpp
+    return None
+
+
+def open_slide(path: str | os.PathLike, mpp: float | None = None, target_mpp: float = 0.25) -> Slide:
+    """Open `path` with the first backend that reads it; a DataError naming the slide and the fix otherwise.
+
+    Args:
+        path: the slide.
+        mpp: µm/px of level 0 for a slide without that metadata (`--mpp`); it also overrides wrong metadata.
+        target_mpp: the model's scale.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such slide")
+    errors, opened = [], []
+    for name, backend in _backends():
+        try:
+            handle = backend(str(path))
+            _ = handle.level_dimensions[0], list(handle.level_downsamples)  # a file with no image fails here
+            opened.append((name, handle))
+        except Exception as err:  # noqa: BLE001 - each backend raises its own types for files it cannot read
+            errors.append(f"{name}: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
+    if not opened:
+        raise DataError(f"{path}: not a slide this bundle can read ({'; '.join(errors)}); is the file complete?")
+    # the reader that sees the whole pyramid wins (OpenSlide reads an OME-TIFF's level 0 only), OpenSlide on a tie
+    name, handle = max(opened, key=lambda item: (len(item[1].level_downsamples), item[0] == "openslide"))
+    for other, unused in opened:
+        if other != name:
+            unused.close()
+    found = slide_mpp(handle)
+    if mpp is None and found is None:
+        handle.close()
+        raise DataError(f"{path}: the slide does not say its µm per pixel; pass --mpp (0.25 for 40x, 0.5 for 20x)")
+    if mpp is not None and found is not None and abs(found - mpp) / found > 0.05:
+        logger.warning(f"{path}: --mpp {mpp} overrides the slide's own {found:.4f} µm/px")
+    slide = Slide(path, handle, name, float(mpp if mpp is not None else found), float(target_mpp))
+    logger.info(
+        f"{path.name}: {handle.level_dimensions[0][0]} x {handle.level_dimensions[0][1]} px at {slide.mpp:.4f} µm/px "
+        f"({name}); reading level {slide.level_for_model()} for the model's {target_mpp} µm/px"
+    )
+    return slide
+
+
+def find_slides(input_dir: str | os.PathLike) -> list[Path]:
+    """One slide file, or the slides of a folder (not its subfolders), sorted."""
+    path = Path(input_dir) if str(input_dir) else None
+    if path is None or not path.exists():
+        raise DataError(f"--input_dir {input_dir!r} does not exist: pass a slide file or a folder of slides")
+    if path.is_file():
+        return [path]
+    slides = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)
+    if not slides:
+        raise DataError(f"no slides in {path}: looked for {', '.join(SLIDE_SUFFIXES)} files")
+    return slides

@@ -1,0 +1,193 @@
+"""Turn each finished tile into the slide's nuclei and write them; finish a slide when its last tile is in.
+
+`SlideNucleiWriterd` is the last post-processing transform of inference_wsi.json.  For one tile it keeps the nuclei
+whose centroid lies in the tile's core (each nucleus once, whole), traces each outline, simplifies it to within
+`tolerance` pixels (Douglas-Peucker: a few dozen vertices instead of every pixel step), converts it to level-0 slide
+pixels and appends it to the slide's GeoJSON and CSV.  As a handler it finishes slides whose tiles are all in,
+writes their summary and overlay, and logs the run's summary; `raise_if_failed` then makes the run exit 1 if a
+slide failed, after the others were processed.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+
+import numpy as np
+from ignite.engine import Engine, Events
+from monai.transforms import MapTransform
+from PIL import Image, ImageDraw
+from scipy import ndimage
+from skimage.measure import approximate_polygon
+
+from scripts.io.atomic import atomic_write
+from scripts.io.nuclei_writers import outline_polygon
+from scripts.nuclei.postprocess import as_plane
+from scripts.pannuke.format import NUM_TYPES, TYPE_COLOURS, TYPE_NAMES
+from scripts.slides.plan import SlidePlan, SlidePlanner
+from scripts.slides.progress import SlideProgress
+
+logger = logging.getLogger(__name__)
+
+
+def simplify_ring(ring: list[list[float]], tolerance: float) -> list[list[float]]:
+    """A closed ring simplified to within `tolerance` (first == last kept); at least a triangle survives."""
+    if tolerance <= 0 or len(ring) <= 5:
+        return ring
+    simple = approximate_polygon(np.asarray(ring, dtype=np.float64), tolerance)
+    return simple.tolist() if len(simple) >= 4 else ring
+
+
+def tile_nuclei(
+    inst: np.ndarray, inst_types: np.ndarray, inst_probs: np.ndarray, window: tuple, core: tuple
+) -> list[tuple[int, float, float, int, list[list[float]], float]]:
+    """(id, centroid x, centroid y, area px, outline, probability) in model pixels of the slide, for the nuclei whose
+    centroid falls inside `core`.  `window` is where the tile's pixels lie on the slide."""
+    ids = np.flatnonzero(np.bincount(inst.ravel()))[1:] if inst.any() else np.zeros(0, int)
+    if ids.size == 0:
+        return []
+    rows, cols = np.indices(inst.shape)
+    area = np.bincount(inst.ravel())
+    cy = np.bincount(inst.ravel(), weights=rows.ravel()) / np.maximum(area, 1)
+    cx = np.bincount(inst.ravel(), weights=cols.ravel()) / np.maximum(area, 1)
+    wx, wy = window[0], window[1]
+    x0, y0, w, h = core
+    boxes = ndimage.find_objects(inst.astype(np.intp, copy=False))
+    out = []
+    for i in ids.tolist():
+        gx, gy = wx + cx[i] + 0.5, wy + cy[i] + 0.5
+        if not (x0 <= gx < x0 + w and y0 <= gy < y0 + h) or int(inst_types[i]) < 1:
+            continue
+        r, c = boxes[i - 1]
+        ring = outline_polygon(inst[r, c] == i, offset_xy=(c.start + wx, r.start + wy))
+        out.append((i, gx, gy, int(area[i]), ring, float(inst_probs[i])))
+    return out
+
+
+class SlideNucleiWriterd(MapTransform):
+    """Write one tile's nuclei into its slide's outputs (see the module docstring).
+
+    Args:
+        slides: the run's `SlidePlanner` (`@slides`).
+        tolerance: polygon simplification, in model pixels.
+        model: what made the nuclei (the checkpoint path), for the summary.
+    """
+
+    def __init__(self, slides: SlidePlanner, tolerance: float = 1.0, model: str = "", inst_key: str = "inst_map"):
+        super().__init__(keys=inst_key)
+        self.plans: list[SlidePlan] = slides.plans
+        self.tolerance, self.model, self.inst_key = float(tolerance), str(model), inst_key
+        self.progress: dict[int, SlideProgress] = {}
+        self.started: dict[int, float] = {}
+        for index, plan in enumerate(self.plans):
+            if plan.slide is not None and not plan.error:
+                self.progress[index] = progress = SlideProgress(plan.folder, plan.name)
+                progress.resume()
+                if not plan.todo:
+                    self._finish(index)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        index, tile_index = int(d["slide"]), int(d["tile"])
+        plan = self.plans[index]
+        if plan.error:
+            return d
+        if d.get("error"):
+            plan.error = str(d["error"])
+            logger.error(f"{plan.name}: FAILED, {plan.error}")
+            self.progress[index].close()
+            return d
+        self.started.setdefault(index, time.perf_counter())
+        tile = plan.tiles[tile_index]
+        inst = as_plane(d[self.inst_key]).astype(np.int64)
+        nuclei = tile_nuclei(inst, np.asarray(d["inst_types"]), np.asarray(d["inst_probs"]), tile.window, tile.core)
+        features, rows, types = [], [], []
+        progress = self.progress[index]
+        scale, um = plan.slide.scale, plan.slide.target_mpp
+        for n, (i, gx, gy, area, ring, prob) in enumerate(nuclei):
+            type_id = int(np.asarray(d["inst_types"])[i])
+            nucleus_id = progress.nuclei + n + 1
+            level0 = [[round(x * scale, 2), round(y * scale, 2)] for x, y in simplify_ring(ring, self.tolerance)]
+            features.append(_feature(nucleus_id, level0, type_id, prob, area * um * um))
+            rows.append(
+                f"{nucleus_id},{gx * scale:.1f},{gy * scale:.1f},{gx * um:.2f},{gy * um:.2f},{area * um * um:.2f},"
+                f"{TYPE_NAMES[type_id - 1]},{type_id},{prob:.4f}\n"
+            )
+            types.append(type_id)
+        progress.add_tile(tile_index, features, rows, types)
+        if len(progress.done) == len(plan.tiles):
+            self._finish(index)
+        return d
+
+    def _finish(self, index: int) -> None:
+        plan, progress = self.plans[index], self.progress[index]
+        seconds = time.perf_counter() - self.started.get(index, time.perf_counter())
+        per_type = dict(zip(TYPE_NAMES, progress.per_type, strict=True))
+        mm2 = max(plan.tissue_mm2, 1e-12)
+        summary = {
+            "slide": str(plan.path),
+            "mpp": plan.mpp,
+            "model_mpp": plan.slide.target_mpp,
+            "level_read": plan.slide.level_for_model(),
+            "reader": plan.slide.backend,
+            "model": self.model,
+            "tissue_mm2": round(plan.tissue_mm2, 4),
+            "tiles": len(plan.tiles),
+            "nuclei": progress.nuclei,
+            "nuclei_per_type": per_type,
+            "density_per_mm2": {k: round(v / mm2, 2) for k, v in {"all": progress.nuclei, **per_type}.items()},
+            "seconds_this_run": round(seconds, 2),
+        }
+        progress.finish(summary)
+        _overlay_png(plan, progress)
+        logger.info(f"{plan.name}: {progress.nuclei} nuclei on {plan.tissue_mm2:.2f} mm² of tissue -> {plan.folder}")
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self.summarise)
+
+    def summarise(self, engine: Engine | None = None) -> None:
+        failed = [p for p in self.plans if p.error]
+        logger.info(f"slides: {len(self.plans) - len(failed)} done, {len(failed)} failed")
+        for plan in failed:
+            logger.error(f"  {plan.error}")
+
+    def raise_if_failed(self) -> None:
+        failed = [p for p in self.plans if p.error]
+        if failed:
+            raise SystemExit(f"{len(failed)} of {len(self.plans)} slides failed (see the log)")
+
+
+def _feature(nucleus_id: int, ring: list, type_id: int, prob: float, area_um2: float) -> str:
+    colour = list(TYPE_COLOURS[type_id - 1])
+    return json.dumps(
+        {
+            "type": "Feature",
+            "id": nucleus_id,
+            "geometry": {"type": "Polygon", "coordinates": [ring]},
+            "properties": {
+                "objectType": "detection",
+                "classification": {"name": TYPE_NAMES[type_id - 1], "color": colour},
+                "measurements": {"Type probability": round(prob, 4), "Area µm^2": round(area_um2, 2)},
+            },
+        },
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+
+
+def _overlay_png(plan: SlidePlan, progress: SlideProgress) -> None:
+    """The thumbnail with a dot per nucleus in its type's colour, read back from the CSV in one pass."""
+    thumb, factor = plan.slide.thumbnail(1024)
+    picture = Image.fromarray(thumb)
+    draw = ImageDraw.Draw(picture)
+    per_model_px = 1.0 / (factor * plan.slide.scale)  # thumbnail pixels per level-0 pixel
+    with open(progress.csv, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            x, y = float(row["x_px"]) * per_model_px, float(row["y_px"]) * per_model_px
+            type_id = min(max(int(row["type_id"]), 1), NUM_TYPES)
+            draw.point((x, y), fill=tuple(TYPE_COLOURS[type_id - 1]))
+    atomic_write(Path(plan.folder) / f"{plan.name}_overlay.png", lambda tmp: picture.save(tmp, format="PNG"))

@@ -1,0 +1,109 @@
+"""Whole slides on small generated pyramids: scale, tissue, seams, resume, bad slides."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from slide_fixtures import GLASS, write_slide
+
+from scripts.errors import DataError
+from scripts.slides.plan import SlidePlanner, tile_grid
+from scripts.slides.progress import SlideProgress
+from scripts.slides.reader import open_slide
+from scripts.slides.tissue import tissue_mask
+from scripts.slides.writer import simplify_ring, tile_nuclei
+
+
+def test_a_40x_slide_is_read_at_level_0_and_a_20x_slide_is_upsampled(tmp_path):
+    image = write_slide(tmp_path / "s40.ome.tif", mpp=0.25)
+    slide = open_slide(tmp_path / "s40.ome.tif")
+    assert slide.mpp == pytest.approx(0.25) and slide.level_for_model() == 0 and slide.model_size == (1536, 1536)
+    region = slide.read(300, 300, 64, 64)
+    assert np.abs(region.astype(int) - image[300:364, 300:364]).mean() < 8  # JPEG, otherwise the same pixels
+    write_slide(tmp_path / "s20.ome.tif", mpp=0.5)
+    slide20 = open_slide(tmp_path / "s20.ome.tif")
+    assert slide20.scale == pytest.approx(0.5) and slide20.model_size == (3072, 3072)  # twice the model pixels
+    assert slide20.read(600, 600, 128, 128).shape == (128, 128, 3)  # 64 slide pixels, upsampled to the model
+
+
+def test_an_80x_slide_reads_the_level_nearest_the_model_scale(tmp_path):
+    write_slide(tmp_path / "s80.ome.tif", mpp=0.125, levels=3)
+    slide = open_slide(tmp_path / "s80.ome.tif")
+    if len(slide.handle.level_downsamples) == 1:
+        pytest.skip("this reader sees one level of the OME pyramid")
+    assert slide.level_for_model() == 1  # downsample 2 = 0.25 µm/px; level 2 (0.5) would be too coarse
+
+
+def test_missing_mpp_is_an_error_unless_given(tmp_path):
+    write_slide(tmp_path / "plain.tif", mpp=None)
+    with pytest.raises(DataError, match=r"plain\.tif: the slide does not say its µm per pixel; pass --mpp"):
+        open_slide(tmp_path / "plain.tif")
+    assert open_slide(tmp_path / "plain.tif", mpp=0.5).scale == pytest.approx(0.5)
+
+
+def test_tissue_mask_finds_the_stained_block_and_the_grid_skips_glass(tmp_path):
+    write_slide(tmp_path / "s.ome.tif", tissue=(256, 256, 768, 768))
+    slide = open_slide(tmp_path / "s.ome.tif")
+    thumb, factor = slide.thumbnail(384)
+    mask = tissue_mask(thumb)
+    assert mask[int(400 / factor), int(400 / factor)] and not mask[int(1200 / factor), int(1200 / factor)]
+    tiles = tile_grid(mask, factor, slide.model_size, 512, 32)
+    assert [t.core[:2] for t in tiles] == [(0, 0), (512, 0), (0, 512), (512, 512)]  # none of the glass-only tiles
+    assert tissue_mask(np.full((64, 64, 3), GLASS, np.uint8)).sum() == 0
+
+
+def test_a_nucleus_on_a_tile_corner_comes_out_once():
+    """Four tiles share a corner at (100, 100); a nucleus sits on it. Each tile sees it whole (margin 20)."""
+    inst_types, probs = np.array([0, 2]), np.array([0.0, 0.9])
+    kept = []
+    for cx, cy in [(0, 0), (100, 0), (0, 100), (100, 100)]:
+        window = (cx - 20, cy - 20, 140, 140)
+        inst = np.zeros((140, 140), np.int32)
+        y, x = 100 - window[1], 100 - window[0]  # the nucleus, centred just inside the lower-right tile
+        inst[y - 5 : y + 7, x - 5 : x + 7] = 1
+        kept += tile_nuclei(inst, inst_types, probs, window, (cx, cy, 100, 100))
+    assert len(kept) == 1 and kept[0][1] == pytest.approx(101.0) and kept[0][3] == 144
+
+
+def test_polygons_are_simplified_within_a_pixel():
+    ring = [[x, 0] for x in range(0, 11)] + [[10, y] for y in range(1, 11)] + [[0, 10], [0, 0]]
+    simple = simplify_ring(ring, 1.0)
+    assert len(simple) < len(ring) and simple[0] == simple[-1]
+    assert {tuple(p) for p in simple} >= {(0, 0), (10, 0), (10, 10), (0, 10)}
+
+
+def test_a_resumed_slide_writes_what_an_uninterrupted_one_does(tmp_path):
+    def run(folder, stop_after=None, garbage=False):
+        progress = SlideProgress(folder, "s")
+        progress.resume()
+        for tile in range(6):
+            if tile in progress.done:
+                continue
+            if stop_after is not None and tile == stop_after:
+                if garbage:  # a kill in the middle of a write leaves half a feature behind
+                    with open(progress.partial["geojson"], "a") as f:
+                        f.write(',\n{"type":"Feat')
+                progress.close()
+                return
+            features = [f'{{"id":{tile}{k}}}' for k in range(tile % 3)]
+            rows = [f"{tile}{k},1,1,1,1,1,Neoplastic,1,0.5\n" for k in range(tile % 3)]
+            progress.add_tile(tile, features, rows, [1] * len(features))
+        progress.finish({"nuclei": progress.nuclei})
+
+    run(tmp_path / "whole")
+    run(tmp_path / "resumed", stop_after=4, garbage=True)
+    assert not (tmp_path / "resumed" / "s_summary.json").exists()
+    run(tmp_path / "resumed")
+    for name in ("s_nuclei.geojson", "s_nuclei.csv", "s_summary.json"):
+        assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    assert not list((tmp_path / "resumed").glob(".*"))  # no partial or progress file left
+
+
+def test_a_corrupt_slide_is_reported_and_the_next_one_still_planned(tmp_path, caplog):
+    (tmp_path / "slides").mkdir()
+    (tmp_path / "slides" / "a_broken.svs").write_bytes(b"II*\x00" + b"\x00" * 500)
+    write_slide(tmp_path / "slides" / "b_good.ome.tif")
+    planner = SlidePlanner(tmp_path / "slides", tmp_path / "out", tile_size=512)
+    broken, good = planner.plans
+    assert "a_broken.svs: not a slide this bundle can read" in broken.error and "a_broken.svs" in caplog.text
+    assert not good.error and good.todo and (tmp_path / "out" / "b_good.ome" / "b_good.ome_tissue.png").is_file()

@@ -1,0 +1,82 @@
+"""The README's whole-slide command on generated pyramidal OME-TIFFs: QuPath-readable outputs, the same nuclei as
+tile inference on the same pixels, finished slides skipped, a corrupt slide reported while the next one runs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from bundle_runner import run_bundle
+from PIL import Image
+from slide_fixtures import write_slide
+
+from scripts.pannuke.format import TYPE_COLOURS, TYPE_NAMES
+
+pytestmark = pytest.mark.slow
+
+WSI = ["train.json", "inference.json", "inference_wsi.json"]
+TILES = ["train.json", "inference.json"]
+
+
+@pytest.fixture(scope="module")
+def slide_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("wsi")
+    pixels = write_slide(work / "slides" / "case.ome.tif", size=(1280, 1280), tissue=(256, 256, 1024, 1024))
+    (work / "slides" / "broken.svs").write_bytes(b"II*\x00" + bytes(300))
+    proc = run_bundle(
+        "run", WSI, work, "--input_dir", str(work / "slides"), "--tile_size", "512", "--num_workers", "1", check=False
+    )
+    return work, pixels, proc
+
+
+def test_a_corrupt_slide_is_reported_and_the_good_one_finished(slide_run):
+    work, _, proc = slide_run
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "1 of 2 slides failed" in log and "broken.svs: not a slide" in log
+    assert "Traceback" not in proc.stderr
+    assert (work / "eval" / "case.ome" / "case.ome_summary.json").is_file()
+
+
+def test_outputs_follow_qupath_rules_and_the_summary_adds_up(slide_run):
+    work, _, _ = slide_run
+    folder = work / "eval" / "case.ome"
+    fc = json.loads((folder / "case.ome_nuclei.geojson").read_text())
+    summary = json.loads((folder / "case.ome_summary.json").read_text())
+    assert fc["type"] == "FeatureCollection" and len(fc["features"]) == summary["nuclei"] > 50
+    vertices = []
+    for f in fc["features"]:
+        ring = f["geometry"]["coordinates"][0]
+        assert f["geometry"]["type"] == "Polygon" and ring[0] == ring[-1] and len(ring) >= 4
+        assert all(0 <= x <= 1280 and 0 <= y <= 1280 for x, y in ring)  # level-0 pixels
+        props = f["properties"]
+        assert props["objectType"] == "detection"
+        name = props["classification"]["name"]
+        assert props["classification"]["color"] == list(TYPE_COLOURS[TYPE_NAMES.index(name)])
+        assert 0 <= props["measurements"]["Type probability"] <= 1 and props["measurements"]["Area µm^2"] > 0
+        vertices.append(len(ring))
+    assert np.mean(vertices) < 30  # simplified outlines, not every pixel step
+    assert sum(summary["nuclei_per_type"].values()) == summary["nuclei"]
+    assert summary["tissue_mm2"] == pytest.approx(768 * 768 * 0.25**2 / 1e6, rel=0.15)
+    rows = (folder / "case.ome_nuclei.csv").read_text().splitlines()
+    assert rows[0].startswith("nucleus_id,x_px,y_px,x_um,y_um,area_um2") and len(rows) == summary["nuclei"] + 1
+    for png in ("case.ome_tissue.png", "case.ome_overlay.png"):
+        assert Image.open(folder / png).size[0] > 100
+
+
+def test_slide_nuclei_agree_with_tile_inference_on_the_same_pixels(slide_run, tmp_path):
+    work, pixels, _ = slide_run
+    (tmp_path / "png").mkdir()
+    Image.fromarray(pixels).save(tmp_path / "png" / "case.png")
+    run_bundle("run", TILES, work, "--input_dir", str(tmp_path / "png"), "--output_dir", str(tmp_path / "out"))
+    tile_count = len(json.loads((tmp_path / "out" / "case" / "case_nuclei.geojson").read_text())["features"])
+    slide_count = json.loads((work / "eval" / "case.ome" / "case.ome_summary.json").read_text())["nuclei"]
+    assert abs(slide_count - tile_count) <= 0.02 * tile_count, (slide_count, tile_count)
+
+
+def test_a_finished_slide_is_skipped_on_rerun(slide_run):
+    work, _, _ = slide_run
+    summary = work / "eval" / "case.ome" / "case.ome_summary.json"
+    stamp = summary.stat().st_mtime_ns
+    proc = run_bundle("run", WSI, work, "--input_dir", str(work / "slides" / "case.ome.tif"), "--num_workers", "0")
+    assert "finished earlier" in proc.stdout + proc.stderr and summary.stat().st_mtime_ns == stamp
