@@ -53,3 +53,23 @@ def test_inference_workflow_has_the_standard_properties_and_runs(tmp_path):
     workflow.run()  # with the shipped model: nothing was trained in ckpt_dir
     workflow.finalize()
     assert (tmp_path / "out" / "tile" / "tile_nuclei.geojson").is_file()
+
+
+def test_whole_slide_workflow_has_the_standard_properties(tmp_path):
+    from slide_fixtures import write_slide
+
+    write_slide(tmp_path / "slides" / "s.ome.tif", size=(768, 768), tissue=(256, 256, 512, 512))
+    workflow = ConfigWorkflow(
+        config_file=[str(CONFIGS / c) for c in ("train.json", "inference.json", "inference_wsi.json")],
+        workflow_type="infer",
+        meta_file=str(CONFIGS / "metadata.json"),
+        bundle_root=str(BUNDLE_ROOT),
+        input_dir=str(tmp_path / "slides"),
+        output_dir=str(tmp_path / "out"),
+        ckpt_dir=str(tmp_path / "models"),
+        num_workers=0,
+        tile_size=256,
+    )
+    workflow.initialize()
+    assert workflow.check_properties() == []
+    assert len(workflow.dataset) == 1  # the one 256² tile of tissue, nothing of the glass around it
