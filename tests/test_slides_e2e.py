@@ -80,3 +80,27 @@ def test_a_finished_slide_is_skipped_on_rerun(slide_run):
     stamp = summary.stat().st_mtime_ns
     proc = run_bundle("run", WSI, work, "--input_dir", str(work / "slides" / "case.ome.tif"), "--num_workers", "0")
     assert "finished earlier" in proc.stdout + proc.stderr and summary.stat().st_mtime_ns == stamp
+
+
+def test_two_torchrun_processes_write_what_one_process_writes(tmp_path):
+    """Slides are shared out across ranks; each slide's files are those a single process writes."""
+    from bundle_launch import launch
+
+    for i in range(3):
+        write_slide(tmp_path / "slides" / f"s{i}.ome.tif", size=(768, 768), tissue=(256, 256, 512, 512), seed=i)
+    common = ("--input_dir", str(tmp_path / "slides"), "--tile_size", "256", "--num_workers", "0")
+    launch("run", WSI, tmp_path / "one", *common, "--output_dir", str(tmp_path / "one_out"))
+    log = launch(
+        "run",
+        [*WSI, "multi_gpu_inference.json"],
+        tmp_path / "two",
+        *common,
+        "--output_dir",
+        str(tmp_path / "two_out"),
+        ranks=2,
+    )
+    assert "rank 0 of 2: 2 of 3 slides" in log
+    for i in range(3):
+        for suffix in ("_nuclei.geojson", "_nuclei.csv"):
+            name = f"s{i}.ome/s{i}.ome{suffix}"
+            assert (tmp_path / "two_out" / name).read_bytes() == (tmp_path / "one_out" / name).read_bytes(), name

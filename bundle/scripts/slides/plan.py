@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch.distributed as dist
 from PIL import Image, ImageDraw
 
-from scripts.errors import DataError
 from scripts.engine.cli_flags import as_bool
+from scripts.engine.distributed import is_distributed
+from scripts.errors import DataError
 from scripts.io.atomic import atomic_write, require_writable
 from scripts.slides.progress import SlideProgress
 from scripts.slides.reader import Slide, find_slides, open_slide
@@ -50,6 +52,16 @@ class SlidePlan:
     @property
     def done(self) -> bool:
         return not self.error and not self.todo
+
+
+def shard(slides: list[Path]) -> list[Path]:
+    """This process's slides: all of them alone, every world_size-th under torchrun (each slide on one rank, so
+    its outputs are exactly those of a single process)."""
+    if not is_distributed():
+        return slides
+    mine = slides[dist.get_rank() :: dist.get_world_size()]
+    logger.info(f"rank {dist.get_rank()} of {dist.get_world_size()}: {len(mine)} of {len(slides)} slides")
+    return mine
 
 
 def tile_grid(
@@ -101,7 +113,7 @@ class SlidePlanner:
         overwrite = as_bool(overwrite, "overwrite")
         mpp = None if mpp in (None, "", 0, "null", "None") else float(mpp)
         self.plans: list[SlidePlan] = []
-        for path in find_slides(input_dir):
+        for path in shard(find_slides(input_dir)):
             plan = SlidePlan(path.stem, path, self.output_dir / path.stem, float(mpp or 0))
             try:
                 self._plan(plan, mpp, target_mpp, mask_dir, overwrite)
