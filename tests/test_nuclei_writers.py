@@ -201,3 +201,19 @@ def test_writers_refuse_to_overwrite(sample, tmp_path) -> None:
         write(path, overwrite=True)
         assert path.read_bytes() != b"keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(writers)  # no temp files left behind
+
+
+def test_outlines_can_be_simplified_to_within_a_pixel() -> None:
+    from skimage.draw import disk
+    from skimage.measure import points_in_poly
+
+    inst = np.zeros((64, 64), np.int32)
+    inst[disk((32, 30), 12)] = 1
+    types, probs = np.array([0, 3]), np.array([0.0, 0.8], np.float32)
+    exact = instances_to_geojson(inst, types, probs)["features"][0]["geometry"]["coordinates"][0]
+    simple = instances_to_geojson(inst, types, probs, tolerance=1.0)["features"][0]["geometry"]["coordinates"][0]
+    assert simple[0] == simple[-1] and len(simple) < len(exact) / 3
+    # every vertex of the exact outline lies within about a pixel of the simplified one: pixel centres agree
+    rows, cols = np.nonzero(inst)
+    inside = points_in_poly(np.stack([cols + 0.5, rows + 0.5], 1), np.asarray(simple, float))
+    assert inside.mean() > 0.95

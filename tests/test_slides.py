@@ -11,7 +11,8 @@ from scripts.slides.plan import SlidePlanner, tile_grid
 from scripts.slides.progress import SlideProgress
 from scripts.slides.reader import open_slide
 from scripts.slides.tissue import tissue_mask
-from scripts.slides.writer import simplify_ring, tile_nuclei
+from scripts.io.nuclei_writers import simplify_ring
+from scripts.slides.writer import tile_nuclei
 
 
 def test_a_40x_slide_is_read_at_level_0_and_a_20x_slide_is_upsampled(tmp_path):

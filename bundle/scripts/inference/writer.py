@@ -79,9 +79,11 @@ class NucleiOutputsWriterd(MapTransform):
         type_key: str = "type_map",
         inst_types_key: str = "inst_types",
         inst_probs_key: str = "inst_probs",
+        tolerance: float = 1.0,
     ) -> None:
         super().__init__(keys=inst_key)
         self.output_dir = require_writable(output_dir, "output_dir")
+        self.tolerance = float(tolerance)  # GeoJSON outlines simplified to within this many pixels
         self.overwrite = as_bool(overwrite, "overwrite")  # --overwrite false must not mean True
         self.save_nifti = as_bool(save_nifti, "save_nifti")
         self.name_key, self.image_key = name_key, image_key
@@ -131,7 +133,7 @@ class NucleiOutputsWriterd(MapTransform):
             staged = {kind: staging / path.name for kind, path in paths.items()}
             write_label_tiff(staged["instances"], inst)
             write_label_tiff(staged["types"], type_map)
-            write_geojson(staged["geojson"], instances_to_geojson(inst, inst_types, inst_probs))
+            write_geojson(staged["geojson"], instances_to_geojson(inst, inst_types, inst_probs, self.tolerance))
             write_csv(staged["csv"], measurements_table(inst, inst_types, inst_probs))
             overlay_png(staged["overlay"], image, inst, inst_types)
             if self.save_nifti:

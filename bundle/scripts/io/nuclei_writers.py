@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
+from skimage.measure import approximate_polygon
 
 from scripts.io.atomic import atomic_write, write_csv_rows, write_json
 from scripts.pannuke.format import NUM_TYPES, TYPE_COLOURS, TYPE_NAMES
@@ -192,8 +193,24 @@ def _classification(type_id: int) -> dict:
     return {"name": TYPE_NAMES[type_id - 1], "color": list(TYPE_COLOURS[type_id - 1])}
 
 
-def instances_to_geojson(inst: np.ndarray, inst_types: np.ndarray, inst_probs: np.ndarray) -> dict:
+def simplify_ring(ring: list, tolerance: float) -> list:
+    """A closed ring simplified to within `tolerance` pixels (Douglas-Peucker; first == last kept).
+
+    Tracing every pixel step gives about 130 vertices a nucleus; within 1 px, about 10, which keeps a slide of a
+    million nuclei to a few hundred MB of GeoJSON.  Rings of 5 points or fewer are left as they are.
+    """
+    if tolerance <= 0 or len(ring) <= 5:
+        return ring
+    simple = approximate_polygon(np.asarray(ring, dtype=np.float64), tolerance)
+    return simple.tolist() if len(simple) >= 4 else ring
+
+
+def instances_to_geojson(
+    inst: np.ndarray, inst_types: np.ndarray, inst_probs: np.ndarray, tolerance: float = 0.0
+) -> dict:
     """One QuPath detection Feature per nucleus, in (x = column, y = row) pixel-edge coordinates.
+
+    `tolerance` > 0 simplifies each outline to within that many pixels (`simplify_ring`); 0 keeps every step.
 
     An instance in several pieces, or with holes, is drawn as its largest piece with holes filled (a single Polygon
     per nucleus keeps QuPath's counts one-per-nucleus); "Area px" still counts every pixel of the id in the label map.
@@ -208,6 +225,7 @@ def instances_to_geojson(inst: np.ndarray, inst_types: np.ndarray, inst_probs: n
     for nucleus_id in ids.tolist():
         rows, cols = boxes[nucleus_id - 1]
         ring = outline_polygon(inst[rows, cols] == nucleus_id, offset_xy=(cols.start, rows.start))
+        ring = simplify_ring(ring, tolerance)
         type_id = int(inst_types[nucleus_id])
         features.append(
             {

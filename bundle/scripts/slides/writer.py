@@ -22,24 +22,15 @@ from ignite.engine import Engine, Events
 from monai.transforms import MapTransform
 from PIL import Image, ImageDraw
 from scipy import ndimage
-from skimage.measure import approximate_polygon
 
 from scripts.io.atomic import atomic_write
-from scripts.io.nuclei_writers import outline_polygon
+from scripts.io.nuclei_writers import outline_polygon, simplify_ring
 from scripts.nuclei.postprocess import as_plane
 from scripts.pannuke.format import NUM_TYPES, TYPE_COLOURS, TYPE_NAMES
 from scripts.slides.plan import SlidePlan, SlidePlanner
 from scripts.slides.progress import SlideProgress
 
 logger = logging.getLogger(__name__)
-
-
-def simplify_ring(ring: list[list[float]], tolerance: float) -> list[list[float]]:
-    """A closed ring simplified to within `tolerance` (first == last kept); at least a triangle survives."""
-    if tolerance <= 0 or len(ring) <= 5:
-        return ring
-    simple = approximate_polygon(np.asarray(ring, dtype=np.float64), tolerance)
-    return simple.tolist() if len(simple) >= 4 else ring
 
 
 def tile_nuclei(
