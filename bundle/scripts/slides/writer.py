@@ -180,5 +180,5 @@ def _overlay_png(plan: SlidePlan, progress: SlideProgress) -> None:
         for row in csv.DictReader(f):
             x, y = float(row["x_px"]) * per_model_px, float(row["y_px"]) * per_model_px
             type_id = min(max(int(row["type_id"]), 1), NUM_TYPES)
-            draw.point((x, y), fill=tuple(TYPE_COLOURS[type_id - 1]))
+            draw.ellipse((x - 1.5, y - 1.5, x + 1.5, y + 1.5), fill=tuple(TYPE_COLOURS[type_id - 1]))
     atomic_write(Path(plan.folder) / f"{plan.name}_overlay.png", lambda tmp: picture.save(tmp, format="PNG"))
