@@ -83,11 +83,12 @@ def test_a_finished_slide_is_skipped_on_rerun(slide_run):
 
 
 def test_two_torchrun_processes_write_what_one_process_writes(tmp_path):
-    """Slides are shared out across ranks; each slide's files are those a single process writes."""
+    """The tiles of every slide (here one with 9 tiles, one with 1) are shared out across ranks and put back
+    together in tile order: the files are byte for byte those a single process writes."""
     from bundle_launch import launch
 
-    for i in range(3):
-        write_slide(tmp_path / "slides" / f"s{i}.ome.tif", size=(768, 768), tissue=(256, 256, 512, 512), seed=i)
+    write_slide(tmp_path / "slides" / "big.ome.tif", size=(1024, 1024), tissue=(128, 128, 896, 896), seed=1)
+    write_slide(tmp_path / "slides" / "small.ome.tif", size=(768, 768), tissue=(256, 256, 512, 512), seed=2)
     common = ("--input_dir", str(tmp_path / "slides"), "--tile_size", "256", "--num_workers", "0")
     launch("run", WSI, tmp_path / "one", *common, "--output_dir", str(tmp_path / "one_out"))
     log = launch(
@@ -99,8 +100,12 @@ def test_two_torchrun_processes_write_what_one_process_writes(tmp_path):
         str(tmp_path / "two_out"),
         ranks=2,
     )
-    assert "rank 0 of 2: 2 of 3 slides" in log
-    for i in range(3):
+    assert "to do on rank 0 of 2" in log
+    for name in ("big.ome", "small.ome"):
         for suffix in ("_nuclei.geojson", "_nuclei.csv"):
-            name = f"s{i}.ome/s{i}.ome{suffix}"
-            assert (tmp_path / "two_out" / name).read_bytes() == (tmp_path / "one_out" / name).read_bytes(), name
+            path = f"{name}/{name}{suffix}"
+            assert (tmp_path / "two_out" / path).read_bytes() == (tmp_path / "one_out" / path).read_bytes(), path
+        one = json.loads((tmp_path / "one_out" / name / f"{name}_summary.json").read_text())
+        two = json.loads((tmp_path / "two_out" / name / f"{name}_summary.json").read_text())
+        assert one["nuclei_per_type"] == two["nuclei_per_type"] and one["tiles"] == two["tiles"]
+        assert not list((tmp_path / "two_out" / name).glob(".*"))  # the ranks' partial files are merged away

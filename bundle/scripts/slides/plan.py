@@ -54,14 +54,13 @@ class SlidePlan:
         return not self.error and not self.todo
 
 
-def shard(slides: list[Path]) -> list[Path]:
-    """This process's slides: all of them alone, every world_size-th under torchrun (each slide on one rank, so
-    its outputs are exactly those of a single process)."""
-    if not is_distributed():
-        return slides
-    mine = slides[dist.get_rank() :: dist.get_world_size()]
-    logger.info(f"rank {dist.get_rank()} of {dist.get_world_size()}: {len(mine)} of {len(slides)} slides")
-    return mine
+def rank_share() -> tuple[int, int, str]:
+    """(rank, world size, progress-file suffix): under torchrun every rank takes every world_size-th tile of each
+    slide (one large slide is shared out as well as a folder of them); alone, a process takes them all."""
+    if not is_distributed() or dist.get_world_size() == 1:
+        return 0, 1, ""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return rank, world, f".rank{rank}of{world}"
 
 
 def tile_grid(
@@ -113,7 +112,7 @@ class SlidePlanner:
         overwrite = as_bool(overwrite, "overwrite")
         mpp = None if mpp in (None, "", 0, "null", "None") else float(mpp)
         self.plans: list[SlidePlan] = []
-        for path in shard(find_slides(input_dir)):
+        for path in find_slides(input_dir):
             plan = SlidePlan(path.stem, path, self.output_dir / path.stem, float(mpp or 0))
             try:
                 self._plan(plan, mpp, target_mpp, mask_dir, overwrite)
@@ -123,7 +122,8 @@ class SlidePlanner:
             self.plans.append(plan)
 
     def _plan(self, plan: SlidePlan, mpp, target_mpp: float, mask_dir, overwrite: bool) -> None:
-        progress = SlideProgress(plan.folder, plan.name)
+        rank, world, part = rank_share()
+        progress = SlideProgress(plan.folder, plan.name, part)
         if progress.finished() and not overwrite:
             logger.info(f"{plan.name}: finished earlier in {plan.folder}, skipped (--overwrite true redoes it)")
             return
@@ -137,11 +137,12 @@ class SlidePlanner:
         if overwrite:
             progress.reset()
         done = progress.resume()
-        plan.todo = [t for t in plan.tiles if t.index not in done]
-        _write_tissue_png(plan.folder / f"{plan.name}_tissue.png", thumb, mask, plan.tiles, factor)
+        plan.todo = [t for t in plan.tiles if t.index % world == rank and t.index not in done]
+        if rank == 0:
+            _write_tissue_png(plan.folder / f"{plan.name}_tissue.png", thumb, mask, plan.tiles, factor)
         logger.info(
             f"{plan.name}: {plan.tissue_mm2:.1f} mm² of tissue, {len(plan.tiles)} tiles of {self.tile_size} px, "
-            f"{len(plan.tiles) - len(plan.todo)} done earlier"
+            f"{len(plan.todo)} to do" + (f" on rank {rank} of {world}" if world > 1 else "")
         )
 
 

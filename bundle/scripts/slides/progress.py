@@ -25,16 +25,19 @@ FSYNC_EVERY = 64  # tiles between fsyncs (a flush per tile already survives a ki
 
 
 class SlideProgress:
-    def __init__(self, folder: str | os.PathLike, name: str) -> None:
-        self.folder, self.name = Path(folder), name
+    """Args:
+    folder: the slide's output folder.
+    name: the slide's name (its file name without the extension).
+    part: "" for a whole slide; ".rank<r>of<n>" for the share of its tiles one torchrun rank writes.
+    """
+
+    def __init__(self, folder: str | os.PathLike, name: str, part: str = "") -> None:
+        self.folder, self.name, self.part = Path(folder), name, part
         self.geojson = self.folder / f"{name}_nuclei.geojson"
         self.csv = self.folder / f"{name}_nuclei.csv"
         self.summary = self.folder / f"{name}_summary.json"
-        self.progress = self.folder / ".progress.jsonl"
-        self.partial = {
-            "geojson": self.folder / f".{name}_nuclei.geojson.partial",
-            "csv": self.folder / f".{name}_nuclei.csv.partial",
-        }
+        self.progress = self.folder / f".progress{part}.jsonl"
+        self.partial = {kind: self.folder / f".{name}_nuclei.{kind}{part}.partial" for kind in ("geojson", "csv")}
         self.done: set[int] = set()
         self.nuclei = 0
         self.per_type = [0] * NUM_TYPES
@@ -46,7 +49,27 @@ class SlideProgress:
         return self.summary.is_file()
 
     def reset(self) -> None:
-        for path in (self.progress, *self.partial.values(), self.summary):
+        for path in (self.progress, *self.partial.values()):
+            path.unlink(missing_ok=True)
+        if not self.part:
+            self.summary.unlink(missing_ok=True)
+
+    def tile_ranges(self) -> dict[int, tuple[int, int, int, int]]:
+        """{tile: (GeoJSON start, end, CSV start, end)}: where each recorded tile's nuclei lie in the partial files."""
+        if not self.progress.is_file():  # this part had no tile of the slide
+            return {}
+        lines = [json.loads(text) for text in self.progress.read_text().splitlines() if text.strip()]
+        g0, c0 = len(GEOJSON_HEAD.encode()), len(CSV_HEADER.encode())
+        ranges = {}
+        for line in lines:
+            ranges[line["tile"]] = (g0, line["geojson"], c0, line["csv"])
+            g0, c0 = line["geojson"], line["csv"]
+        return ranges
+
+    def remove(self) -> None:
+        """Delete this part's partial and progress files (after they were merged)."""
+        self.close()
+        for path in (self.progress, *self.partial.values()):
             path.unlink(missing_ok=True)
 
     def resume(self) -> set[int]:

@@ -18,6 +18,7 @@ from collections.abc import Hashable, Mapping
 from pathlib import Path
 
 import numpy as np
+import torch.distributed as dist
 from ignite.engine import Engine, Events
 from monai.transforms import MapTransform
 from PIL import Image, ImageDraw
@@ -27,7 +28,7 @@ from scripts.io.atomic import atomic_write
 from scripts.io.nuclei_writers import outline_polygon, simplify_ring
 from scripts.nuclei.postprocess import as_plane
 from scripts.pannuke.format import NUM_TYPES, TYPE_COLOURS, TYPE_NAMES
-from scripts.slides.plan import SlidePlan, SlidePlanner
+from scripts.slides.plan import SlidePlan, SlidePlanner, rank_share
 from scripts.slides.progress import SlideProgress
 
 logger = logging.getLogger(__name__)
@@ -74,11 +75,12 @@ class SlideNucleiWriterd(MapTransform):
         self.tolerance, self.model, self.inst_key = float(tolerance), str(model), inst_key
         self.progress: dict[int, SlideProgress] = {}
         self.started: dict[int, float] = {}
+        self.rank, self.world, part = rank_share()
         for index, plan in enumerate(self.plans):
             if plan.slide is not None and not plan.error:
-                self.progress[index] = progress = SlideProgress(plan.folder, plan.name)
+                self.progress[index] = progress = SlideProgress(plan.folder, plan.name, part)
                 progress.resume()
-                if not plan.todo:
+                if not plan.todo and self.world == 1:
                     self._finish(index)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
@@ -110,7 +112,7 @@ class SlideNucleiWriterd(MapTransform):
             )
             types.append(type_id)
         progress.add_tile(tile_index, features, rows, types)
-        if len(progress.done) == len(plan.tiles):
+        if self.world == 1 and len(progress.done) == len(plan.tiles):
             self._finish(index)
         return d
 
@@ -138,7 +140,63 @@ class SlideNucleiWriterd(MapTransform):
         logger.info(f"{plan.name}: {progress.nuclei} nuclei on {plan.tissue_mm2:.2f} mm² of tissue -> {plan.folder}")
 
     def attach(self, engine: Engine) -> None:
+        if self.world > 1:
+            engine.add_event_handler(Events.COMPLETED, self.merge_ranks)
         engine.add_event_handler(Events.COMPLETED, self.summarise)
+
+    def merge_ranks(self, engine: Engine | None = None) -> None:
+        """Under torchrun: once every rank has written its share of the tiles, rank 0 puts each slide together in
+        tile order, numbering nuclei as one process would, so the files are exactly a single process's."""
+        for progress in self.progress.values():
+            progress.close()
+        errors: list[dict[int, str]] = [{}] * self.world
+        dist.all_gather_object(errors, {i: p.error for i, p in enumerate(self.plans) if p.error})
+        for found in errors:
+            for index, error in found.items():
+                self.plans[index].error = self.plans[index].error or error
+        if self.rank == 0:
+            for index in self.progress:
+                if not self.plans[index].error:
+                    self._merge(index)
+        dist.barrier()
+
+    def _merge(self, index: int) -> None:
+        plan = self.plans[index]
+        parts = [SlideProgress(plan.folder, plan.name, f".rank{r}of{self.world}") for r in range(self.world)]
+        ranges = [part.tile_ranges() for part in parts]
+        whole = SlideProgress(plan.folder, plan.name)
+        whole.reset()
+        files = [
+            (open(p.partial["geojson"], "rb"), open(p.partial["csv"], "rb")) if ranges[r] else (None, None)
+            for r, p in enumerate(parts)
+        ]
+        try:
+            for tile in plan.tiles:
+                r = tile.index % self.world
+                g0, g1, c0, c1 = ranges[r][tile.index]
+                geojson, csv_file = files[r]
+                geojson.seek(g0)
+                text = geojson.read(g1 - g0).decode("utf-8").removeprefix(",\n")
+                csv_file.seek(c0)
+                lines = csv_file.read(c1 - c0).decode("utf-8").splitlines(keepends=True)
+                features, rows, types = [], [], []
+                for n, (feature, row) in enumerate(zip(json.loads(f"[{text}]"), lines, strict=True)):
+                    nucleus_id = whole.nuclei + n + 1
+                    feature["id"] = nucleus_id
+                    features.append(json.dumps(feature, separators=(",", ":"), ensure_ascii=False))
+                    fields = row.split(",")
+                    rows.append(",".join([str(nucleus_id), *fields[1:]]))
+                    types.append(int(fields[7]))
+                whole.add_tile(tile.index, features, rows, types)
+        finally:
+            for pair in files:
+                for f in pair:
+                    if f is not None:
+                        f.close()
+        self.progress[index] = whole
+        self._finish(index)
+        for part in parts:
+            part.remove()
 
     def summarise(self, engine: Engine | None = None) -> None:
         failed = [p for p in self.plans if p.error]
