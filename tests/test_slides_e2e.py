@@ -109,3 +109,13 @@ def test_two_torchrun_processes_write_what_one_process_writes(tmp_path):
         two = json.loads((tmp_path / "two_out" / name / f"{name}_summary.json").read_text())
         assert one["nuclei_per_type"] == two["nuclei_per_type"] and one["tiles"] == two["tiles"]
         assert not list((tmp_path / "two_out" / name).glob(".*"))  # the ranks' partial files are merged away
+
+
+def test_a_pool_of_post_processing_workers_writes_the_same_files(tmp_path):
+    write_slide(tmp_path / "slides" / "s.ome.tif", size=(1024, 1024), tissue=(128, 128, 896, 896), seed=3)
+    common = ("--input_dir", str(tmp_path / "slides"), "--tile_size", "256", "--num_workers", "0")
+    run_bundle("run", WSI, tmp_path, *common, "--output_dir", str(tmp_path / "inline"))
+    run_bundle("run", WSI, tmp_path, *common, "--output_dir", str(tmp_path / "pool"), "--postprocess_workers", "2")
+    for suffix in ("_nuclei.geojson", "_nuclei.csv"):
+        name = f"s.ome/s.ome{suffix}"
+        assert (tmp_path / "pool" / name).read_bytes() == (tmp_path / "inline" / name).read_bytes(), name

@@ -26,6 +26,7 @@ from scripts.io.images import blend_alpha
 logger = logging.getLogger(__name__)
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
+THUMB_CHUNK = 4096  # pixels of a pyramid level read at once for the thumbnail
 MPP_KEYS = ("openslide.mpp-x", "tiffslide.mpp-x", "aperio.MPP")
 
 
@@ -91,11 +92,20 @@ class Slide:
         mw, mh = self.model_size
         factor = max(mw, mh) / max_side if max(mw, mh) > max_side else 1.0
         level = self.handle.get_best_level_for_downsample(factor * self.scale)
-        size = self.handle.level_dimensions[level]
-        region = np.asarray(self.handle.read_region((0, 0), level, size))
-        rgb = blend_alpha(region) if region.shape[-1] == 4 else region[..., :3]
+        lw, lh = self.handle.level_dimensions[level]
+        down = float(self.handle.level_downsamples[level])
         tw, th = max(1, int(round(mw / factor))), max(1, int(round(mh / factor)))
-        return np.asarray(Image.fromarray(rgb).resize((tw, th), Image.Resampling.BILINEAR)), mw / tw
+        thumb = Image.new("RGB", (tw, th), (255, 255, 255))
+        sx, sy = tw / lw, th / lh  # thumbnail pixels per pixel of the level read
+        for y in range(0, lh, THUMB_CHUNK):  # chunk by chunk: a slide with a shallow pyramid never sits in memory
+            for x in range(0, lw, THUMB_CHUNK):
+                w, h = min(THUMB_CHUNK, lw - x), min(THUMB_CHUNK, lh - y)
+                region = np.asarray(self.handle.read_region((int(x * down), int(y * down)), level, (w, h)))
+                rgb = blend_alpha(region) if region.shape[-1] == 4 else region[..., :3]
+                box = (int(round(x * sx)), int(round(y * sy)), int(round((x + w) * sx)), int(round((y + h) * sy)))
+                size = (max(1, box[2] - box[0]), max(1, box[3] - box[1]))
+                thumb.paste(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR), box[:2])
+        return np.asarray(thumb), mw / tw
 
     def close(self) -> None:
         self.handle.close()

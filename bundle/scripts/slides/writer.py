@@ -1,11 +1,13 @@
 """Turn each finished tile into the slide's nuclei and write them; finish a slide when its last tile is in.
 
-`SlideNucleiWriterd` is the last post-processing transform of inference_wsi.json.  For one tile it keeps the nuclei
-whose centroid lies in the tile's core (each nucleus once, whole), traces each outline, simplifies it to within
+`SlideNucleiWriterd` is the post-processing of inference_wsi.json. For one tile it runs the bundle's instance post-
+processing (`instances`, the same transform tile inference uses) on the network's output, keeps the nuclei whose
+centroid lies in the tile's core (each nucleus once, whole), traces each outline, simplifies it to within
 `tolerance` pixels (Douglas-Peucker: a few dozen vertices instead of every pixel step), converts it to level-0 slide
-pixels and appends it to the slide's GeoJSON and CSV.  As a handler it finishes slides whose tiles are all in,
-writes their summary and overlay, and logs the run's summary; `raise_if_failed` then makes the run exit 1 if a
-slide failed, after the others were processed.
+pixels and appends it to the slide's GeoJSON and CSV. With `workers` > 0 that work runs in a pool of CPU processes
+while the network goes on with the next tiles; results are written in tile order, so the files are the same. As a
+handler it finishes slides whose tiles are all in, writes their summary and overlay, and logs the run's summary;
+`raise_if_failed` then makes the run exit 1 if a slide failed, after the others were processed.
 """
 
 from __future__ import annotations
@@ -13,22 +15,27 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import multiprocessing
 import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Hashable, Mapping
 from pathlib import Path
 
 import numpy as np
+import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
+from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from scripts.io.atomic import atomic_write
 from scripts.io.nuclei_writers import outline_polygon, simplify_ring
-from scripts.nuclei.postprocess import as_plane
+from scripts.nuclei.postprocess import NucleiInstancesd
 from scripts.pannuke.format import NUM_TYPES, TYPE_COLOURS, TYPE_NAMES
-from scripts.slides.plan import SlidePlan, SlidePlanner, rank_share
+from scripts.slides.plan import SlidePlan, SlidePlanner, Tile, rank_share
 from scripts.slides.progress import SlideProgress
 
 logger = logging.getLogger(__name__)
@@ -60,19 +67,45 @@ def tile_nuclei(
     return out
 
 
+def tile_job(instances: NucleiInstancesd, pred: np.ndarray, tile: Tile, scale: float, tolerance: float) -> list:
+    """Post-process one tile: [(type id, centroid x, centroid y, area px, level-0 outline, probability)], in model
+    pixels of the slide but the outline; top level so that a process pool can run it."""
+    inst, inst_types, inst_probs = instances.instances(torch.from_numpy(pred))
+    nuclei = tile_nuclei(inst.astype(np.int64), inst_types, inst_probs, tile.window, tile.core)
+    out = []
+    for i, gx, gy, area, ring, prob in nuclei:
+        outline = [[round(x * scale, 2), round(y * scale, 2)] for x, y in simplify_ring(ring, tolerance)]
+        out.append((int(inst_types[i]), gx, gy, area, outline, prob))
+    return out
+
+
 class SlideNucleiWriterd(MapTransform):
-    """Write one tile's nuclei into its slide's outputs (see the module docstring).
+    """Post-process one tile and write its nuclei into its slide's outputs (see the module docstring).
 
     Args:
         slides: the run's `SlidePlanner` (`@slides`).
+        instances: the instance post-processing (`@instances`).
         tolerance: polygon simplification, in model pixels.
         model: what made the nuclei (the checkpoint path), for the summary.
+        workers: CPU processes that post-process while the network runs (0: in this process).
     """
 
-    def __init__(self, slides: SlidePlanner, tolerance: float = 1.0, model: str = "", inst_key: str = "inst_map"):
-        super().__init__(keys=inst_key)
+    def __init__(
+        self,
+        slides: SlidePlanner,
+        instances: NucleiInstancesd,
+        tolerance: float = 1.0,
+        model: str = "",
+        workers: int = 0,
+        pred_key: str = "pred",
+    ):
+        super().__init__(keys=pred_key)
         self.plans: list[SlidePlan] = slides.plans
-        self.tolerance, self.model, self.inst_key = float(tolerance), str(model), inst_key
+        self.instances, self.pred_key = instances, pred_key
+        self.tolerance, self.model = float(tolerance), str(model)
+        self.workers = int(workers)
+        self.pool: ProcessPoolExecutor | None = None
+        self.pending: deque = deque()
         self.progress: dict[int, SlideProgress] = {}
         self.started: dict[int, float] = {}
         self.rank, self.world, part = rank_share()
@@ -95,16 +128,32 @@ class SlideNucleiWriterd(MapTransform):
             self.progress[index].close()
             return d
         self.started.setdefault(index, time.perf_counter())
-        tile = plan.tiles[tile_index]
-        inst = as_plane(d[self.inst_key]).astype(np.int64)
-        nuclei = tile_nuclei(inst, np.asarray(d["inst_types"]), np.asarray(d["inst_probs"]), tile.window, tile.core)
+        pred = d.pop(self.pred_key)
+        pred = (pred.as_tensor() if isinstance(pred, MetaTensor) else torch.as_tensor(pred)).detach().cpu().numpy()
+        job = (self.instances, pred, plan.tiles[tile_index], plan.slide.scale, self.tolerance)
+        if self.workers <= 0:
+            self._write(index, tile_index, tile_job(*job))
+            return d
+        if self.pool is None:
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        self.pending.append((index, tile_index, self.pool.submit(tile_job, *job)))
+        self.drain(block=len(self.pending) > 2 * self.workers)
+        return d
+
+    def drain(self, block: bool = False, everything: bool = False) -> None:
+        """Write finished tiles in submission order; wait for the oldest if `block`, for all if `everything`."""
+        while self.pending and (everything or block or self.pending[0][2].done()):
+            index, tile_index, future = self.pending.popleft()
+            block = False
+            if not self.plans[index].error:
+                self._write(index, tile_index, future.result())
+
+    def _write(self, index: int, tile_index: int, nuclei: list) -> None:
+        plan, progress = self.plans[index], self.progress[index]
         features, rows, types = [], [], []
-        progress = self.progress[index]
         scale, um = plan.slide.scale, plan.slide.target_mpp
-        for n, (i, gx, gy, area, ring, prob) in enumerate(nuclei):
-            type_id = int(np.asarray(d["inst_types"])[i])
+        for n, (type_id, gx, gy, area, level0, prob) in enumerate(nuclei):
             nucleus_id = progress.nuclei + n + 1
-            level0 = [[round(x * scale, 2), round(y * scale, 2)] for x, y in simplify_ring(ring, self.tolerance)]
             features.append(_feature(nucleus_id, level0, type_id, prob, area * um * um))
             rows.append(
                 f"{nucleus_id},{gx * scale:.1f},{gy * scale:.1f},{gx * um:.2f},{gy * um:.2f},{area * um * um:.2f},"
@@ -114,7 +163,6 @@ class SlideNucleiWriterd(MapTransform):
         progress.add_tile(tile_index, features, rows, types)
         if self.world == 1 and len(progress.done) == len(plan.tiles):
             self._finish(index)
-        return d
 
     def _finish(self, index: int) -> None:
         plan, progress = self.plans[index], self.progress[index]
@@ -140,9 +188,17 @@ class SlideNucleiWriterd(MapTransform):
         logger.info(f"{plan.name}: {progress.nuclei} nuclei on {plan.tissue_mm2:.2f} mm² of tissue -> {plan.folder}")
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self.close_pool)
         if self.world > 1:
             engine.add_event_handler(Events.COMPLETED, self.merge_ranks)
         engine.add_event_handler(Events.COMPLETED, self.summarise)
+
+    def close_pool(self, engine: Engine | None = None) -> None:
+        """Write every tile still in the pool, then stop the pool."""
+        self.drain(everything=True)
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
 
     def merge_ranks(self, engine: Engine | None = None) -> None:
         """Under torchrun: once every rank has written its share of the tiles, rank 0 puts each slide together in
