@@ -41,3 +41,20 @@ def write_slide(
         for level in pyramid[1:]:
             tif.write(level, subfiletype=1, **options)
     return image
+
+
+def write_aperio_slide(path: Path, size: int = 1280, tissue: int = 256, mpp: float = 0.25, seed: int = 0) -> np.ndarray:
+    """An SVS laid out as Aperio's scanners write it (tiled JPEG pages, the 'Aperio Image Library' description with
+    AppMag and MPP), which OpenSlide's Aperio reader opens; returns the level-0 pixels."""
+    rng = np.random.default_rng(seed)
+    image = np.full((size, size, 3), GLASS, np.uint8)
+    for y in range(tissue, size - tissue, 256):
+        for x in range(tissue, size - tissue, 256):
+            h, w = min(256, size - tissue - y), min(256, size - tissue - x)
+            image[y : y + h, x : x + w] = np.rint(make_tile(rng)[0][:h, :w]).astype(np.uint8)
+    head = f"Aperio Image Library v12.0.5\r\n{size}x{size} [0,0 {size}x{size}] (256x256) JPEG/RGB Q=90"
+    with tifffile.TiffWriter(path) as tif:
+        options = dict(tile=(256, 256), compression="jpeg", photometric="rgb", metadata=None)
+        tif.write(image, description=f"{head}|AppMag = {round(10 / mpp)}|MPP = {mpp}", **options)
+        tif.write(np.ascontiguousarray(image[::4, ::4]), description=f"{head} -> {size // 4}x{size // 4}", **options)
+    return image

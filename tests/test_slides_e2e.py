@@ -119,3 +119,18 @@ def test_a_pool_of_post_processing_workers_writes_the_same_files(tmp_path):
     for suffix in ("_nuclei.geojson", "_nuclei.csv"):
         name = f"s.ome/s.ome{suffix}"
         assert (tmp_path / "pool" / name).read_bytes() == (tmp_path / "inline" / name).read_bytes(), name
+
+
+def test_an_aperio_svs_runs_through_openslide_like_tile_inference(tmp_path):
+    from slide_fixtures import write_aperio_slide
+
+    (tmp_path / "slides").mkdir()
+    pixels = write_aperio_slide(tmp_path / "slides" / "case.svs")
+    run_bundle("run", WSI, tmp_path, "--input_dir", str(tmp_path / "slides"), "--tile_size", "512")
+    summary = json.loads((tmp_path / "eval" / "case" / "case_summary.json").read_text())
+    assert summary["reader"] == "openslide" and summary["mpp"] == 0.25 and summary["nuclei"] > 50
+    (tmp_path / "png").mkdir()
+    Image.fromarray(pixels).save(tmp_path / "png" / "case.png")
+    run_bundle("run", TILES, tmp_path, "--input_dir", str(tmp_path / "png"), "--output_dir", str(tmp_path / "out"))
+    tile_count = len(json.loads((tmp_path / "out" / "case" / "case_nuclei.geojson").read_text())["features"])
+    assert abs(summary["nuclei"] - tile_count) <= 0.02 * tile_count, (summary["nuclei"], tile_count)
