@@ -30,8 +30,7 @@ def test_a_40x_slide_is_read_at_level_0_and_a_20x_slide_is_upsampled(tmp_path):
 def test_an_80x_slide_reads_the_level_nearest_the_model_scale(tmp_path):
     write_slide(tmp_path / "s80.ome.tif", mpp=0.125, levels=3)
     slide = open_slide(tmp_path / "s80.ome.tif")
-    if len(slide.handle.level_downsamples) == 1:
-        pytest.skip("this reader sees one level of the OME pyramid")
+    assert slide.backend == "tiffslide"  # the reader that sees the OME pyramid's sub-resolutions
     assert slide.level_for_model() == 1  # downsample 2 = 0.25 µm/px; level 2 (0.5) would be too coarse
 
 
