@@ -119,3 +119,31 @@ def test_a_users_tissue_mask_replaces_the_automatic_one(tmp_path):
     Image.fromarray(user).save(tmp_path / "masks" / "s.ome.png")
     planner = SlidePlanner(tmp_path / "slides", tmp_path / "out", tile_size=512, mask_dir=tmp_path / "masks")
     assert [t.core[:2] for t in planner.plans[0].tiles] == [(1024, 1024)]
+
+
+def test_progress_made_on_another_grid_is_not_reused(tmp_path):
+    write_slide(tmp_path / "slides" / "s.ome.tif", tissue=(256, 256, 768, 768))
+    first = SlidePlanner(tmp_path / "slides", tmp_path / "out", tile_size=512)
+    progress = SlideProgress(first.plans[0].folder, "s.ome")
+    progress.add_tile(0, ['{"id":1}'], ["1,1,1,1,1,1,Neoplastic,1,0.5\n"], [1])
+    progress.close()
+    assert SlidePlanner(tmp_path / "slides", tmp_path / "out", tile_size=512).plans[0].todo[0].index == 1  # resumed
+    other = SlidePlanner(tmp_path / "slides", tmp_path / "out", tile_size=256).plans[0]
+    assert len(other.todo) == len(other.tiles)  # another tile size: tile 0 is another tile, so all are redone
+
+
+def test_implausible_scales_and_name_clashes_are_refused(tmp_path):
+    write_slide(tmp_path / "slides" / "a.ome.tif")
+    with pytest.raises(DataError, match="--mpp 400 is not a microscope scale"):
+        open_slide(tmp_path / "slides" / "a.ome.tif", mpp=400)
+    write_slide(tmp_path / "twins" / "b.tif", mpp=0.25)
+    write_slide(tmp_path / "twins" / "b.tiff", mpp=0.25)
+    plans = SlidePlanner(tmp_path / "twins", tmp_path / "out", tile_size=512).plans
+    assert not plans[0].error and "same name as" in plans[1].error
+
+
+def test_every_window_has_one_size_so_edge_tiles_batch():
+    mask = np.ones((10, 10), bool)
+    tiles = tile_grid(mask, 100.0, (1000, 1000), 384, 32)
+    assert {t.window[2:] for t in tiles} == {(448, 448)}
+    assert {t.core[2] for t in tiles} == {384, 232}  # the last column's core is clipped, not its window

@@ -22,10 +22,22 @@ TILES = ["train.json", "inference.json"]
 @pytest.fixture(scope="module")
 def slide_run(tmp_path_factory):
     work = tmp_path_factory.mktemp("wsi")
-    pixels = write_slide(work / "slides" / "case.ome.tif", size=(1280, 1280), tissue=(256, 256, 1024, 1024))
+    # tissue reaches the right edge, so the last column's tiles (a 256-px core) batch with full ones
+    pixels = write_slide(work / "slides" / "case.ome.tif", size=(1280, 1280), tissue=(256, 256, 1280, 1024))
     (work / "slides" / "broken.svs").write_bytes(b"II*\x00" + bytes(300))
     proc = run_bundle(
-        "run", WSI, work, "--input_dir", str(work / "slides"), "--tile_size", "512", "--num_workers", "1", check=False
+        "run",
+        WSI,
+        work,
+        "--input_dir",
+        str(work / "slides"),
+        "--tile_size",
+        "512",
+        "--num_workers",
+        "1",
+        "--tiles_per_batch",
+        "2",
+        check=False,
     )
     return work, pixels, proc
 
@@ -57,7 +69,7 @@ def test_outputs_follow_qupath_rules_and_the_summary_adds_up(slide_run):
         vertices.append(len(ring))
     assert np.mean(vertices) < 30  # simplified outlines, not every pixel step
     assert sum(summary["nuclei_per_type"].values()) == summary["nuclei"]
-    assert summary["tissue_mm2"] == pytest.approx(768 * 768 * 0.25**2 / 1e6, rel=0.15)
+    assert summary["tissue_mm2"] == pytest.approx(1024 * 768 * 0.25**2 / 1e6, rel=0.15)
     rows = (folder / "case.ome_nuclei.csv").read_text().splitlines()
     assert rows[0].startswith("nucleus_id,x_px,y_px,x_um,y_um,area_um2") and len(rows) == summary["nuclei"] + 1
     for png in ("case.ome_tissue.png", "case.ome_overlay.png"):
@@ -134,3 +146,23 @@ def test_an_aperio_svs_runs_through_openslide_like_tile_inference(tmp_path):
     run_bundle("run", TILES, tmp_path, "--input_dir", str(tmp_path / "png"), "--output_dir", str(tmp_path / "out"))
     tile_count = len(json.loads((tmp_path / "out" / "case" / "case_nuclei.geojson").read_text())["features"])
     assert abs(summary["nuclei"] - tile_count) <= 0.02 * tile_count, (summary["nuclei"], tile_count)
+
+
+def test_torchrun_with_a_rank_that_has_no_tile(tmp_path):
+    """One 1-tile slide on 2 ranks: the idle rank still takes part in the merge, and the run ends."""
+    from bundle_launch import launch
+
+    write_slide(tmp_path / "slides" / "one.ome.tif", size=(768, 768), tissue=(256, 256, 512, 512), seed=4)
+    common = ("--input_dir", str(tmp_path / "slides"), "--tile_size", "256", "--num_workers", "0")
+    launch("run", WSI, tmp_path / "one", *common, "--output_dir", str(tmp_path / "one_out"))
+    launch(
+        "run",
+        [*WSI, "multi_gpu_inference.json"],
+        tmp_path / "two",
+        *common,
+        "--output_dir",
+        str(tmp_path / "two_out"),
+        ranks=2,
+    )
+    name = "one.ome/one.ome_nuclei.geojson"
+    assert (tmp_path / "two_out" / name).read_bytes() == (tmp_path / "one_out" / name).read_bytes()

@@ -14,6 +14,7 @@ then the first rank of every other node (for node-local cache folders), then the
 
 from __future__ import annotations
 
+import datetime
 import os
 from collections.abc import Callable
 from typing import TypeVar
@@ -24,6 +25,8 @@ import torch.distributed as dist
 from scripts.errors import BundleError, ConfigError, DataError
 
 T = TypeVar("T")
+# ranks wait for one another at the end of a slide run while rank 0 merges every slide: longer than the default
+COLLECTIVE_TIMEOUT = datetime.timedelta(hours=2)
 TORCHRUN_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -63,9 +66,9 @@ def init_distributed() -> int:
         )
     if torch.cuda.is_available():
         torch.cuda.set_device(local_device())
-        dist.init_process_group(backend="nccl")
+        dist.init_process_group(backend="nccl", timeout=COLLECTIVE_TIMEOUT)
     else:
-        dist.init_process_group(backend="gloo")
+        dist.init_process_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
     return dist.get_rank()
 
 

@@ -10,6 +10,7 @@ cache, which a second run can simply reuse once the first has built it).
 from __future__ import annotations
 
 import atexit
+import fcntl
 import json
 import logging
 import os
@@ -73,8 +74,7 @@ class FolderLock:
                 self.held = True
                 return None
             if holder is not None and self._stale(holder):
-                logger.warning(f"removing the stale lock {self.path} of a run that is gone ({_describe(holder)})")
-                self.path.unlink(missing_ok=True)
+                self._remove_stale(holder)
                 continue
             if holder is not None:
                 return holder
@@ -89,6 +89,19 @@ class FolderLock:
             self.held = True
             atexit.register(self.release)
             return None
+
+    def _remove_stale(self, seen: dict) -> None:
+        """Remove the stale lock `seen`, unless another process replaced it meanwhile: the check and the removal
+        happen under an flock of a guard file, so two runs taking over one stale lock cannot delete each other's."""
+        guard = self.path.with_name(f"{self.path.name}.guard")
+        with open(guard, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                if self.holder() == seen:
+                    logger.warning(f"removing the stale lock {self.path} of a run that is gone ({_describe(seen)})")
+                    self.path.unlink(missing_ok=True)
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def acquire(self, wait_s: float = 0.0, poll_s: float = 2.0) -> FolderLock:
         """Take the lock, waiting up to `wait_s` seconds for its holder; a ConfigError naming the holder otherwise."""

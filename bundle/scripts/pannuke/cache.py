@@ -129,7 +129,8 @@ def ensure_fold_cache(files: FoldFiles, cache_dir: str | os.PathLike) -> Path:
             return root
         if problem not in ("missing", "was built from other source files"):
             logger.warning(f"fold {files.fold}: the cache {root} {problem}: rebuilding it")
-        for stale in root.parent.glob(f"{root.name}.tmp*"):  # builds killed half-way (the lock is ours now)
+        stale_folders = [*root.parent.glob(f"{root.name}.tmp*"), *root.parent.glob(f"{root.name}.old*")]
+        for stale in stale_folders:  # builds killed half-way (the lock is ours now)
             shutil.rmtree(stale, ignore_errors=True)
         build_fold_cache(files, root, expected)
     return root
@@ -150,8 +151,11 @@ def build_fold_cache(files: FoldFiles, root: Path, expected: dict) -> None:
             )
         meta = {"fingerprint": expected, "tiles": n, "overlap_tiles": overlapping, "files": _file_digests(tmp)}
         write_json(tmp / "meta.json", meta)
-        shutil.rmtree(root, ignore_errors=True)
+        old = root.with_name(f"{root.name}.old{os.getpid()}")
+        if root.exists():
+            root.rename(old)  # aside first: the new cache moves in with one rename, the old one goes afterwards
         tmp.rename(root)
+        shutil.rmtree(old, ignore_errors=True)
         _VERIFIED.add(str(root))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -8,6 +8,8 @@ all of it (margins are wider than a nucleus).  Tiles whose core has no tissue in
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -48,6 +50,7 @@ class SlidePlan:
     tissue_mm2: float = 0.0
     error: str = ""
     slide: Slide | None = None
+    number: int = 0  # the slide's place in the run, which offsets how its tiles are shared out across ranks
 
     @property
     def done(self) -> bool:
@@ -77,7 +80,7 @@ def tile_grid(
             c1 = max(c0 + 1, int(np.ceil((x + w) / model_px_per_mask_px)))
             if not mask[r0:r1, c0:c1].any():
                 continue
-            window = (x - margin, y - margin, w + 2 * margin, h + 2 * margin)
+            window = (x - margin, y - margin, tile + 2 * margin, tile + 2 * margin)  # one size: tiles batch together
             tiles.append(Tile(len(tiles), (x, y, w, h), window))
     return tiles
 
@@ -112,16 +115,26 @@ class SlidePlanner:
         overwrite = as_bool(overwrite, "overwrite")
         mpp = None if mpp in (None, "", 0, "null", "None") else float(mpp)
         self.plans: list[SlidePlan] = []
-        for path in find_slides(input_dir):
+        names: dict[str, Path] = {}
+        for number, path in enumerate(find_slides(input_dir)):
             plan = SlidePlan(path.stem, path, self.output_dir / path.stem, float(mpp or 0))
             try:
-                self._plan(plan, mpp, target_mpp, mask_dir, overwrite)
-            except DataError as err:
-                plan.error, plan.todo = str(err), []
-                logger.error(f"{path.name}: FAILED, {err}")
+                if path.stem in names:
+                    raise DataError(f"{path}: same name as {names[path.stem]}, so their outputs would mix; rename one")
+                names[path.stem] = path
+                self._plan(plan, number, mpp, target_mpp, mask_dir, overwrite)
+            except Exception as err:  # noqa: BLE001 - one unreadable slide never stops the others
+                message = (
+                    str(err) if isinstance(err, DataError) else f"{path}: cannot be read ({type(err).__name__}: {err})"
+                )
+                plan.error, plan.todo = message, []
+                if plan.slide is not None:
+                    plan.slide.close()
+                    plan.slide = None
+                logger.error(f"{path.name}: FAILED, {message}")
             self.plans.append(plan)
 
-    def _plan(self, plan: SlidePlan, mpp, target_mpp: float, mask_dir, overwrite: bool) -> None:
+    def _plan(self, plan: SlidePlan, number: int, mpp, target_mpp: float, mask_dir, overwrite: bool) -> None:
         rank, world, part = rank_share()
         progress = SlideProgress(plan.folder, plan.name, part)
         if progress.finished() and not overwrite:
@@ -134,12 +147,18 @@ class SlidePlanner:
         mask = mask_from_file(mask_path, thumb.shape[:2]) if mask_path and mask_path.is_file() else tissue_mask(thumb)
         plan.tissue_mm2 = float(mask.sum()) * (factor * target_mpp / 1000.0) ** 2
         plan.tiles = tile_grid(mask, factor, slide.model_size, self.tile_size, self.margin)
-        if overwrite:
+        grid = {"tile_size": self.tile_size, "margin": self.margin, "mpp": slide.mpp, "model_mpp": slide.target_mpp}
+        grid["cores"] = hashlib.sha256(json.dumps([t.core for t in plan.tiles]).encode()).hexdigest()[:16]
+        if overwrite or not progress.same_grid(grid):
             progress.reset()
+        progress.write_grid(grid)
         done = progress.resume()
-        plan.todo = [t for t in plan.tiles if t.index % world == rank and t.index not in done]
+        # the slide's number offsets the share, so a folder of 1-tile slides does not all land on rank 0
+        plan.todo = [t for t in plan.tiles if (t.index + number) % world == rank and t.index not in done]
+        plan.number = number
         if rank == 0:
             _write_tissue_png(plan.folder / f"{plan.name}_tissue.png", thumb, mask, plan.tiles, factor)
+        slide.close()  # reopened when needed: a folder of a thousand slides must not hold a thousand files open
         logger.info(
             f"{plan.name}: {plan.tissue_mm2:.1f} mm² of tissue, {len(plan.tiles)} tiles of {self.tile_size} px, "
             f"{len(plan.todo)} to do" + (f" on rank {rank} of {world}" if world > 1 else "")

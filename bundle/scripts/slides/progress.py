@@ -45,6 +45,22 @@ class SlideProgress:
         self._log: IO[str] | None = None
         self._since_sync = 0
 
+    @property
+    def grid_file(self) -> Path:
+        return self.folder / f".grid{self.part}.json"
+
+    def same_grid(self, grid: dict) -> bool:
+        """Whether recorded progress was made on this tile grid (tile size, margin, scales, tiles); without a
+        record there is nothing to compare, and no progress either."""
+        try:
+            return json.loads(self.grid_file.read_text()) == json.loads(json.dumps(grid))
+        except (OSError, ValueError):
+            return not self.progress.exists()
+
+    def write_grid(self, grid: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_json(self.grid_file, grid)
+
     def finished(self) -> bool:
         return self.summary.is_file()
 
@@ -69,7 +85,7 @@ class SlideProgress:
     def remove(self) -> None:
         """Delete this part's partial and progress files (after they were merged)."""
         self.close()
-        for path in (self.progress, *self.partial.values()):
+        for path in (self.progress, *self.partial.values(), self.grid_file):
             path.unlink(missing_ok=True)
 
     def resume(self) -> set[int]:
@@ -146,6 +162,7 @@ class SlideProgress:
         fsync_folder(self.folder)
         write_json(self.summary, summary)
         self.progress.unlink(missing_ok=True)
+        self.grid_file.unlink(missing_ok=True)
 
     def close(self) -> None:
         for f in (*self._files.values(), self._log):

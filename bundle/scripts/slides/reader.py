@@ -26,6 +26,7 @@ from scripts.io.images import blend_alpha
 logger = logging.getLogger(__name__)
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
+MPP_RANGE = (0.05, 5.0)  # µm/px of any brightfield scan, 200x to 2x
 THUMB_CHUNK = 4096  # pixels of a pyramid level read at once for the thumbnail
 MPP_KEYS = ("openslide.mpp-x", "tiffslide.mpp-x", "aperio.MPP")
 
@@ -53,10 +54,17 @@ class Slide:
     """
 
     path: Path
-    handle: object
+    _handle: object | None
     backend: str
     mpp: float
     target_mpp: float = 0.25
+
+    @property
+    def handle(self) -> object:
+        """The open slide; reopened with the same reader after `close` (a run over many slides keeps few open)."""
+        if self._handle is None:
+            self._handle = dict(_backends())[self.backend](str(self.path))
+        return self._handle
 
     @property
     def scale(self) -> float:
@@ -108,7 +116,9 @@ class Slide:
         return np.asarray(thumb), mw / tw
 
     def close(self) -> None:
-        self.handle.close()
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
 
 
 def slide_mpp(handle: object) -> float | None:
@@ -150,6 +160,12 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None, target_mpp: fl
         if other != name:
             unused.close()
     found = slide_mpp(handle)
+    if found is not None and not MPP_RANGE[0] <= found <= MPP_RANGE[1]:
+        logger.warning(f"{path}: its metadata says {found:g} µm/px, which no microscope slide has; ignoring it")
+        found = None
+    if mpp is not None and not MPP_RANGE[0] <= mpp <= MPP_RANGE[1]:
+        handle.close()
+        raise DataError(f"{path}: --mpp {mpp:g} is not a microscope scale; pass µm per pixel, e.g. 0.25 for 40x")
     if mpp is None and found is None:
         handle.close()
         raise DataError(f"{path}: the slide does not say its µm per pixel; pass --mpp (0.25 for 40x, 0.5 for 20x)")

@@ -34,8 +34,10 @@ class SlideTiles(Dataset):
         super().__init__(data=records, transform=transform)
 
     def _slide(self, index: int) -> Slide:
-        if index not in self._open:
-            self._open[index] = open_slide(*self.sources[index])
+        if index not in self._open:  # tiles come slide by slide: keep only the current slide open
+            for other in self._open.values():
+                other.close()
+            self._open = {index: open_slide(*self.sources[index])}
         return self._open[index]
 
     def _transform(self, index: int) -> dict:

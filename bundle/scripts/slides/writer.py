@@ -16,6 +16,7 @@ import csv
 import json
 import logging
 import multiprocessing
+import os
 import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
@@ -25,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from PIL import Image, ImageDraw
@@ -145,8 +146,17 @@ class SlideNucleiWriterd(MapTransform):
         while self.pending and (everything or block or self.pending[0][2].done()):
             index, tile_index, future = self.pending.popleft()
             block = False
-            if not self.plans[index].error:
-                self._write(index, tile_index, future.result())
+            plan = self.plans[index]
+            if plan.error:
+                continue
+            try:
+                nuclei = future.result()
+            except Exception as err:  # noqa: BLE001 - a worker's failure (or its death) fails its slide only
+                plan.error = f"{plan.path}: post-processing tile {tile_index} failed ({type(err).__name__}: {err})"
+                logger.error(f"{plan.name}: FAILED, {plan.error}")
+                self.progress[index].close()
+                continue
+            self._write(index, tile_index, nuclei)
 
     def _write(self, index: int, tile_index: int, nuclei: list) -> None:
         plan, progress = self.plans[index], self.progress[index]
@@ -185,13 +195,19 @@ class SlideNucleiWriterd(MapTransform):
         }
         progress.finish(summary)
         _overlay_png(plan, progress)
+        plan.slide.close()
         logger.info(f"{plan.name}: {progress.nuclei} nuclei on {plan.tissue_mm2:.2f} mm² of tissue -> {plan.folder}")
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.COMPLETED, self.close_pool)
+        """Nothing to attach: `complete` runs after the evaluator, even when this process had no tile to do (ignite
+        fires no COMPLETED event for an empty data loader)."""
+
+    def complete(self) -> None:
+        """After the evaluator: write what the pool still holds, put ranks' shares together, log the summary."""
+        self.close_pool()
         if self.world > 1:
-            engine.add_event_handler(Events.COMPLETED, self.merge_ranks)
-        engine.add_event_handler(Events.COMPLETED, self.summarise)
+            self.merge_ranks()
+        self.summarise()
 
     def close_pool(self, engine: Engine | None = None) -> None:
         """Write every tile still in the pool, then stop the pool."""
@@ -228,7 +244,7 @@ class SlideNucleiWriterd(MapTransform):
         ]
         try:
             for tile in plan.tiles:
-                r = tile.index % self.world
+                r = (tile.index + plan.number) % self.world
                 g0, g1, c0, c1 = ranges[r][tile.index]
                 geojson, csv_file = files[r]
                 geojson.seek(g0)
@@ -264,6 +280,15 @@ class SlideNucleiWriterd(MapTransform):
         failed = [p for p in self.plans if p.error]
         if failed:
             raise SystemExit(f"{len(failed)} of {len(self.plans)} slides failed (see the log)")
+
+
+def default_workers(device: torch.device) -> int:
+    """Post-processing processes: none on a CPU (torch already uses every core), else half the cores shared by the
+    ranks of this machine."""
+    if torch.device(device).type == "cpu":
+        return 0
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    return max(1, (os.cpu_count() or 2) // (2 * ranks_here))
 
 
 def _feature(nucleus_id: int, ring: list, type_id: int, prob: float, area_um2: float) -> str:
