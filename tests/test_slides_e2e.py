@@ -94,24 +94,22 @@ def test_a_finished_slide_is_skipped_on_rerun(slide_run):
     assert "finished earlier" in proc.stdout + proc.stderr and summary.stat().st_mtime_ns == stamp
 
 
+def _one_and_two_processes(tmp_path) -> str:
+    """Run the slides of tmp_path/slides alone into one_out and on 2 torchrun ranks into two_out; the 2-rank log."""
+    from bundle_launch import launch
+
+    common = ("--input_dir", str(tmp_path / "slides"), "--tile_size", "256", "--num_workers", "0")
+    launch("run", WSI, tmp_path / "one", *common, "--output_dir", str(tmp_path / "one_out"))
+    two = [*WSI, "multi_gpu_inference.json"]
+    return launch("run", two, tmp_path / "two", *common, "--output_dir", str(tmp_path / "two_out"), ranks=2)
+
+
 def test_two_torchrun_processes_write_what_one_process_writes(tmp_path):
     """The tiles of every slide (here one with 9 tiles, one with 1) are shared out across ranks and put back
     together in tile order: the files are byte for byte those a single process writes."""
-    from bundle_launch import launch
-
     write_slide(tmp_path / "slides" / "big.ome.tif", size=(1024, 1024), tissue=(128, 128, 896, 896), seed=1)
     write_slide(tmp_path / "slides" / "small.ome.tif", size=(768, 768), tissue=(256, 256, 512, 512), seed=2)
-    common = ("--input_dir", str(tmp_path / "slides"), "--tile_size", "256", "--num_workers", "0")
-    launch("run", WSI, tmp_path / "one", *common, "--output_dir", str(tmp_path / "one_out"))
-    log = launch(
-        "run",
-        [*WSI, "multi_gpu_inference.json"],
-        tmp_path / "two",
-        *common,
-        "--output_dir",
-        str(tmp_path / "two_out"),
-        ranks=2,
-    )
+    log = _one_and_two_processes(tmp_path)
     assert "to do on rank 0 of 2" in log
     for name in ("big.ome", "small.ome"):
         for suffix in ("_nuclei.geojson", "_nuclei.csv"):
@@ -150,19 +148,7 @@ def test_an_aperio_svs_runs_through_openslide_like_tile_inference(tmp_path):
 
 def test_torchrun_with_a_rank_that_has_no_tile(tmp_path):
     """One 1-tile slide on 2 ranks: the idle rank still takes part in the merge, and the run ends."""
-    from bundle_launch import launch
-
     write_slide(tmp_path / "slides" / "one.ome.tif", size=(768, 768), tissue=(256, 256, 512, 512), seed=4)
-    common = ("--input_dir", str(tmp_path / "slides"), "--tile_size", "256", "--num_workers", "0")
-    launch("run", WSI, tmp_path / "one", *common, "--output_dir", str(tmp_path / "one_out"))
-    launch(
-        "run",
-        [*WSI, "multi_gpu_inference.json"],
-        tmp_path / "two",
-        *common,
-        "--output_dir",
-        str(tmp_path / "two_out"),
-        ranks=2,
-    )
+    _one_and_two_processes(tmp_path)
     name = "one.ome/one.ome_nuclei.geojson"
     assert (tmp_path / "two_out" / name).read_bytes() == (tmp_path / "one_out" / name).read_bytes()
