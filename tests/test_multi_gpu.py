@@ -212,7 +212,6 @@ def test_own_handlers_write_nothing_on_a_secondary_rank(tmp_path):
     with (
         mock.patch("torch.distributed.is_initialized", return_value=True),
         mock.patch("torch.distributed.get_rank", return_value=1),
-        mock.patch("ignite.distributed.get_rank", return_value=1),
     ):
         for handler in handlers:
             handler(engine)

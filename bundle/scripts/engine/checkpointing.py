@@ -15,7 +15,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import EarlyStopping
@@ -24,9 +23,9 @@ from monai.handlers import CheckpointLoader
 from scripts.engine.cli_flags import as_bool
 from scripts.engine.weights import check_finite, load_into, read_checkpoint
 from scripts.errors import ModelError
-from scripts.io.atomic import require_writable
+from scripts.engine.distributed import is_main_rank
+from scripts.io.atomic import atomic_write, require_writable
 from scripts.io.locks import FolderLock
-from scripts.io.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +57,7 @@ class BestModelSaver:
 
     def __init__(self, network: torch.nn.Module, path: str | os.PathLike) -> None:
         self.network, self.path = network, Path(path)
-        if self.path.is_file() and idist.get_rank() == 0:
+        if self.path.is_file() and is_main_rank():
             logger.warning(
                 f"{self.path} holds an earlier run's weights; this run replaces them at its first best validation "
                 "(copy the file elsewhere now to keep it)"
@@ -68,7 +67,7 @@ class BestModelSaver:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        if engine.state.best_metric_epoch != engine.state.epoch or idist.get_rank() != 0:
+        if engine.state.best_metric_epoch != engine.state.epoch or not is_main_rank():
             return  # every rank has the same weights under DDP: the main rank writes them
         atomic_save(unwrap(self.network).state_dict(), self.path)
         name = engine.state.key_metric_name
@@ -165,7 +164,7 @@ class TrainingState:
     ) -> None:
         self.path, self.resume, self.map_location = Path(path), as_bool(resume, "resume"), map_location
         require_writable(self.path.parent, "ckpt_dir")
-        if idist.get_rank() == 0:  # one training per ckpt_dir: another would mix its model.pt with this state
+        if is_main_rank():  # one training per ckpt_dir: another would mix its model.pt with this state
             FolderLock(self.path.parent / LOCK_NAME, f"the training folder {self.path.parent}").acquire()
         if self.resume and not self.path.is_file():
             raise ModelError(
@@ -201,5 +200,5 @@ class TrainingState:
         load_into(self.objects["model"], state["model"], self.path)
 
     def save(self, engine: Engine) -> None:
-        if idist.get_rank() == 0:
+        if is_main_rank():
             atomic_save({key: unwrap(obj).state_dict() for key, obj in self.objects.items()}, self.path)

@@ -188,7 +188,7 @@ def outline_polygon(mask: np.ndarray, offset_xy: tuple[int, int] = (0, 0)) -> li
 # ---------------------------------------------------------------- GeoJSON
 
 
-def _classification(type_id: int) -> dict:
+def qupath_classification(type_id: int) -> dict:
     """QuPath (v0.4+) reads a PathClass from {"name", "color": [r, g, b]}."""
     return {"name": TYPE_NAMES[type_id - 1], "color": list(TYPE_COLOURS[type_id - 1])}
 
@@ -234,7 +234,7 @@ def instances_to_geojson(
                 "geometry": {"type": "Polygon", "coordinates": [ring]},
                 "properties": {
                     "objectType": "detection",
-                    "classification": _classification(type_id),
+                    "classification": qupath_classification(type_id),
                     "measurements": {
                         "Nucleus id": nucleus_id,
                         "Type probability": round(float(inst_probs[nucleus_id]), 6),

@@ -48,8 +48,7 @@ if __package__ in (None, ""):  # run as a file (python scripts/pannuke/convert.p
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from scripts.errors import DataError
-from scripts.io.atomic import umask as _umask
-from scripts.io.atomic import write_json
+from scripts.io.atomic import umask, write_json
 from scripts.io.images import IMAGE_SUFFIXES, WHITE, read_labels, read_rgb
 from scripts.pannuke.cache import write_npy_header
 from scripts.pannuke.files import FOLDS, fold_folder, fold_paths_inside
@@ -518,7 +517,7 @@ def write_fold(root: Path, fold: int, tiles: list[Tile], tissue: str, append: bo
     final = fold_folder(root, fold)
     root.mkdir(parents=True, exist_ok=True)
     tmp_fold = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-    os.chmod(tmp_fold, 0o777 & ~_umask())  # mkdtemp makes it private; the fold it becomes is shared like any folder
+    os.chmod(tmp_fold, 0o777 & ~umask())  # mkdtemp makes it private; the fold it becomes is shared like any folder
     try:
         existing = fold_paths_inside(final, fold) if append and final.exists() else None
         write_fold_arrays(fold_paths_inside(tmp_fold, fold), tiles, tissue, existing)

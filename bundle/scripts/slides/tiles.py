@@ -13,10 +13,9 @@ import numpy as np
 from monai.data import Dataset
 from monai.transforms import apply_transform
 
+from scripts.io.images import WHITE
 from scripts.slides.plan import SlidePlan
 from scripts.slides.reader import Slide, open_slide
-
-WHITE = 255
 
 
 class SlideTiles(Dataset):

@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from scripts.io.atomic import atomic_write
-from scripts.io.nuclei_writers import outline_polygon, simplify_ring
+from scripts.io.nuclei_writers import outline_polygon, qupath_classification, simplify_ring
 from scripts.nuclei.postprocess import NucleiInstancesd
 from scripts.pannuke.format import NUM_TYPES, TYPE_COLOURS, TYPE_NAMES
 from scripts.slides.plan import SlidePlan, SlidePlanner, Tile, rank_share
@@ -47,11 +47,11 @@ def tile_nuclei(
 ) -> list[tuple[int, float, float, int, list[list[float]], float]]:
     """(id, centroid x, centroid y, area px, outline, probability) in model pixels of the slide, for the nuclei whose
     centroid falls inside `core`.  `window` is where the tile's pixels lie on the slide."""
-    ids = np.flatnonzero(np.bincount(inst.ravel()))[1:] if inst.any() else np.zeros(0, int)
+    area = np.bincount(inst.ravel())
+    ids = np.flatnonzero(area[1:]) + 1
     if ids.size == 0:
         return []
     rows, cols = np.indices(inst.shape)
-    area = np.bincount(inst.ravel())
     cy = np.bincount(inst.ravel(), weights=rows.ravel()) / np.maximum(area, 1)
     cx = np.bincount(inst.ravel(), weights=cols.ravel()) / np.maximum(area, 1)
     wx, wy = window[0], window[1]
@@ -292,7 +292,6 @@ def default_workers(device: torch.device) -> int:
 
 
 def _feature(nucleus_id: int, ring: list, type_id: int, prob: float, area_um2: float) -> str:
-    colour = list(TYPE_COLOURS[type_id - 1])
     return json.dumps(
         {
             "type": "Feature",
@@ -300,7 +299,7 @@ def _feature(nucleus_id: int, ring: list, type_id: int, prob: float, area_um2: f
             "geometry": {"type": "Polygon", "coordinates": [ring]},
             "properties": {
                 "objectType": "detection",
-                "classification": {"name": TYPE_NAMES[type_id - 1], "color": colour},
+                "classification": qupath_classification(type_id),
                 "measurements": {"Type probability": round(prob, 4), "Area µm^2": round(area_um2, 2)},
             },
         },
