@@ -27,6 +27,18 @@ def test_a_40x_slide_is_read_at_level_0_and_a_20x_slide_is_upsampled(tmp_path):
     assert slide20.read(600, 600, 128, 128).shape == (128, 128, 3)  # 64 slide pixels, upsampled to the model
 
 
+def test_tiles_of_a_20x_slide_sample_it_where_one_read_of_the_whole_slide_does(tmp_path):
+    """Each tile is resampled on its own, yet none is shifted or stretched: a tile gives the pixels of one read of
+    the whole slide, and the slide's edge blends into white, not the black tiffslide pads with."""
+    write_slide(tmp_path / "s20.ome.tif", size=(768, 768), tissue=(0, 0, 768, 768), mpp=0.5)
+    slide = open_slide(tmp_path / "s20.ome.tif")
+    whole = slide.read(0, 0, *slide.model_size).astype(int)
+    assert whole.shape == (1536, 1536, 3)
+    for x, y in [(0, 0), (300, 700), (1000, 37), (1024, 1024)]:
+        assert np.abs(slide.read(x, y, 512, 512).astype(int) - whole[y : y + 512, x : x + 512]).max() <= 1, (x, y)
+    assert whole[0].mean() > whole[2].mean() - 10 and whole[:, -1].mean() > whole[:, -3].mean() - 10
+
+
 def test_an_80x_slide_reads_the_level_nearest_the_model_scale(tmp_path):
     write_slide(tmp_path / "s80.ome.tif", mpp=0.125, levels=3)
     slide = open_slide(tmp_path / "s80.ome.tif")

@@ -1,5 +1,6 @@
-"""The README's whole-slide command on generated pyramidal OME-TIFFs: QuPath-readable outputs, the same nuclei as
-tile inference on the same pixels, finished slides skipped, a corrupt slide reported while the next one runs."""
+"""The README's whole-slide command on generated pyramidal OME-TIFFs, an Aperio SVS and a DICOM folder: QuPath-readable
+outputs, the same nuclei as tile inference on the same pixels, finished slides skipped, a corrupt slide reported while
+the next one runs."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 from bundle_runner import run_bundle
 from PIL import Image
-from slide_fixtures import write_slide
+from slide_fixtures import write_dicom_slide, write_slide
 
 from scripts.pannuke.format import TYPE_COLOURS, TYPE_NAMES
 
@@ -25,6 +26,7 @@ def slide_run(tmp_path_factory):
     # tissue reaches the right edge, so the last column's tiles (a 256-px core) batch with full ones
     pixels = write_slide(work / "slides" / "case.ome.tif", size=(1280, 1280), tissue=(256, 256, 1280, 1024))
     (work / "slides" / "broken.svs").write_bytes(b"II*\x00" + bytes(300))
+    write_dicom_slide(work / "slides" / "case_dicom", pixels, mpp=0.25, levels=2)  # the same pixels as DICOM
     proc = run_bundle(
         "run",
         WSI,
@@ -45,7 +47,7 @@ def slide_run(tmp_path_factory):
 def test_a_corrupt_slide_is_reported_and_the_good_one_finished(slide_run):
     work, _, proc = slide_run
     log = proc.stdout + proc.stderr
-    assert proc.returncode == 1 and "1 of 2 slides failed" in log and "broken.svs: not a slide" in log
+    assert proc.returncode == 1 and "1 of 3 slides failed" in log and "broken.svs: not a slide" in log
     assert "Traceback" not in proc.stderr
     assert (work / "eval" / "case.ome" / "case.ome_summary.json").is_file()
 
@@ -84,6 +86,14 @@ def test_slide_nuclei_agree_with_tile_inference_on_the_same_pixels(slide_run, tm
     tile_count = len(json.loads((tmp_path / "out" / "case" / "case_nuclei.geojson").read_text())["features"])
     slide_count = json.loads((work / "eval" / "case.ome" / "case.ome_summary.json").read_text())["nuclei"]
     assert abs(slide_count - tile_count) <= 0.02 * tile_count, (slide_count, tile_count)
+
+
+def test_a_dicom_folder_gives_the_nuclei_of_the_same_pixels_in_a_tiff(slide_run):
+    work, _, _ = slide_run
+    tiff = json.loads((work / "eval" / "case.ome" / "case.ome_summary.json").read_text())
+    dicom = json.loads((work / "eval" / "case_dicom" / "case_dicom_summary.json").read_text())
+    assert dicom["reader"] == "openslide" and dicom["mpp"] == 0.25 and dicom["tiles"] == tiff["tiles"]
+    assert abs(dicom["nuclei"] - tiff["nuclei"]) <= 0.02 * tiff["nuclei"], (dicom["nuclei"], tiff["nuclei"])
 
 
 def test_a_finished_slide_is_skipped_on_rerun(slide_run):

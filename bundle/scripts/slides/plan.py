@@ -24,7 +24,7 @@ from scripts.engine.distributed import is_distributed
 from scripts.errors import DataError
 from scripts.io.atomic import atomic_write, require_writable
 from scripts.slides.progress import SlideProgress
-from scripts.slides.reader import Slide, find_slides, open_slide
+from scripts.slides.reader import Slide, find_slides, open_slide, slide_name
 from scripts.slides.tissue import mask_from_file, tissue_mask
 
 logger = logging.getLogger(__name__)
@@ -117,11 +117,12 @@ class SlidePlanner:
         self.plans: list[SlidePlan] = []
         names: dict[str, Path] = {}
         for number, path in enumerate(find_slides(input_dir)):
-            plan = SlidePlan(path.stem, path, self.output_dir / path.stem, float(mpp or 0))
+            name = slide_name(path)
+            plan = SlidePlan(name, path, self.output_dir / name, float(mpp or 0))
             try:
-                if path.stem in names:
-                    raise DataError(f"{path}: same name as {names[path.stem]}, so their outputs would mix; rename one")
-                names[path.stem] = path
+                if name in names:
+                    raise DataError(f"{path}: same name as {names[name]}, so their outputs would mix; rename one")
+                names[name] = path
                 self._plan(plan, number, mpp, target_mpp, mask_dir, overwrite)
             except Exception as err:  # noqa: BLE001 - one unreadable slide never stops the others
                 message = (

@@ -1,9 +1,10 @@
 """Open a whole slide and read regions of it at the model's scale.
 
 OpenSlide (the pip-installable `openslide-bin` + `openslide-python`) reads SVS, NDPI, MRXS, SCN, Philips TIFF and
-generic tiled TIFF; `tiffslide` (tifffile + zarr, no system library) reads pyramidal TIFF and OME-TIFF, whose
-sub-resolutions OpenSlide does not see, and every TIFF where OpenSlide is not installed.  When both open a slide the
-one that sees more pyramid levels is used.  Both expose the same API, so the rest of the bundle does not care
+generic tiled TIFF, and DICOM (a folder of one file per level); `tiffslide` (tifffile + zarr, no system library)
+reads pyramidal TIFF and OME-TIFF, whose sub-resolutions OpenSlide does not see, and every TIFF where OpenSlide is not
+installed; `wsidicom` reads DICOM where OpenSlide is not installed.  When two open a slide the one that sees more
+pyramid levels is used.  Both expose the same API, so the rest of the bundle does not care
 which one opened a slide.  The model works at about 0.25 µm/px (40x): `Slide.read` takes a region in model pixels,
 reads it from the pyramid level nearest to that scale (never a coarser one when a finer exists) and resamples it,
 so a 20x slide is upsampled rather than fed at the wrong scale.
@@ -21,26 +22,38 @@ import numpy as np
 from PIL import Image
 
 from scripts.errors import DataError
-from scripts.io.images import blend_alpha
+from scripts.io.images import WHITE, blend_alpha
+from scripts.slides.dicom import DicomHandle, dicom_files
 
 logger = logging.getLogger(__name__)
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 MPP_RANGE = (0.05, 5.0)  # µm/px of any brightfield scan, 200x to 2x
 THUMB_CHUNK = 4096  # pixels of a pyramid level read at once for the thumbnail
-MPP_KEYS = ("openslide.mpp-x", "tiffslide.mpp-x", "aperio.MPP")
+RESAMPLE = Image.Resampling.BILINEAR  # onto the model's grid: PIL widens its support when it shrinks
+MPP_KEYS = ("openslide.mpp-x", "tiffslide.mpp-x", "aperio.MPP", "wsidicom.mpp-x")
 
 
-def _backends():
+def _readers(path: Path):
+    """(name, opener) for each reader that may read `path`: OpenSlide, then the pure-Python reader of its format."""
+    dicom = dicom_files(path) if path.is_dir() else []
     try:
         import openslide
 
-        yield "openslide", openslide.OpenSlide
-    except ImportError:  # openslide-bin not installed: tiffslide alone
+        yield "openslide", lambda: openslide.OpenSlide(str(dicom[0] if dicom else path))  # DICOM: any one file
+    except ImportError:  # openslide-bin not installed: the pure-Python readers alone
         pass
-    import tiffslide
+    if path.is_dir():
+        yield "wsidicom", lambda: DicomHandle(path)
+    else:
+        import tiffslide
 
-    yield "tiffslide", tiffslide.TiffSlide
+        yield "tiffslide", lambda: tiffslide.TiffSlide(str(path))
+
+
+def slide_name(path: Path) -> str:
+    """What a slide's outputs are named after: the file's stem, or a DICOM slide's folder name."""
+    return path.name if path.is_dir() else path.stem
 
 
 @dataclass
@@ -48,7 +61,7 @@ class Slide:
     """An open slide, its µm/px, and how the model's pixels map onto its pyramid.
 
     Args:
-        path: the slide file.
+        path: the slide file, or a DICOM slide's folder.
         mpp: µm per pixel of level 0, from the metadata or `--mpp`.
         target_mpp: the model's scale (0.25 µm/px).
     """
@@ -63,7 +76,7 @@ class Slide:
     def handle(self) -> object:
         """The open slide; reopened with the same reader after `close` (a run over many slides keeps few open)."""
         if self._handle is None:
-            self._handle = dict(_backends())[self.backend](str(self.path))
+            self._handle = dict(_readers(self.path))[self.backend]()
         return self._handle
 
     @property
@@ -87,13 +100,31 @@ class Slide:
         """(height, width, 3) uint8 RGB of the model-pixel region at (x, y); outside the slide is white."""
         level = self.level_for_model()
         down = float(self.handle.level_downsamples[level])
-        x0, y0 = int(round(x * self.scale)), int(round(y * self.scale))  # level-0 origin
-        lw, lh = max(1, int(math.ceil(width * self.scale / down))), max(1, int(math.ceil(height * self.scale / down)))
-        region = np.asarray(self.handle.read_region((x0, y0), level, (lw, lh)))
-        rgb = blend_alpha(region) if region.shape[-1] == 4 else region[..., :3]
-        if (lw, lh) != (width, height):
-            rgb = np.asarray(Image.fromarray(rgb).resize((width, height), Image.Resampling.BILINEAR))
-        return np.ascontiguousarray(rgb)
+        step = self.scale / down  # level pixels per model pixel
+        if abs(step - 1) < 1e-6:  # the level is at the model's scale: read the pixels as they are
+            return self._read_level(level, x, y, width, height)
+        # the exact box in level pixels, read with a border for the filter, then resampled onto the model's grid:
+        # every tile samples the slide at the same points as one read of the whole slide would
+        fx0, fy0, fx1, fy1 = x * step, y * step, (x + width) * step, (y + height) * step
+        pad = int(math.ceil(step)) + 1
+        ix0, iy0 = int(math.floor(fx0)) - pad, int(math.floor(fy0)) - pad
+        lw, lh = int(math.ceil(fx1)) + pad - ix0, int(math.ceil(fy1)) + pad - iy0
+        box = (fx0 - ix0, fy0 - iy0, fx1 - ix0, fy1 - iy0)
+        region = Image.fromarray(self._read_level(level, ix0, iy0, lw, lh))
+        return np.ascontiguousarray(np.asarray(region.resize((width, height), RESAMPLE, box=box)))
+
+    def _read_level(self, level: int, x: int, y: int, width: int, height: int) -> np.ndarray:
+        """(height, width, 3) uint8 RGB of a region in `level`'s pixels, white where it leaves the slide (readers
+        disagree there: OpenSlide gives transparent pixels, tiffslide black ones)."""
+        lw, lh = self.handle.level_dimensions[level]
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + width, lw), min(y + height, lh)
+        rgb = np.full((height, width, 3), WHITE, np.uint8)
+        if x1 > x0 and y1 > y0:
+            down = float(self.handle.level_downsamples[level])
+            location = (int(round(x0 * down)), int(round(y0 * down)))
+            region = np.asarray(self.handle.read_region(location, level, (x1 - x0, y1 - y0)))
+            rgb[y0 - y : y1 - y, x0 - x : x1 - x] = blend_alpha(region) if region.shape[-1] == 4 else region[..., :3]
+        return rgb
 
     def thumbnail(self, max_side: int = 2048) -> tuple[np.ndarray, float]:
         """A low-resolution RGB view from the coarsest level, and its model pixels per thumbnail pixel."""
@@ -101,15 +132,13 @@ class Slide:
         factor = max(mw, mh) / max_side if max(mw, mh) > max_side else 1.0
         level = self.handle.get_best_level_for_downsample(factor * self.scale)
         lw, lh = self.handle.level_dimensions[level]
-        down = float(self.handle.level_downsamples[level])
         tw, th = max(1, int(round(mw / factor))), max(1, int(round(mh / factor)))
         thumb = Image.new("RGB", (tw, th), (255, 255, 255))
         sx, sy = tw / lw, th / lh  # thumbnail pixels per pixel of the level read
         for y in range(0, lh, THUMB_CHUNK):  # chunk by chunk: a slide with a shallow pyramid never sits in memory
             for x in range(0, lw, THUMB_CHUNK):
                 w, h = min(THUMB_CHUNK, lw - x), min(THUMB_CHUNK, lh - y)
-                region = np.asarray(self.handle.read_region((int(x * down), int(y * down)), level, (w, h)))
-                rgb = blend_alpha(region) if region.shape[-1] == 4 else region[..., :3]
+                rgb = self._read_level(level, x, y, w, h)
                 box = (int(round(x * sx)), int(round(y * sy)), int(round((x + w) * sx)), int(round((y + h) * sy)))
                 size = (max(1, box[2] - box[0]), max(1, box[3] - box[1]))
                 thumb.paste(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR), box[:2])
@@ -142,12 +171,12 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None, target_mpp: fl
         target_mpp: the model's scale.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such slide")
+    if not path.is_file() and not (path.is_dir() and dicom_files(path)):
+        raise DataError(f"{path}: no such slide" if not path.exists() else f"{path}: a folder with no DICOM file")
     errors, opened = [], []
-    for name, backend in _backends():
+    for name, opener in _readers(path):
         try:
-            handle = backend(str(path))
+            handle = opener()
             _ = handle.level_dimensions[0], list(handle.level_downsamples)  # a file with no image fails here
             opened.append((name, handle))
         except Exception as err:  # noqa: BLE001 - each backend raises its own types for files it cannot read
@@ -180,13 +209,18 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None, target_mpp: fl
 
 
 def find_slides(input_dir: str | os.PathLike) -> list[Path]:
-    """One slide file, or the slides of a folder (not its subfolders), sorted."""
+    """One slide, or the slides of a folder, sorted.  A DICOM slide is a folder of DICOM files: `input_dir` itself,
+    the folder of a DICOM file given as `input_dir`, or a subfolder of `input_dir`."""
     path = Path(input_dir) if str(input_dir) else None
     if path is None or not path.exists():
         raise DataError(f"--input_dir {input_dir!r} does not exist: pass a slide file or a folder of slides")
     if path.is_file():
+        return [path.parent if path.suffix.lower() == ".dcm" else path]
+    if dicom_files(path):
         return [path]
-    slides = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)
+    entries = sorted(path.iterdir())
+    slides = [p for p in entries if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES]
+    slides += [p for p in entries if p.is_dir() and dicom_files(p)]
     if not slides:
-        raise DataError(f"no slides in {path}: looked for {', '.join(SLIDE_SUFFIXES)} files")
-    return slides
+        raise DataError(f"no slides in {path}: looked for {', '.join(SLIDE_SUFFIXES)} files and folders of DICOM files")
+    return sorted(slides)

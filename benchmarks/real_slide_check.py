@@ -1,0 +1,122 @@
+"""A real scanner's slide through the README's whole-slide command, checked against tile inference on its pixels.
+
+    .venv/bin/python benchmarks/real_slide_check.py SLIDE [SLIDE ...] [--mpp 0.5] [--work /tmp/real_slides]
+
+Each slide runs through configs/inference_wsi.json exactly as the README says.  The same slide is then read whole at
+the model's 0.25 µm/px by the bundle's own reader (so a 20x slide is upsampled the same way), saved as a PNG and run
+through tile inference; the two nucleus counts should agree within 2 %.  The slide's GeoJSON is also checked against
+the rules QuPath's reader applies (closed rings, level-0 pixel bounds, a detection with a named, coloured class).
+Printed: the reader, the slide's µm/px, the level read, tissue area, tiles, both counts and their difference,
+vertices and bytes per nucleus, and the seconds taken, with the machine.  Only slides up to 100 Mpx at the model's
+scale can be compared whole; larger ones get the slide run alone.  No slide is committed: pass your own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bundle"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from postprocess_speed import cpu_name  # noqa: E402
+from scripts.pannuke.format import TYPE_COLOURS, TYPE_NAMES  # noqa: E402
+from scripts.slides.reader import open_slide  # noqa: E402
+
+MAX_WHOLE_PX = 100_000_000
+WSI = ("train.json", "inference.json", "inference_wsi.json")
+TILES = ("train.json", "inference.json")
+
+
+def bundle(configs: tuple[str, ...], *overrides: str) -> float:
+    """Run the bundle's `run` workflow with these configs; the seconds it took."""
+    files = ",".join(repr(str(ROOT / "bundle" / "configs" / c)) for c in configs)
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"[{files}]"]
+    cmd += ["--bundle_root", str(ROOT / "bundle"), *overrides]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT / "bundle")
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)}\nexit {proc.returncode}\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def qupath_problems(features: list[dict], width: int, height: int) -> list[str]:
+    """What QuPath's GeoJSON reader would refuse or misplace in these detections."""
+    problems = []
+    for i, f in enumerate(features):
+        ring = f["geometry"]["coordinates"][0]
+        props = f["properties"]
+        name = props.get("classification", {}).get("name")
+        if f["geometry"]["type"] != "Polygon" or ring[0] != ring[-1] or len(ring) < 4:
+            problems.append(f"feature {i}: not a closed polygon")
+        elif not all(0 <= x <= width and 0 <= y <= height for x, y in ring):
+            problems.append(f"feature {i}: outside the slide's level-0 pixels")
+        if props.get("objectType") != "detection" or name not in TYPE_NAMES:
+            problems.append(f"feature {i}: not a typed detection")
+        elif props["classification"].get("color") != list(TYPE_COLOURS[TYPE_NAMES.index(name)]):
+            problems.append(f"feature {i}: colour does not match its type")
+    return problems
+
+
+def check(path: Path, work: Path, mpp: float | None) -> None:
+    extra = ["--mpp", str(mpp)] if mpp is not None else []
+    out = work / "slide_out"
+    seconds = bundle(WSI, "--input_dir", str(path), "--output_dir", str(out), "--overwrite", "true", *extra)
+    stem = path.stem
+    summary = json.loads((out / stem / f"{stem}_summary.json").read_text())
+    geojson = out / stem / f"{stem}_nuclei.geojson"
+    features = json.loads(geojson.read_text())["features"]
+    slide = open_slide(path, mpp)
+    width, height = slide.handle.level_dimensions[0]
+    problems = qupath_problems(features, width, height)
+    vertices = np.mean([len(f["geometry"]["coordinates"][0]) for f in features]) if features else 0.0
+    print(
+        f"{path.name}: {width} x {height} px at {summary['mpp']:g} µm/px ({summary['reader']}), level "
+        f"{summary['level_read']} read, {summary['tissue_mm2']:.2f} mm² of tissue in {summary['tiles']} tiles"
+    )
+    print(
+        f"  slide workflow: {summary['nuclei']} nuclei in {seconds:.0f} s; {vertices:.1f} vertices and "
+        f"{geojson.stat().st_size / max(1, len(features)):.0f} bytes a nucleus; QuPath rules: "
+        f"{'all met' if not problems else f'{len(problems)} problems, first: {problems[0]}'}"
+    )
+    print(f"  types: {summary['nuclei_per_type']}")
+    mw, mh = slide.model_size
+    if mw * mh > MAX_WHOLE_PX:
+        print(f"  tile inference: skipped, {mw} x {mh} model pixels is too large to read whole")
+        return
+    png = work / "png" / f"{stem}.png"
+    png.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(slide.read(0, 0, mw, mh)).save(png)
+    slide.close()
+    tile_out = work / "tile_out"
+    seconds = bundle(TILES, "--input_dir", str(png.parent), "--output_dir", str(tile_out), "--overwrite", "true")
+    tile_count = len(json.loads((tile_out / stem / f"{stem}_nuclei.geojson").read_text())["features"])
+    diff = (summary["nuclei"] - tile_count) / max(1, tile_count)
+    print(
+        f"  tile inference on the same pixels ({mw} x {mh} at 0.25 µm/px): {tile_count} nuclei in {seconds:.0f} s; "
+        f"difference {diff:+.2%} ({'within' if abs(diff) <= 0.02 else 'OUTSIDE'} the 2 % goal)"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("slides", nargs="+", type=Path)
+    parser.add_argument("--mpp", type=float, default=None, help="µm/px for slides that do not record it")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/real_slides"))
+    args = parser.parse_args()
+    import torch
+
+    print(f"machine: CPU ({cpu_name()}), torch {torch.__version__}")
+    for path in args.slides:
+        check(path.resolve(), args.work / path.stem, args.mpp)
+
+
+if __name__ == "__main__":
+    main()
