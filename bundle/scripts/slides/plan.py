@@ -143,6 +143,7 @@ class SlidePlanner:
             return
         slide = open_slide(plan.path, mpp, float(target_mpp))
         plan.slide, plan.mpp = slide, slide.mpp
+        logger.info(slide.describe())
         thumb, factor = slide.thumbnail()
         mask_path = Path(mask_dir) / f"{plan.name}.png" if mask_dir else None
         mask = mask_from_file(mask_path, thumb.shape[:2]) if mask_path and mask_path.is_file() else tissue_mask(thumb)

@@ -144,6 +144,14 @@ class Slide:
                 thumb.paste(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR), box[:2])
         return np.asarray(thumb), mw / tw
 
+    def describe(self) -> str:
+        """One line for the log: size, scale, reader and the level read."""
+        w, h = self.handle.level_dimensions[0]
+        return (
+            f"{self.path.name}: {w} x {h} px at {self.mpp:.4f} µm/px ({self.backend}); reading level "
+            f"{self.level_for_model()} for the model's {self.target_mpp} µm/px"
+        )
+
     def close(self) -> None:
         if self._handle is not None:
             self._handle.close()
@@ -200,12 +208,7 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None, target_mpp: fl
         raise DataError(f"{path}: the slide does not say its µm per pixel; pass --mpp (0.25 for 40x, 0.5 for 20x)")
     if mpp is not None and found is not None and abs(found - mpp) / found > 0.05:
         logger.warning(f"{path}: --mpp {mpp} overrides the slide's own {found:.4f} µm/px")
-    slide = Slide(path, handle, name, float(mpp if mpp is not None else found), float(target_mpp))
-    logger.info(
-        f"{path.name}: {handle.level_dimensions[0][0]} x {handle.level_dimensions[0][1]} px at {slide.mpp:.4f} µm/px "
-        f"({name}); reading level {slide.level_for_model()} for the model's {target_mpp} µm/px"
-    )
-    return slide
+    return Slide(path, handle, name, float(mpp if mpp is not None else found), float(target_mpp))
 
 
 def find_slides(input_dir: str | os.PathLike) -> list[Path]:
