@@ -36,6 +36,7 @@ from scripts.io.atomic import atomic_write
 from scripts.io.nuclei_writers import outline_polygon, qupath_classification, simplify_ring
 from scripts.nuclei.postprocess import NucleiInstancesd
 from scripts.pannuke.format import NUM_TYPES, TYPE_COLOURS, TYPE_NAMES
+from scripts.slides.memory import return_freed_memory
 from scripts.slides.plan import SlidePlan, SlidePlanner, Tile, rank_share
 from scripts.slides.progress import SlideProgress
 
@@ -136,7 +137,8 @@ class SlideNucleiWriterd(MapTransform):
             self._write(index, tile_index, tile_job(*job))
             return d
         if self.pool is None:
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            context = multiprocessing.get_context("spawn")
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=return_freed_memory)
         self.pending.append((index, tile_index, self.pool.submit(tile_job, *job)))
         self.drain(block=len(self.pending) > 2 * self.workers)
         return d
