@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from postprocess_speed import cpu_name  # noqa: E402
 from scripts.pannuke.format import TYPE_COLOURS, TYPE_NAMES  # noqa: E402
 from scripts.slides.plan import SlidePlanner  # noqa: E402
-from scripts.slides.reader import open_slide  # noqa: E402
+from scripts.slides.reader import find_slides, open_slide, slide_name  # noqa: E402
 
 MAX_WHOLE_PX = 100_000_000
 WSI = ("train.json", "inference.json", "inference_wsi.json")
@@ -83,11 +83,11 @@ def check(path: Path, work: Path, mpp: float | None) -> None:
     extra = ["--mpp", str(mpp)] if mpp is not None else []
     out = work / "slide_out"
     seconds = bundle(WSI, "--input_dir", str(path), "--output_dir", str(out), "--overwrite", "true", *extra)
-    stem = path.stem
+    stem = slide_name(find_slides(path)[0])  # a DICOM slide is named after its folder
     summary = json.loads((out / stem / f"{stem}_summary.json").read_text())
     geojson = out / stem / f"{stem}_nuclei.geojson"
     features = json.loads(geojson.read_text())["features"]
-    slide = open_slide(path, mpp)
+    slide = open_slide(find_slides(path)[0], mpp)
     width, height = slide.handle.level_dimensions[0]
     problems = qupath_problems(features, width, height)
     vertices = np.mean([len(f["geometry"]["coordinates"][0]) for f in features]) if features else 0.0
@@ -109,7 +109,8 @@ def check(path: Path, work: Path, mpp: float | None) -> None:
     png.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(slide.read(0, 0, mw, mh)).save(png)
     tile_out = work / "tile_out"
-    seconds = bundle(TILES, "--input_dir", str(png.parent), "--output_dir", str(tile_out), "--overwrite", "true")
+    common = ("--output_dir", str(tile_out), "--overwrite", "true", "--max_pixels", str(mw * mh))
+    seconds = bundle(TILES, "--input_dir", str(png.parent), *common)
     tile_features = json.loads((tile_out / stem / f"{stem}_nuclei.geojson").read_text())["features"]
     planner = SlidePlanner(path, work / "plan", mpp=mpp, overwrite=True)  # the run's defaults: the same tiles
     cores = [t.core for t in planner.plans[0].tiles]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from PIL import Image
 from slide_fixtures import GLASS, write_slide
 
 from scripts.errors import DataError
@@ -27,15 +28,25 @@ def test_a_40x_slide_is_read_at_level_0_and_a_20x_slide_is_upsampled(tmp_path):
     assert slide20.read(600, 600, 128, 128).shape == (128, 128, 3)  # 64 slide pixels, upsampled to the model
 
 
-def test_tiles_of_a_20x_slide_sample_it_where_one_read_of_the_whole_slide_does(tmp_path):
+@pytest.mark.parametrize("mpp", [0.5, 0.2])  # a 20x slide upsampled, a 50x one shrunk
+def test_tiles_are_the_slide_resampled_once_onto_the_model_grid(tmp_path, mpp):
     """Each tile is resampled on its own, yet none is shifted or stretched: a tile gives the pixels of one read of
-    the whole slide, and the slide's edge blends into white, not the black tiffslide pads with."""
-    write_slide(tmp_path / "s20.ome.tif", size=(768, 768), tissue=(0, 0, 768, 768), mpp=0.5)
-    slide = open_slide(tmp_path / "s20.ome.tif")
-    whole = slide.read(0, 0, *slide.model_size).astype(int)
-    assert whole.shape == (1536, 1536, 3)
-    for x, y in [(0, 0), (300, 700), (1000, 37), (1024, 1024)]:
-        assert np.abs(slide.read(x, y, 512, 512).astype(int) - whole[y : y + 512, x : x + 512]).max() <= 1, (x, y)
+    the whole slide, which inside is PIL's resize of the whole level; at the slide's edge it blends into white,
+    not the black tiffslide pads with."""
+    write_slide(tmp_path / "s.ome.tif", size=(768, 768), tissue=(0, 0, 768, 768), mpp=mpp)
+    slide = open_slide(tmp_path / "s.ome.tif")
+    level0 = np.asarray(slide.handle.read_region((0, 0), 0, (768, 768)))[..., :3]
+    mw, mh = slide.model_size
+    whole = slide.read(0, 0, mw, mh).astype(int)
+    assert whole.shape == (mh, mw, 3) and mw == int(768 * mpp / 0.25)
+    direct = np.asarray(
+        Image.fromarray(level0).resize(
+            (mw, mh), Image.Resampling.BILINEAR, box=(0, 0, mw * slide.scale, mh * slide.scale)
+        )
+    )
+    assert np.abs(whole[8:-8, 8:-8] - direct[8:-8, 8:-8]).max() <= 1
+    for x, y in [(0, 0), (300, 200), (mw - 256, 37), (mw - 256, mh - 256)]:
+        assert np.abs(slide.read(x, y, 256, 256).astype(int) - whole[y : y + 256, x : x + 256]).max() <= 1, (x, y)
     assert whole[0].mean() > whole[2].mean() - 10 and whole[:, -1].mean() > whole[:, -3].mean() - 10
 
 

@@ -95,6 +95,15 @@ def test_a_dicom_folder_gives_the_nuclei_of_the_same_pixels_in_a_tiff(slide_run)
     assert dicom["reader"] == "openslide" and dicom["mpp"] == 0.25 and dicom["tiles"] == tiff["tiles"]
     assert abs(dicom["nuclei"] - tiff["nuclei"]) <= 0.02 * tiff["nuclei"], (dicom["nuclei"], tiff["nuclei"])
 
+    def centroids(name: str) -> np.ndarray:  # level-0 pixels, from the CSV
+        rows = (work / "eval" / name / f"{name}_nuclei.csv").read_text().splitlines()[1:]
+        return np.array([[float(v) for v in row.split(",")[1:3]] for row in rows])
+
+    from scipy.spatial import cKDTree
+
+    distance, _ = cKDTree(centroids("case.ome")).query(centroids("case_dicom"))
+    assert np.mean(distance < 2) > 0.95  # the same nuclei in the same place, not just as many
+
 
 def test_a_finished_slide_is_skipped_on_rerun(slide_run):
     work, _, _ = slide_run

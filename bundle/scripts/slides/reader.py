@@ -23,7 +23,7 @@ from PIL import Image
 
 from scripts.errors import DataError
 from scripts.io.images import WHITE, blend_alpha
-from scripts.slides.dicom import DicomHandle, dicom_files
+from scripts.slides.dicom import DicomHandle, is_dicom_file, slide_files, wsi_series
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ MPP_KEYS = ("openslide.mpp-x", "tiffslide.mpp-x", "aperio.MPP", "wsidicom.mpp-x"
 
 def _readers(path: Path):
     """(name, opener) for each reader that may read `path`: OpenSlide, then the pure-Python reader of its format."""
-    dicom = dicom_files(path) if path.is_dir() else []
+    dicom = slide_files(path, SLIDE_SUFFIXES) if path.is_dir() else []
     try:
         import openslide
 
@@ -44,7 +44,7 @@ def _readers(path: Path):
     except ImportError:  # openslide-bin not installed: the pure-Python readers alone
         pass
     if path.is_dir():
-        yield "wsidicom", lambda: DicomHandle(path)
+        yield "wsidicom", lambda: DicomHandle(dicom)
     else:
         import tiffslide
 
@@ -121,7 +121,9 @@ class Slide:
         rgb = np.full((height, width, 3), WHITE, np.uint8)
         if x1 > x0 and y1 > y0:
             down = float(self.handle.level_downsamples[level])
-            location = (int(round(x0 * down)), int(round(y0 * down)))
+            # the readers take level-0 coordinates and truncate them back to the level's: round up, or a level whose
+            # downsample is a shade over an integer (50,001 px halved to 25,000) would start a pixel early
+            location = (int(math.ceil(x0 * down)), int(math.ceil(y0 * down)))
             region = np.asarray(self.handle.read_region(location, level, (x1 - x0, y1 - y0)))
             rgb[y0 - y : y1 - y, x0 - x : x1 - x] = blend_alpha(region) if region.shape[-1] == 4 else region[..., :3]
         return rgb
@@ -170,19 +172,25 @@ def slide_mpp(handle: object) -> float | None:
     return None
 
 
-def open_slide(path: str | os.PathLike, mpp: float | None = None, target_mpp: float = 0.25) -> Slide:
-    """Open `path` with the first backend that reads it; a DataError naming the slide and the fix otherwise.
+def open_slide(
+    path: str | os.PathLike, mpp: float | None = None, target_mpp: float = 0.25, backend: str | None = None
+) -> Slide:
+    """Open `path` with the readers that read it (the one seeing more levels wins); a DataError naming the slide
+    and the fix otherwise.
 
     Args:
-        path: the slide.
+        path: the slide, or a DICOM slide's folder.
         mpp: µm/px of level 0 for a slide without that metadata (`--mpp`); it also overrides wrong metadata.
         target_mpp: the model's scale.
+        backend: only this reader (a slide reopened in a worker with the reader that planned it).
     """
     path = Path(path)
-    if not path.is_file() and not (path.is_dir() and dicom_files(path)):
-        raise DataError(f"{path}: no such slide" if not path.exists() else f"{path}: a folder with no DICOM file")
+    if not path.exists():
+        raise DataError(f"{path}: no such slide")
     errors, opened = [], []
     for name, opener in _readers(path):
+        if backend is not None and name != backend:
+            continue
         try:
             handle = opener()
             _ = handle.level_dimensions[0], list(handle.level_downsamples)  # a file with no image fails here
@@ -212,18 +220,18 @@ def open_slide(path: str | os.PathLike, mpp: float | None = None, target_mpp: fl
 
 
 def find_slides(input_dir: str | os.PathLike) -> list[Path]:
-    """One slide, or the slides of a folder, sorted.  A DICOM slide is a folder of DICOM files: `input_dir` itself,
-    the folder of a DICOM file given as `input_dir`, or a subfolder of `input_dir`."""
+    """One slide, or the slides of a folder.  A DICOM slide is a folder of whole-slide DICOM files: `input_dir`
+    itself (beside any slide files in it), the folder of a DICOM file given as `input_dir`, or a subfolder."""
     path = Path(input_dir) if str(input_dir) else None
     if path is None or not path.exists():
         raise DataError(f"--input_dir {input_dir!r} does not exist: pass a slide file or a folder of slides")
+    path = path.resolve()  # a slide's name is never empty ("." or a DICOM file in the current folder)
     if path.is_file():
-        return [path.parent if path.suffix.lower() == ".dcm" else path]
-    if dicom_files(path):
-        return [path]
+        return [path.parent if path.suffix.lower() not in SLIDE_SUFFIXES and is_dicom_file(path) else path]
     entries = sorted(path.iterdir())
-    slides = [p for p in entries if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES]
-    slides += [p for p in entries if p.is_dir() and dicom_files(p)]
+    slides = [path] if wsi_series(path, SLIDE_SUFFIXES) else []
+    slides += [p for p in entries if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES]
+    slides += [p for p in entries if p.is_dir() and wsi_series(p, SLIDE_SUFFIXES)]
     if not slides:
         raise DataError(f"no slides in {path}: looked for {', '.join(SLIDE_SUFFIXES)} files and folders of DICOM files")
     return sorted(slides)

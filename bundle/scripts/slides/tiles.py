@@ -2,7 +2,7 @@
 
 Each item is one tile's window (core + margin) in model pixels, padded with white where it runs off the slide so
 that tiles batch together; a window that cannot be read becomes an error record for its slide instead of an
-exception.  Each worker opens every slide once, lazily, with the backend that planned it.
+exception.  Each worker opens every slide once, lazily, with the reader that planned it (and that reader alone).
 """
 
 from __future__ import annotations
@@ -27,7 +27,10 @@ class SlideTiles(Dataset):
     def __init__(self, planner, transform: Callable | None = None) -> None:
         plans: list[SlidePlan] = planner.plans
         # plain values only: MONAI's worker seeding walks the dataset's attributes, and slide handles must stay out
-        self.sources = [(str(p.path), p.mpp, p.slide.target_mpp if p.slide else 0.25) for p in plans]
+        self.sources = [
+            (str(p.path), p.mpp, p.slide.target_mpp if p.slide else 0.25, p.slide.backend if p.slide else None)
+            for p in plans
+        ]
         records = [(i, tile) for i, plan in enumerate(plans) for tile in plan.todo]
         self._open: dict[int, Slide] = {}
         super().__init__(data=records, transform=transform)
