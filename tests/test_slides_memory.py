@@ -1,4 +1,5 @@
-"""scripts/slides/memory.py: memory freed between tiles goes back to the system instead of staying in glibc's heap."""
+"""scripts/slides/memory.py: memory freed between tiles goes back to the system instead of staying in glibc's heap,
+and every process of a slide run trims once per tile."""
 
 from __future__ import annotations
 
@@ -18,14 +19,12 @@ PROGRAM = textwrap.dedent(
     import sys
     import numpy as np
     sys.path.insert(0, {bundle!r})
-    from scripts.slides.memory import return_freed_memory
+    from scripts.slides.memory import trim_heap
 
     def rss_mb():
         with open("/proc/self/status") as f:
             return next(int(line.split()[1]) // 1024 for line in f if line.startswith("VmRSS"))
 
-    if {fixed}:
-        assert return_freed_memory()
     del_me = np.ones((16 << 20) // 8)
     del del_me
     arrays, live = [], []
@@ -34,17 +33,43 @@ PROGRAM = textwrap.dedent(
         live.append(bytearray(512))
     before = rss_mb()
     arrays.clear()
+    if {trim}:
+        assert trim_heap()
     print(before - rss_mb())
     """
 )
 
 
-def _returned_mb(fixed: bool) -> int:
-    code = PROGRAM.format(bundle=str(BUNDLE), fixed=fixed)
+def _returned_mb(trim: bool) -> int:
+    code = PROGRAM.format(bundle=str(BUNDLE), trim=trim)
     return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_freed_arrays_go_back_to_the_system():
-    assert _returned_mb(fixed=False) < 50  # the heap keeps the 200 MB it no longer uses
-    assert _returned_mb(fixed=True) > 150
+    assert _returned_mb(trim=False) < 50  # the heap keeps the 200 MB it no longer uses
+    assert _returned_mb(trim=True) > 150
+
+
+def test_every_tile_read_and_post_processed_trims_the_heap(monkeypatch, tmp_path):
+    """The two steps that run once per tile, in whichever process runs them, call it."""
+    import numpy as np
+    from slide_fixtures import write_slide
+
+    from scripts.slides import tiles, writer
+    from scripts.slides.plan import SlidePlanner
+
+    calls = []
+    monkeypatch.setattr(tiles, "trim_heap", lambda: calls.append("read"))
+    monkeypatch.setattr(writer, "trim_heap", lambda: calls.append("post-process"))
+    write_slide(tmp_path / "s.ome.tif", size=(512, 512), tissue=(0, 0, 512, 512))
+    planner = SlidePlanner(tmp_path / "s.ome.tif", tmp_path / "out", tile_size=256, margin=16)
+    item = tiles.SlideTiles(planner)[0]
+    assert item["image"].shape == (288, 288, 3) and not item["error"]
+
+    class NoNuclei:
+        def instances(self, pred):
+            return np.zeros(pred.shape[1:], np.int32), np.zeros(1, int), np.zeros(1)
+
+    assert writer.tile_job(NoNuclei(), np.zeros((8, 288, 288), np.float32), planner.plans[0].tiles[0], 1.0, 1.0) == []
+    assert calls == ["read", "post-process"]

@@ -14,6 +14,7 @@ from monai.data import Dataset
 from monai.transforms import apply_transform
 
 from scripts.io.images import WHITE
+from scripts.slides.memory import trim_heap
 from scripts.slides.plan import SlidePlan
 from scripts.slides.reader import Slide, open_slide
 
@@ -43,6 +44,7 @@ class SlideTiles(Dataset):
         return self._open[index]
 
     def _transform(self, index: int) -> dict:
+        trim_heap()  # the previous tile's reads and resampling are freed by now: hand their pages back
         slide_index, tile = self.data[index]
         x, y, w, h = tile.window
         image = np.full((h, w, 3), WHITE, np.uint8)

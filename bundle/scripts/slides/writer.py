@@ -36,7 +36,7 @@ from scripts.io.atomic import atomic_write
 from scripts.io.nuclei_writers import outline_polygon, qupath_classification, simplify_ring
 from scripts.nuclei.postprocess import NucleiInstancesd
 from scripts.pannuke.format import NUM_TYPES, TYPE_COLOURS, TYPE_NAMES
-from scripts.slides.memory import return_freed_memory
+from scripts.slides.memory import trim_heap
 from scripts.slides.plan import SlidePlan, SlidePlanner, Tile, rank_share
 from scripts.slides.progress import SlideProgress
 
@@ -72,6 +72,7 @@ def tile_nuclei(
 def tile_job(instances: NucleiInstancesd, pred: np.ndarray, tile: Tile, scale: float, tolerance: float) -> list:
     """Post-process one tile: [(type id, centroid x, centroid y, area px, level-0 outline, probability)], in model
     pixels of the slide but the outline; top level so that a process pool can run it."""
+    trim_heap()  # the previous tile's arrays are freed by now: hand their pages back (here or in a pool's process)
     inst, inst_types, inst_probs = instances.instances(torch.from_numpy(pred))
     nuclei = tile_nuclei(inst.astype(np.int64), inst_types, inst_probs, tile.window, tile.core)
     out = []
@@ -137,8 +138,7 @@ class SlideNucleiWriterd(MapTransform):
             self._write(index, tile_index, tile_job(*job))
             return d
         if self.pool is None:
-            context = multiprocessing.get_context("spawn")
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=context, initializer=return_freed_memory)
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
         self.pending.append((index, tile_index, self.pool.submit(tile_job, *job)))
         self.drain(block=len(self.pending) > 2 * self.workers)
         return d
