@@ -69,6 +69,20 @@ def benchmarks(device: str, fold_tiles: int, threads: int | None) -> list[Benchm
             (("tiles/s", r"network only\):\s+([\d.]+) tiles/s"),),
         ),
         Benchmark(
+            "slide: whole slide end to end",
+            "slide_speed.py",
+            (
+                *("--device", device, "--size", "50000" if gpu else "8000"),
+                *("--tissue_fraction", "0.05" if gpu else "0.1"),
+                *(("--num_workers", "12", "--tiles_per_batch", "8", "--sw_batch_size", "64") if gpu else ()),
+            ),
+            (
+                ("256²-tiles/s", r"([\d.]+) tiles of 256²/s"),
+                ("s per mm² of tissue", r"([\d.]+) s per mm² of tissue"),
+                ("peak RSS, MB", r"peak RSS (\d+) MB"),
+            ),
+        ),
+        Benchmark(
             f"fold_memory: convert {fold_tiles} tiles",
             "fold_conversion_memory.py",
             ("--tiles", str(fold_tiles)),
