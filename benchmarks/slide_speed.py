@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--tiles_per_batch", type=int, default=2)
     parser.add_argument("--sw_batch_size", type=int, default=8)
     parser.add_argument("--keep", type=Path, default=None, help="write (or reuse) the slide here")
+    parser.add_argument("--log", type=Path, default=None, help="the bundle run's output (default: the temp folder)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="slide_speed_"))
     slide = args.keep or work / "slides" / "synthetic.ome.tif"
@@ -123,11 +124,14 @@ def main() -> None:
         "true",
     ]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    log = args.log or work / "run.log"
+    print(f"the run's log: {log}", flush=True)
+    with open(log, "w") as out:  # as it runs, so a run stopped by a time limit still leaves it
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
     seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     if proc.returncode != 0:
-        print(proc.stderr[-3000:])
+        print(Path(log).read_text()[-3000:])
         sys.exit(1)
     summary = json.loads(next((work / "out").glob("*/*_summary.json")).read_text())
     tiles, tile_px = summary["tiles"], 1024

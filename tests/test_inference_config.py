@@ -143,3 +143,15 @@ def test_an_image_failing_inside_the_engine_does_not_stop_the_run(tmp_path, capl
     assert (tmp_path / "out" / "inference_summary.csv").read_text().count("\n") == 3
     with pytest.raises(SystemExit, match="1 of 2 images failed"):
         guard.raise_if_failed()
+
+
+@pytest.mark.parametrize("tiles_per_batch", [1, 4])
+def test_the_slide_progress_bar_counts_tiles(tiles_per_batch):
+    parser = ConfigParser()
+    configs = ("train.json", "inference.json", "inference_wsi.json")
+    parser.read_config([str(BUNDLE_ROOT / "configs" / f) for f in configs])
+    parser["bundle_root"], parser["tiles_per_batch"] = str(BUNDLE_ROOT), tiles_per_batch
+    bar = parser.get_parsed_content("progress")
+    assert bar.tqdm_kwargs["unit"] == "tile" and "{rate_fmt}" in bar.bar_format
+    assert bar.tqdm_kwargs["unit_scale"] == (tiles_per_batch if tiles_per_batch > 1 else False)  # 1: no SI prefixes
+    assert "@progress" in parser["handlers"]

@@ -1,5 +1,6 @@
 """scripts/slides/memory.py: memory freed between tiles goes back to the system instead of staying in glibc's heap,
-and every process of a slide run trims once per tile."""
+and the per-tile steps trim: reading (DataLoader workers), post-processing (here or in a pool's processes), and
+handing a tile to the pool (the main process, when a pool post-processes)."""
 
 from __future__ import annotations
 

@@ -137,6 +137,7 @@ class SlideNucleiWriterd(MapTransform):
         if self.workers <= 0:
             self._write(index, tile_index, tile_job(*job))
             return d
+        trim_heap()  # the pool post-processes, so this process's per-tile arrays are the prediction's alone
         if self.pool is None:
             self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
         self.pending.append((index, tile_index, self.pool.submit(tile_job, *job)))
