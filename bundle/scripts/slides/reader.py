@@ -4,10 +4,10 @@ OpenSlide (the pip-installable `openslide-bin` + `openslide-python`) reads SVS, 
 generic tiled TIFF, and DICOM (a folder of one file per level); `tiffslide` (tifffile + zarr, no system library)
 reads pyramidal TIFF and OME-TIFF, whose sub-resolutions OpenSlide does not see, and every TIFF where OpenSlide is not
 installed; `wsidicom` reads DICOM where OpenSlide is not installed.  When two open a slide the one that sees more
-pyramid levels is used.  Both expose the same API, so the rest of the bundle does not care
-which one opened a slide.  The model works at about 0.25 µm/px (40x): `Slide.read` takes a region in model pixels,
-reads it from the pyramid level nearest to that scale (never a coarser one when a finer exists) and resamples it,
-so a 20x slide is upsampled rather than fed at the wrong scale.
+pyramid levels is used.  All three answer the same few calls (wsidicom through `dicom.DicomHandle`), so the rest of
+the bundle does not care which one opened a slide.  The model works at about 0.25 µm/px (40x): `Slide.read` takes a
+region in model pixels, reads it from the pyramid level nearest to that scale (never a coarser one when a finer
+exists) and resamples it, so a 20x slide is upsampled rather than fed at the wrong scale.
 """
 
 from __future__ import annotations
