@@ -193,6 +193,24 @@ def qupath_classification(type_id: int) -> dict:
     return {"name": TYPE_NAMES[type_id - 1], "color": list(TYPE_COLOURS[type_id - 1])}
 
 
+def qupath_detection(
+    nucleus_id: int, ring: list, type_id: int, measurements: dict, properties: dict | None = None
+) -> dict:
+    """One nucleus as a QuPath detection Feature: its outline, its type as a PathClass, its measurements, and any
+    further properties."""
+    return {
+        "type": "Feature",
+        "id": nucleus_id,
+        "geometry": {"type": "Polygon", "coordinates": [ring]},
+        "properties": {
+            "objectType": "detection",
+            "classification": qupath_classification(type_id),
+            "measurements": measurements,
+            **(properties or {}),
+        },
+    }
+
+
 def simplify_ring(ring: list, tolerance: float) -> list:
     """A closed ring simplified to within `tolerance` pixels (Douglas-Peucker; first == last kept).
 
@@ -226,23 +244,13 @@ def instances_to_geojson(
         rows, cols = boxes[nucleus_id - 1]
         ring = outline_polygon(inst[rows, cols] == nucleus_id, offset_xy=(cols.start, rows.start))
         ring = simplify_ring(ring, tolerance)
-        type_id = int(inst_types[nucleus_id])
+        measurements = {
+            "Nucleus id": nucleus_id,
+            "Type probability": round(float(inst_probs[nucleus_id]), 6),
+            "Area px": int(areas[nucleus_id]),
+        }
         features.append(
-            {
-                "type": "Feature",
-                "id": nucleus_id,
-                "geometry": {"type": "Polygon", "coordinates": [ring]},
-                "properties": {
-                    "objectType": "detection",
-                    "classification": qupath_classification(type_id),
-                    "measurements": {
-                        "Nucleus id": nucleus_id,
-                        "Type probability": round(float(inst_probs[nucleus_id]), 6),
-                        "Area px": int(areas[nucleus_id]),
-                    },
-                    "nucleus_id": nucleus_id,
-                },
-            }
+            qupath_detection(nucleus_id, ring, int(inst_types[nucleus_id]), measurements, {"nucleus_id": nucleus_id})
         )
     return {"type": "FeatureCollection", "features": features}
 

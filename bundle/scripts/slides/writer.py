@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from scripts.io.atomic import atomic_write
-from scripts.io.nuclei_writers import outline_polygon, qupath_classification, simplify_ring
+from scripts.io.nuclei_writers import outline_polygon, qupath_detection, simplify_ring
 from scripts.nuclei.postprocess import NucleiInstancesd
 from scripts.pannuke.format import NUM_TYPES, TYPE_COLOURS, TYPE_NAMES
 from scripts.slides.memory import trim_heap
@@ -295,20 +295,9 @@ def default_workers(device: torch.device) -> int:
 
 
 def _feature(nucleus_id: int, ring: list, type_id: int, prob: float, area_um2: float) -> str:
-    return json.dumps(
-        {
-            "type": "Feature",
-            "id": nucleus_id,
-            "geometry": {"type": "Polygon", "coordinates": [ring]},
-            "properties": {
-                "objectType": "detection",
-                "classification": qupath_classification(type_id),
-                "measurements": {"Type probability": round(prob, 4), "Area µm^2": round(area_um2, 2)},
-            },
-        },
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
+    measurements = {"Type probability": round(prob, 4), "Area µm^2": round(area_um2, 2)}
+    feature = qupath_detection(nucleus_id, ring, type_id, measurements)
+    return json.dumps(feature, separators=(",", ":"), ensure_ascii=False)
 
 
 def _overlay_png(plan: SlidePlan, progress: SlideProgress) -> None:
