@@ -19,6 +19,7 @@ import torch
 from ignite.engine import Engine
 
 from scripts.errors import ModelError
+from scripts.nuclei.targets import output_channels
 
 logger = logging.getLogger(__name__)
 
@@ -105,3 +106,58 @@ class WeightsLoader:
     def attach(self, engine: Engine) -> None:
         load_state_dict_file(self.network, self.load_path, self.map_location)
         logger.info(f"loaded weights from {self.load_path}")
+
+
+def _output_layer(state: Mapping[str, Any]) -> str:
+    """The module prefix of the last weight in a state dict: the network's 1x1 output convolution."""
+    weights = [k for k in state if k.endswith(".weight")]
+    if not weights:
+        raise ModelError("the network has no weights")
+    return weights[-1].rsplit(".", 1)[0]
+
+
+def start_from(network: torch.nn.Module, path: str, target: str) -> None:
+    """Initialise a training's network from earlier weights (fine-tuning), before the first step.
+
+    Every tensor is copied.  When the file was trained on other classes, only the output layer differs: its
+    background and its HV (or outline) channels are kept and its type channels keep their fresh initialisation, so
+    the network still finds nuclei on the first step and learns the new types.  Any other difference (another
+    width, another target) is refused with the file's name.  An empty `path` does nothing (training from scratch).
+
+    Args:
+        network: the configured network (`@network`).
+        path: the weights to start from (`@init_checkpoint`); "" trains from scratch.
+        target: the training target (`@target`), whose output layout both files share.
+    """
+    if not path:
+        return
+    state = read_checkpoint(path)
+    check_finite(state, path)
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    module = getattr(network, "module", network)
+    own = module.state_dict()
+    head = _output_layer(own)
+    extra = output_channels(target, 0) - 1  # channels after the types: HV maps, or the outline class
+    mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
+    body = [k for k in mismatched if not k.startswith(head + ".")]
+    if body or set(own) != set(state):
+        load_into(network, state, path)  # raises, explaining the other width or target
+    merged = dict(state)
+    kept_types = True
+    for key in mismatched:
+        theirs, mine = state[key], own[key].clone()
+        if theirs.shape[1:] != mine.shape[1:] or theirs.shape[0] <= extra or mine.shape[0] <= extra:
+            load_into(network, state, path)
+        mine[0] = theirs[0]
+        mine[mine.shape[0] - extra :] = theirs[theirs.shape[0] - extra :]
+        merged[key] = mine
+        kept_types = False
+    module.load_state_dict(merged, strict=True)
+    if kept_types:
+        logger.info(f"training starts from {path} (every layer kept)")
+    else:
+        logger.info(
+            f"training starts from {path}: every layer kept except the type channels of {head}, re-initialised "
+            f"for {own[head + '.weight'].shape[0] - 1 - extra} types (the file has "
+            f"{state[head + '.weight'].shape[0] - 1 - extra})"
+        )

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from monai.transforms import MapTransform
 from skimage.segmentation import find_boundaries
 
-from scripts.pannuke.format import BOUNDARY, HV_CHANNELS, NUM_CLASSES, NUM_TYPES
+from scripts.pannuke.format import BOUNDARY, HV_CHANNELS, NUM_TYPES
 
 
 def masks_to_instances(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -58,15 +58,20 @@ TARGETS = ("hv", "boundary")
 MAX_INSTANCE_IDS = 2**16  # instance ids per tile: the cache's uint16 instance map
 
 
-def class_count(target: str) -> int:
-    """Classes of the softmax part of the output: 'boundary' adds the outline class to background + 5 types."""
+def class_count(target: str, num_types: int = NUM_TYPES) -> int:
+    """Classes of the softmax part of the output: background + the types, plus the outline class for 'boundary'."""
     check_target(target)
-    return NUM_CLASSES if target == "boundary" else NUM_TYPES + 1
+    return num_types + (2 if target == "boundary" else 1)
 
 
-def output_channels(target: str) -> int:
-    """Channels the network predicts: the classes, plus the horizontal and vertical maps for 'hv'."""
-    return class_count(target) + (HV_CHANNELS if target == "hv" else 0)
+def output_channels(target: str, num_types: int = NUM_TYPES) -> int:
+    """Channels the network predicts: the classes, plus the horizontal and vertical maps for 'hv'.
+
+    Args:
+        target: "hv" or "boundary".
+        num_types: nucleus types of the dataset (PanNuke's 5, or a lab's own classes).
+    """
+    return class_count(target, num_types) + (HV_CHANNELS if target == "hv" else 0)
 
 
 def check_target(target: str) -> str:

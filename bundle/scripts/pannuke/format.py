@@ -7,17 +7,13 @@ that lets post-processing split touching nuclei.
 
 from __future__ import annotations
 
+from scripts.classes import PANNUKE_COLOURS, PANNUKE_NAMES
+
 TILE_SIZE = 256
-TYPE_NAMES: tuple[str, ...] = ("Neoplastic", "Inflammatory", "Connective", "Dead", "Epithelial")
+# PanNuke's own types; a lab's folds may carry others (scripts/classes.py)
+TYPE_NAMES = PANNUKE_NAMES
 NUM_TYPES = len(TYPE_NAMES)
-# RGB colours per type, as used by the PanNuke paper figures; QuPath and the overlays use them too.
-TYPE_COLOURS: tuple[tuple[int, int, int], ...] = (
-    (255, 0, 0),  # Neoplastic: red
-    (0, 255, 0),  # Inflammatory: green
-    (0, 0, 255),  # Connective: blue
-    (255, 255, 0),  # Dead: yellow
-    (255, 165, 0),  # Epithelial: orange
-)
+TYPE_COLOURS = PANNUKE_COLOURS
 
 # label-map classes the network is trained on
 BACKGROUND = 0

@@ -1,0 +1,228 @@
+"""QuPath annotations as training data: a GeoJSON export rasterised into an instance map and a class per nucleus.
+
+QuPath's "Export objects as GeoJSON" writes a FeatureCollection (or, with some options, a bare list of Features).
+Each Feature has a `geometry` (Polygon or MultiPolygon in full-resolution pixel coordinates, x to the right, y down,
+vertices on pixel corners; holes are the later rings of a polygon) and `properties` with `objectType`
+("annotation", "detection", "cell", ...) and, when the object is classified, `classification.name` and
+`classification.color` ([r, g, b], or the older packed `colorRGB`).  A cell exported by QuPath also carries its
+nucleus as `nucleusGeometry`, which is what is used for a cell.
+
+Each polygon object is one nucleus.  Rasterising follows QuPath's own convention: pixel (row r, column c) belongs
+to an object when its centre (c + 0.5, r + 0.5) lies inside the outline and outside its holes.  Objects are clipped
+to the image.  Where objects overlap, the smaller object is painted last, so it stays whole and the larger one
+loses the shared pixels (a nucleus drawn inside a larger one survives); of two equal ones the earlier stays whole.  Counts of overlaps,
+clipped objects and objects lost entirely are returned for the converter's log.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from skimage.draw import polygon as draw_polygon
+
+from scripts.errors import DataError
+
+UNCLASSIFIED = None  # the class of an object QuPath exported without a classification
+# QuPath's built-in classes for areas, not objects: an "Ignore*" or "Region*" annotation is never a nucleus
+QUPATH_AREA_CLASSES = ("Ignore*", "Region*")
+
+
+@dataclass
+class Nucleus:
+    """One annotated object: its rings (outer first, then holes) per polygon part, its class and colour."""
+
+    parts: list[list[np.ndarray]]
+    name: str | None
+    colour: tuple[int, int, int] | None
+
+
+@dataclass
+class AnnotationStats:
+    """What rasterising the annotations of one or more images did, for the converter's log."""
+
+    objects: int = 0
+    not_polygons: Counter = field(default_factory=Counter)  # geometry type -> objects ignored
+    areas_ignored: int = 0
+    clipped: int = 0
+    outside: int = 0
+    overlapping: int = 0
+    hidden: int = 0
+
+    def add(self, other: AnnotationStats) -> None:
+        for name in ("objects", "areas_ignored", "clipped", "outside", "overlapping", "hidden"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.not_polygons.update(other.not_polygons)
+
+    def lines(self) -> list[str]:
+        out = []
+        if self.not_polygons:
+            kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(self.not_polygons.items()))
+            out.append(f"ignored objects that are not polygons: {kinds}")
+        if self.areas_ignored:
+            out.append(f"ignored {self.areas_ignored} area annotations classified {' or '.join(QUPATH_AREA_CLASSES)}")
+        if self.clipped or self.outside:
+            out.append(f"objects partly outside their image, clipped: {self.clipped}; wholly outside: {self.outside}")
+        if self.overlapping:
+            out.append(
+                f"overlapping objects: {self.overlapping} (the smaller one keeps the shared pixels); "
+                f"objects left with no pixel: {self.hidden}"
+            )
+        return out
+
+
+def _fail(path: Path, what: str) -> DataError:
+    return DataError(f"{path}: {what}. Export it from QuPath with File > Export objects as GeoJSON")
+
+
+def _features(value: Any, path: Path) -> list[dict]:
+    if isinstance(value, dict) and value.get("type") == "FeatureCollection":
+        value = value.get("features")
+    elif isinstance(value, dict) and value.get("type") == "Feature":
+        value = [value]
+    if not isinstance(value, list):
+        raise _fail(path, "not GeoJSON (expected a FeatureCollection or a list of Features)")
+    if not value:
+        raise _fail(path, "holds no objects")
+    if not all(isinstance(f, dict) and f.get("type") == "Feature" for f in value):
+        raise _fail(path, "holds something that is not a GeoJSON Feature")
+    return value
+
+
+def _ring(points: Any, path: Path, index: int) -> np.ndarray:
+    try:
+        ring = np.asarray(points, dtype=np.float64)
+    except (TypeError, ValueError):
+        ring = np.zeros((0,))
+    if ring.ndim != 2 or ring.shape[1] < 2 or ring.shape[0] < 3 or not np.isfinite(ring[:, :2]).all():
+        raise _fail(path, f"object {index} has a malformed polygon ring (need at least 3 finite [x, y] points)")
+    return ring[:, :2]
+
+
+def _colour(classification: dict) -> tuple[int, int, int] | None:
+    colour = classification.get("color", classification.get("colour"))
+    if isinstance(colour, list) and len(colour) == 3 and all(isinstance(v, int) for v in colour):
+        return (colour[0] & 255, colour[1] & 255, colour[2] & 255)
+    packed = classification.get("colorRGB")
+    if isinstance(packed, int):
+        return ((packed >> 16) & 255, (packed >> 8) & 255, packed & 255)
+    return None
+
+
+def parse_geojson(path: Path) -> tuple[list[Nucleus], AnnotationStats]:
+    """The polygon objects of a QuPath GeoJSON export, in file order; a DataError naming the file if it is not one."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _fail(path, f"not valid JSON ({err})") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read ({err.strerror or err})") from None
+    stats = AnnotationStats()
+    nuclei = []
+    for index, feature in enumerate(_features(value, path)):
+        props = feature.get("properties") or {}
+        if not isinstance(props, dict):
+            raise _fail(path, f"object {index} has properties that are not an object")
+        geometry = feature.get("nucleusGeometry") or feature.get("geometry")
+        if not isinstance(geometry, dict) or "type" not in geometry:
+            raise _fail(path, f"object {index} has no geometry")
+        classification = props.get("classification") or {}
+        if not isinstance(classification, dict):
+            raise _fail(path, f"object {index} has a classification that is not an object")
+        name = classification.get("name")
+        name = str(name).strip() if name is not None and str(name).strip() else UNCLASSIFIED
+        if name in QUPATH_AREA_CLASSES:
+            stats.areas_ignored += 1
+            continue
+        kind = geometry["type"]
+        coords = geometry.get("coordinates")
+        if kind == "Polygon":
+            polygons = [coords]
+        elif kind == "MultiPolygon":
+            polygons = coords
+        else:
+            stats.not_polygons[str(kind)] += 1
+            continue
+        if not isinstance(polygons, list) or not polygons or not all(isinstance(p, list) and p for p in polygons):
+            raise _fail(path, f"object {index} ({kind}) has no coordinates")
+        parts = [[_ring(ring, path, index) for ring in rings] for rings in polygons]
+        nuclei.append(Nucleus(parts, name, _colour(classification)))
+        stats.objects += 1
+    return nuclei, stats
+
+
+def _mask(nucleus: Nucleus, shape: tuple[int, int]) -> tuple[np.ndarray, bool, bool]:
+    """Pixels of one object inside an image of `shape` (row, col arrays), and whether it was clipped / wholly out."""
+    inside = np.zeros(shape, dtype=bool)
+    clipped = False
+    for rings in nucleus.parts:
+        part = np.zeros(shape, dtype=bool)
+        for k, ring in enumerate(rings):
+            xs, ys = ring[:, 0] - 0.5, ring[:, 1] - 0.5  # pixel centres at (c + 0.5, r + 0.5)
+            if k == 0:
+                clipped |= bool(xs.min() < -0.5 or ys.min() < -0.5 or xs.max() > shape[1] - 0.5)
+                clipped |= bool(ys.max() > shape[0] - 0.5)
+            rr, cc = draw_polygon(ys, xs, shape=shape)
+            part[rr, cc] = k == 0  # the outer ring paints, holes erase
+        inside |= part
+    wholly_out = clipped and not inside.any()
+    return inside, clipped and not wholly_out, wholly_out
+
+
+def rasterise(nuclei: list[Nucleus], shape: tuple[int, int]) -> tuple[np.ndarray, list[int], AnnotationStats]:
+    """(H, W) uint32 instance map with ids 1..N in file order, the object index of each id, and what happened.
+
+    Objects are painted largest first, so the smaller of two overlapping objects keeps the shared pixels.
+    """
+    stats = AnnotationStats()
+    masks = []
+    for k, nucleus in enumerate(nuclei):
+        mask, clipped, outside = _mask(nucleus, shape)
+        stats.clipped += clipped
+        stats.outside += outside
+        if mask.any():
+            masks.append((k, mask))
+    inst = np.zeros(shape, dtype=np.uint32)
+    painted = np.zeros(shape, dtype=bool)
+    order = sorted(range(len(masks)), key=lambda i: (-int(masks[i][1].sum()), -i))  # equal sizes: earlier on top
+    for i in order:
+        mask = masks[i][1]
+        stats.overlapping += bool((painted & mask).any())
+        inst[mask] = i + 1
+        painted |= mask
+    present = np.zeros(len(masks) + 1, dtype=bool)
+    present[np.unique(inst)] = True
+    stats.hidden = int((~present[1:]).sum())
+    # relabel to the objects that kept pixels, in file order
+    ids = np.flatnonzero(present[1:]) + 1
+    lut = np.zeros(len(masks) + 1, dtype=np.uint32)
+    lut[ids] = np.arange(1, ids.size + 1, dtype=np.uint32)
+    return lut[inst], [masks[i - 1][0] for i in ids.tolist()], stats
+
+
+def annotations_geojson(
+    inst: np.ndarray, names: dict[int, str | None], colours: dict[str, tuple[int, int, int]] | None = None
+) -> dict:
+    """A label map as QuPath writes annotations: one classified Polygon Feature per nucleus (the inverse of
+    `rasterise` for nuclei in one piece without holes), e.g. to correct existing masks in QuPath.
+
+    Args:
+        inst: (H, W) instance map, 0 = background.
+        names: class name per instance id (None = unclassified).
+        colours: optional RGB per class name, written as QuPath's `classification.color`.
+    """
+    from scripts.io.nuclei_writers import outline_polygon  # noqa: PLC0415 - only this writer needs the tracer
+
+    features = []
+    for ident in np.unique(inst[inst > 0]).tolist():
+        props: dict[str, Any] = {"objectType": "annotation"}
+        name = names.get(ident)
+        if name is not None:
+            props["classification"] = {"name": name, **({"color": list(colours[name])} if colours else {})}
+        ring = outline_polygon(inst == ident)
+        features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": props})
+    return {"type": "FeatureCollection", "features": features}
