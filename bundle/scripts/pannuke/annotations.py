@@ -10,8 +10,8 @@ nucleus as `nucleusGeometry`, which is what is used for a cell.
 Each polygon object is one nucleus.  Rasterising follows QuPath's own convention: pixel (row r, column c) belongs
 to an object when its centre (c + 0.5, r + 0.5) lies inside the outline and outside its holes.  Objects are clipped
 to the image.  Where objects overlap, the smaller object is painted last, so it stays whole and the larger one
-loses the shared pixels (a nucleus drawn inside a larger one survives); of two equal ones the earlier stays whole.  Counts of overlaps,
-clipped objects and objects lost entirely are returned for the converter's log.
+loses the shared pixels (a nucleus drawn inside a larger one survives); of two equal ones the earlier stays whole.
+Counts of overlaps, clipped objects and objects lost entirely are returned for the converter's log.
 """
 
 from __future__ import annotations
@@ -224,5 +224,6 @@ def annotations_geojson(
         if name is not None:
             props["classification"] = {"name": name, **({"color": list(colours[name])} if colours else {})}
         ring = outline_polygon(inst == ident)
-        features.append({"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": props})
+        geometry = {"type": "Polygon", "coordinates": [ring]}
+        features.append({"type": "Feature", "geometry": geometry, "properties": props})
     return {"type": "FeatureCollection", "features": features}
