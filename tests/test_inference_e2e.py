@@ -23,7 +23,8 @@ from bundle_runner import run_bundle
 from conftest import BUNDLE_ROOT
 from scripts.pannuke.demo_data import make_tile
 from scripts.pannuke.format import NUM_CLASSES, TILE_SIZE, TYPE_NAMES
-from scripts.nuclei.targets import label_map, masks_to_instances
+from scripts.nuclei.targets import label_map
+from scripts.pannuke.cache import masks_to_instances
 
 pytestmark = pytest.mark.slow
 

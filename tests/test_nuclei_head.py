@@ -30,8 +30,10 @@ def test_split_output_by_target():
     assert logits.shape == (6, 4, 4) and hv.shape == (2, 4, 4)
     logits, hv = split_output(pred[:, :7], "boundary")
     assert logits.shape == (2, 7, 4, 4) and hv is None
-    with pytest.raises(ValueError, match="7 channels, the 'hv' target needs 8"):
-        split_output(pred[:, :7], "hv")
+    logits, hv = split_output(pred[:, :5], "hv")  # a lab's two classes: background, 2 types, 2 maps
+    assert logits.shape == (2, 3, 4, 4) and hv[0, :, 0, 0].tolist() == [3.0, 4.0]
+    with pytest.raises(ValueError, match="3 channels, the 'hv' target needs at least 4"):
+        split_output(pred[:, :3], "hv")
 
 
 def test_hv_loss_terms_are_zero_for_the_truth_and_grow_with_the_error():

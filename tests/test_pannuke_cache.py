@@ -8,7 +8,7 @@ from pannuke_fixtures import fold_path, rewrite, write_dataset
 from scripts.pannuke.cache import ensure_fold_cache, open_fold_cache
 from scripts.errors import DataError
 from scripts.pannuke.files import locate_folds
-from scripts.nuclei.targets import label_map, masks_to_instances
+from scripts.pannuke.cache import masks_to_instances
 
 
 def _cache(root, tmp_path, fold=1):
@@ -26,7 +26,6 @@ def test_cache_holds_the_fold(tmp_path, layout):
         inst, types = masks_to_instances(masks[i])
         assert np.array_equal(cache["inst"][i], inst)
         assert np.array_equal(cache["type"][i], types)
-        assert np.array_equal(cache["label"][i], label_map(inst, types))
         # every PanNuke nucleus (channel, id) is one cached instance
         n_source = sum(len(np.unique(masks[i, ..., c])) - 1 for c in range(5))
         assert cache["inst"][i].max() == n_source
@@ -159,7 +158,7 @@ def test_a_damaged_cache_is_rebuilt_with_a_log_line(tmp_path, monkeypatch, caplo
     elif damage == "meta_missing":
         (cache / "meta.json").unlink()
     else:
-        (cache / "label.npy").unlink()
+        (cache / "type.npy").unlink()
     _fresh_process(monkeypatch)
     with caplog.at_level("WARNING"):
         rebuilt = _cache(root, tmp_path)

@@ -16,12 +16,12 @@ def test_fold_list_forms():
 def test_dataset_items(tmp_path):
     root = write_dataset(tmp_path / "data")
     pannuke = PanNuke(root, tmp_path / "cache", [[1], 2, 3])
-    ds = PanNukeDataset(pannuke, [1, 2], keys=("image", "label", "inst"))
+    ds = PanNukeDataset(pannuke, [1, 2], keys=("image", "type", "inst"))
     assert len(ds) == 5
     item = ds[4]
     assert item["fold"] == 2 and item["index"] == 1 and isinstance(item["tissue"], str)
     assert item["image"].shape == (256, 256, 3) and item["image"].dtype == np.uint8
-    assert item["label"].shape == (256, 256) and item["inst"].dtype == np.uint16
+    assert item["type"].shape == (256, 256) and item["inst"].dtype == np.uint16
     assert ds.tissues()[:3] == list(np.load(root / "Fold 1/images/fold1/types.npy"))
 
 

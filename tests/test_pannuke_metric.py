@@ -391,7 +391,7 @@ def _overlapping_masks() -> np.ndarray:
 
 
 def test_classes_are_scored_on_their_own_raw_channel_like_the_official_code():
-    from scripts.nuclei.targets import masks_to_instances
+    from scripts.pannuke.cache import masks_to_instances
 
     masks = _overlapping_masks()
     true_inst, true_type = masks_to_instances(masks)  # the later channel takes the shared corner

@@ -28,6 +28,7 @@ SHIPPED = BUNDLE_ROOT / "models" / "pretrained" / "model_fp16.pt"
 def configured_network(*configs: str) -> torch.nn.Module:
     parser = ConfigParser()
     parser.read_config([str(BUNDLE_ROOT / "configs" / c) for c in configs])
+    parser["bundle_root"] = str(BUNDLE_ROOT)
     return parser.get_parsed_content("network_def")
 
 

@@ -129,7 +129,7 @@ def test_a_corrupt_slide_is_reported_and_the_next_one_still_planned(tmp_path, ca
     planner = SlidePlanner(tmp_path / "slides", tmp_path / "out", tile_size=512)
     broken, good = planner.plans
     assert "a_broken.svs: not a slide this bundle can read" in broken.error and "a_broken.svs" in caplog.text
-    assert not good.error and good.todo and (tmp_path / "out" / "b_good.ome" / "b_good.ome_tissue.png").is_file()
+    assert not good.error and good.todo and (tmp_path / "out" / "b_good" / "b_good_tissue.png").is_file()
 
 
 def test_a_users_tissue_mask_replaces_the_automatic_one(tmp_path):
@@ -139,7 +139,7 @@ def test_a_users_tissue_mask_replaces_the_automatic_one(tmp_path):
     (tmp_path / "masks").mkdir()
     user = np.zeros((30, 30), np.uint8)
     user[25:, 25:] = 255  # only the lower-right corner, which is glass
-    Image.fromarray(user).save(tmp_path / "masks" / "s.ome.png")
+    Image.fromarray(user).save(tmp_path / "masks" / "s.png")
     planner = SlidePlanner(tmp_path / "slides", tmp_path / "out", tile_size=512, mask_dir=tmp_path / "masks")
     assert [t.core[:2] for t in planner.plans[0].tiles] == [(1024, 1024)]
 
@@ -147,7 +147,7 @@ def test_a_users_tissue_mask_replaces_the_automatic_one(tmp_path):
 def test_progress_made_on_another_grid_is_not_reused(tmp_path):
     write_slide(tmp_path / "slides" / "s.ome.tif", tissue=(256, 256, 768, 768))
     first = SlidePlanner(tmp_path / "slides", tmp_path / "out", tile_size=512)
-    progress = SlideProgress(first.plans[0].folder, "s.ome")
+    progress = SlideProgress(first.plans[0].folder, "s")
     progress.add_tile(0, ['{"id":1}'], ["1,1,1,1,1,1,Neoplastic,1,0.5\n"], [1])
     progress.close()
     assert SlidePlanner(tmp_path / "slides", tmp_path / "out", tile_size=512).plans[0].todo[0].index == 1  # resumed

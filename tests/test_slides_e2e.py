@@ -49,14 +49,14 @@ def test_a_corrupt_slide_is_reported_and_the_good_one_finished(slide_run):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 1 and "1 of 3 slides failed" in log and "broken.svs: not a slide" in log
     assert "Traceback" not in proc.stderr
-    assert (work / "eval" / "case.ome" / "case.ome_summary.json").is_file()
+    assert (work / "eval" / "case" / "case_summary.json").is_file()
 
 
 def test_outputs_follow_qupath_rules_and_the_summary_adds_up(slide_run):
     work, _, _ = slide_run
-    folder = work / "eval" / "case.ome"
-    fc = json.loads((folder / "case.ome_nuclei.geojson").read_text())
-    summary = json.loads((folder / "case.ome_summary.json").read_text())
+    folder = work / "eval" / "case"
+    fc = json.loads((folder / "case_nuclei.geojson").read_text())
+    summary = json.loads((folder / "case_summary.json").read_text())
     assert fc["type"] == "FeatureCollection" and len(fc["features"]) == summary["nuclei"] > 50
     vertices = []
     for f in fc["features"]:
@@ -72,9 +72,9 @@ def test_outputs_follow_qupath_rules_and_the_summary_adds_up(slide_run):
     assert np.mean(vertices) < 30  # simplified outlines, not every pixel step
     assert sum(summary["nuclei_per_type"].values()) == summary["nuclei"]
     assert summary["tissue_mm2"] == pytest.approx(1024 * 768 * 0.25**2 / 1e6, rel=0.15)
-    rows = (folder / "case.ome_nuclei.csv").read_text().splitlines()
+    rows = (folder / "case_nuclei.csv").read_text().splitlines()
     assert rows[0].startswith("nucleus_id,x_px,y_px,x_um,y_um,area_um2") and len(rows) == summary["nuclei"] + 1
-    for png in ("case.ome_tissue.png", "case.ome_overlay.png"):
+    for png in ("case_tissue.png", "case_overlay.png"):
         assert Image.open(folder / png).size[0] > 100
 
 
@@ -84,13 +84,13 @@ def test_slide_nuclei_agree_with_tile_inference_on_the_same_pixels(slide_run, tm
     Image.fromarray(pixels).save(tmp_path / "png" / "case.png")
     run_bundle("run", TILES, work, "--input_dir", str(tmp_path / "png"), "--output_dir", str(tmp_path / "out"))
     tile_count = len(json.loads((tmp_path / "out" / "case" / "case_nuclei.geojson").read_text())["features"])
-    slide_count = json.loads((work / "eval" / "case.ome" / "case.ome_summary.json").read_text())["nuclei"]
+    slide_count = json.loads((work / "eval" / "case" / "case_summary.json").read_text())["nuclei"]
     assert abs(slide_count - tile_count) <= 0.02 * tile_count, (slide_count, tile_count)
 
 
 def test_a_dicom_folder_gives_the_nuclei_of_the_same_pixels_in_a_tiff(slide_run):
     work, _, _ = slide_run
-    tiff = json.loads((work / "eval" / "case.ome" / "case.ome_summary.json").read_text())
+    tiff = json.loads((work / "eval" / "case" / "case_summary.json").read_text())
     dicom = json.loads((work / "eval" / "case_dicom" / "case_dicom_summary.json").read_text())
     assert dicom["reader"] == "openslide" and dicom["mpp"] == 0.25 and dicom["tiles"] == tiff["tiles"]
     assert abs(dicom["nuclei"] - tiff["nuclei"]) <= 0.02 * tiff["nuclei"], (dicom["nuclei"], tiff["nuclei"])
@@ -101,13 +101,13 @@ def test_a_dicom_folder_gives_the_nuclei_of_the_same_pixels_in_a_tiff(slide_run)
 
     from scipy.spatial import cKDTree
 
-    distance, _ = cKDTree(centroids("case.ome")).query(centroids("case_dicom"))
+    distance, _ = cKDTree(centroids("case")).query(centroids("case_dicom"))
     assert np.mean(distance < 2) > 0.95  # the same nuclei in the same place, not just as many
 
 
 def test_a_finished_slide_is_skipped_on_rerun(slide_run):
     work, _, _ = slide_run
-    summary = work / "eval" / "case.ome" / "case.ome_summary.json"
+    summary = work / "eval" / "case" / "case_summary.json"
     stamp = summary.stat().st_mtime_ns
     proc = run_bundle("run", WSI, work, "--input_dir", str(work / "slides" / "case.ome.tif"), "--num_workers", "0")
     assert "finished earlier" in proc.stdout + proc.stderr and summary.stat().st_mtime_ns == stamp
@@ -130,7 +130,7 @@ def test_two_torchrun_processes_write_what_one_process_writes(tmp_path):
     write_slide(tmp_path / "slides" / "small.ome.tif", size=(768, 768), tissue=(256, 256, 512, 512), seed=2)
     log = _one_and_two_processes(tmp_path)
     assert "to do on rank 0 of 2" in log
-    for name in ("big.ome", "small.ome"):
+    for name in ("big", "small"):
         for suffix in ("_nuclei.geojson", "_nuclei.csv"):
             path = f"{name}/{name}{suffix}"
             assert (tmp_path / "two_out" / path).read_bytes() == (tmp_path / "one_out" / path).read_bytes(), path
@@ -146,7 +146,7 @@ def test_a_pool_of_post_processing_workers_writes_the_same_files(tmp_path):
     run_bundle("run", WSI, tmp_path, *common, "--output_dir", str(tmp_path / "inline"))
     run_bundle("run", WSI, tmp_path, *common, "--output_dir", str(tmp_path / "pool"), "--postprocess_workers", "2")
     for suffix in ("_nuclei.geojson", "_nuclei.csv"):
-        name = f"s.ome/s.ome{suffix}"
+        name = f"s/s{suffix}"
         assert (tmp_path / "pool" / name).read_bytes() == (tmp_path / "inline" / name).read_bytes(), name
 
 
@@ -169,5 +169,5 @@ def test_torchrun_with_a_rank_that_has_no_tile(tmp_path):
     """One 1-tile slide on 2 ranks: the idle rank still takes part in the merge, and the run ends."""
     write_slide(tmp_path / "slides" / "one.ome.tif", size=(768, 768), tissue=(256, 256, 512, 512), seed=4)
     _one_and_two_processes(tmp_path)
-    name = "one.ome/one.ome_nuclei.geojson"
+    name = "one/one_nuclei.geojson"
     assert (tmp_path / "two_out" / name).read_bytes() == (tmp_path / "one_out" / name).read_bytes()

@@ -4,6 +4,7 @@ import torch
 from monai.transforms import ComputeHoVerMaps
 from skimage.segmentation import find_boundaries
 
+from scripts.pannuke.cache import masks_to_instances
 from scripts.pannuke.format import BOUNDARY
 from scripts.nuclei.targets import (
     BatchNucleiTargets,
@@ -12,7 +13,6 @@ from scripts.nuclei.targets import (
     hover_maps,
     inner_boundary,
     label_map,
-    masks_to_instances,
     nuclei_mask,
     output_channels,
 )

@@ -2,9 +2,11 @@
 
 PanNuke's five types are the default.  A lab's folds converted from its own annotations carry their own list in
 `classes.json` beside the folds (`{"names": [...], "colours": [[r, g, b], ...]}`), and a trained checkpoint carries
-the list it was trained on under one extra key of its state dict, `CHECKPOINT_KEY` (plain strings and integers,
-so the file still loads with `torch.load(weights_only=True)`).  Type id t (1-based, 0 = background) is
-`names[t - 1]` everywhere: masks channel t - 1, network class t, the CSV's type column, QuPath's PathClass.
+the list it was trained on in its state dict's own metadata (`state_dict._metadata[""]`, where PyTorch keeps the
+modules' versions): plain strings and integers, so the file still loads with `torch.load(weights_only=True)`, and
+the tensors are unchanged, so a strict `load_state_dict` (MONAI's CheckpointLoader, `ckpt_export`) still works.
+Type id t (1-based, 0 = background) is `names[t - 1]` everywhere: masks channel t - 1, network class t, the CSV's
+type column, QuPath's PathClass.
 
 This module is numpy-free and torch-free on purpose: the converter, the writers and the configs all read it.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +46,7 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
     (128, 128, 128),
 )
 CLASSES_FILE = "classes.json"
-CHECKPOINT_KEY = "_nuclei_classes"
+CHECKPOINT_KEY = "nuclei_classes"
 MAX_TYPES = 254  # type ids are stored as uint8 with 0 = background and 255 kept free
 
 
@@ -149,13 +152,23 @@ def read_dataset_classes(dataset_dir: str | os.PathLike) -> NucleusClasses:
 
 def checkpoint_classes(state: Mapping[str, Any], path: str | os.PathLike) -> NucleusClasses:
     """The classes a state dict was trained on; PanNuke's five for a file that does not say (older checkpoints)."""
-    value = state.get(CHECKPOINT_KEY)
+    metadata = getattr(state, "_metadata", None) or {}
+    value = (metadata.get("") or {}).get(CHECKPOINT_KEY)
     if value is None:
         return PANNUKE
     try:
         return NucleusClasses.from_json(value, str(path))
     except DataError as err:
         raise ModelError(str(err)) from None
+
+
+def with_classes(state: Mapping[str, Any], classes: NucleusClasses) -> OrderedDict:
+    """A copy of a state dict that carries `classes` in its metadata; the tensors are the same objects."""
+    out = OrderedDict(state)
+    metadata = OrderedDict(getattr(state, "_metadata", None) or {})
+    metadata[""] = {**(metadata.get("") or {}), CHECKPOINT_KEY: classes.to_json()}
+    out._metadata = metadata  # type: ignore[attr-defined]
+    return out
 
 
 def check_same_classes(found: NucleusClasses, asked: Sequence[str] | str | None, where: str) -> NucleusClasses:

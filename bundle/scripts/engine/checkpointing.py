@@ -21,6 +21,7 @@ from ignite.handlers import EarlyStopping
 from monai.handlers import CheckpointLoader
 
 from scripts.engine.cli_flags import as_bool
+from scripts.classes import NucleusClasses, with_classes
 from scripts.engine.weights import check_finite, load_into, read_checkpoint
 from scripts.errors import ModelError
 from scripts.engine.distributed import is_main_rank
@@ -52,11 +53,19 @@ class BestModelSaver:
     """Write the network's weights, as a plain state dict, whenever the evaluator's key metric reaches a new best.
 
     It follows the evaluator's own bookkeeping (`state.best_metric_epoch`, updated by MONAI before handlers run), which
-    TrainingState saves and restores, so a resumed run never replaces a better model with a worse one.
+    TrainingState saves and restores, so a resumed run never replaces a better model with a worse one.  With
+    `classes`, the file carries the class names and colours beside the weights, so inference never needs them restated.
+
+    Args:
+        network: the trained network (`@network`).
+        path: where the best weights go (`@checkpoint_path`).
+        classes: the training data's classes (`@classes`).
     """
 
-    def __init__(self, network: torch.nn.Module, path: str | os.PathLike) -> None:
-        self.network, self.path = network, Path(path)
+    def __init__(
+        self, network: torch.nn.Module, path: str | os.PathLike, classes: NucleusClasses | None = None
+    ) -> None:
+        self.network, self.path, self.classes = network, Path(path), classes
         if self.path.is_file() and is_main_rank():
             logger.warning(
                 f"{self.path} holds an earlier run's weights; this run replaces them at its first best validation "
@@ -69,7 +78,8 @@ class BestModelSaver:
     def __call__(self, engine: Engine) -> None:
         if engine.state.best_metric_epoch != engine.state.epoch or not is_main_rank():
             return  # every rank has the same weights under DDP: the main rank writes them
-        atomic_save(unwrap(self.network).state_dict(), self.path)
+        state = unwrap(self.network).state_dict()
+        atomic_save(state if self.classes is None else with_classes(state, self.classes), self.path)
         name = engine.state.key_metric_name
         logger.info(f"epoch {engine.state.epoch}: new best {name} {engine.state.best_metric:.4f}, saved {self.path}")
 

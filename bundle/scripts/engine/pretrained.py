@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from scripts.classes import checkpoint_classes, with_classes
 from scripts.engine.checkpointing import atomic_save
 from scripts.errors import ModelError
 
@@ -53,7 +54,9 @@ def export_half_precision(checkpoint: str | os.PathLike, output: str | os.PathLi
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{checkpoint} is not a plain state dict of tensors (save model.state_dict())")
-    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    half = with_classes(
+        {k: v.half() if v.is_floating_point() else v for k, v in state.items()}, checkpoint_classes(state, checkpoint)
+    )
     atomic_save(half, output)
     return Path(output)
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine
 
+from scripts.classes import NucleusClasses, check_same_classes, checkpoint_classes
 from scripts.errors import ModelError
 from scripts.nuclei.targets import output_channels
 
@@ -84,11 +85,34 @@ def load_into(network: torch.nn.Module, state: Mapping[str, Any], path: str | os
     module.load_state_dict(state, strict=True)
 
 
-def load_state_dict_file(network: torch.nn.Module, path: str | os.PathLike, map_location: Any = "cpu") -> None:
-    """Read, check and load the weights at `path` into `network`."""
+def load_state_dict_file(
+    network: torch.nn.Module,
+    path: str | os.PathLike,
+    map_location: Any = "cpu",
+    classes: NucleusClasses | None = None,
+) -> None:
+    """Read, check and load the weights at `path` into `network`; with `classes`, refuse a file of other classes."""
     state = read_checkpoint(path, map_location)
     check_finite(state, path)
+    if classes is not None:
+        found = checkpoint_classes(state, path)
+        if found.names != classes.names:
+            raise ModelError(
+                f"{path} was trained on the classes {list(found.names)}, but this run's data has "
+                f"{list(classes.names)}; evaluate it on data of those classes, or pass the checkpoint trained on "
+                "this data (--checkpoint)"
+            )
     load_into(network, state, path)
+
+
+def classes_of_checkpoint(path: str, class_names: Any = None) -> NucleusClasses:
+    """The classes inference uses: those the checkpoint was trained on (PanNuke's five for older files).
+
+    Args:
+        path: the weights inference loads (`@checkpoint`).
+        class_names: optional names the user expects (`--class_names`); a checkpoint of other classes is refused.
+    """
+    return check_same_classes(checkpoint_classes(read_checkpoint(path), path), class_names, str(path))
 
 
 class WeightsLoader:
@@ -98,13 +122,21 @@ class WeightsLoader:
         load_path: the state dict (`@checkpoint`).
         network: the configured network (`@network`).
         map_location: where tensors are loaded (`@device`).
+        classes: the classes the run expects (`@classes`); a checkpoint trained on others is refused.
     """
 
-    def __init__(self, load_path: str, network: torch.nn.Module, map_location: Any = "cpu") -> None:
+    def __init__(
+        self,
+        load_path: str,
+        network: torch.nn.Module,
+        map_location: Any = "cpu",
+        classes: NucleusClasses | None = None,
+    ) -> None:
         self.load_path, self.network, self.map_location = load_path, network, map_location
+        self.classes = classes
 
     def attach(self, engine: Engine) -> None:
-        load_state_dict_file(self.network, self.load_path, self.map_location)
+        load_state_dict_file(self.network, self.load_path, self.map_location, self.classes)
         logger.info(f"loaded weights from {self.load_path}")
 
 
@@ -116,48 +148,56 @@ def _output_layer(state: Mapping[str, Any]) -> str:
     return weights[-1].rsplit(".", 1)[0]
 
 
-def start_from(network: torch.nn.Module, path: str, target: str) -> None:
+def start_from(network: torch.nn.Module, path: str, target: str, classes: NucleusClasses | None = None) -> None:
     """Initialise a training's network from earlier weights (fine-tuning), before the first step.
 
-    Every tensor is copied.  When the file was trained on other classes, only the output layer differs: its
-    background and its HV (or outline) channels are kept and its type channels keep their fresh initialisation, so
-    the network still finds nuclei on the first step and learns the new types.  Any other difference (another
-    width, another target) is refused with the file's name.  An empty `path` does nothing (training from scratch).
+    Every layer is copied but the type channels of the output layer, which follow the class names: a class the file
+    was trained on (same name, any case) keeps its channel, a new class starts from the fresh initialisation.  The
+    background and the HV (or outline) channels are always kept, so the network finds nuclei from the first step and
+    only has to learn the new types.  Another width or target is refused with the file's name.  An empty `path`
+    does nothing (training from scratch).
 
     Args:
         network: the configured network (`@network`).
         path: the weights to start from (`@init_checkpoint`); "" trains from scratch.
         target: the training target (`@target`), whose output layout both files share.
+        classes: the training data's classes (`@classes`); None: the file's own.
     """
     if not path:
         return
     state = read_checkpoint(path)
     check_finite(state, path)
-    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    theirs_classes = checkpoint_classes(state, path)
+    classes = classes or theirs_classes
     module = getattr(network, "module", network)
     own = module.state_dict()
     head = _output_layer(own)
     extra = output_channels(target, 0) - 1  # channels after the types: HV maps, or the outline class
-    mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
-    body = [k for k in mismatched if not k.startswith(head + ".")]
-    if body or set(own) != set(state):
+    heads = {k for k in own if k.startswith(head + ".")}
+    expected_rows = 1 + theirs_classes.num_types + extra
+    if any(k in state and state[k].shape[0] != expected_rows for k in heads):
+        raise ModelError(
+            f"{path}: its output layer does not hold its {theirs_classes.num_types} classes and the {target!r} "
+            "target's channels; pass the --target it was trained with"
+        )
+    body_differs = any(state[k].shape != own[k].shape for k in own if k in state and k not in heads)
+    if body_differs or set(own) != set(state) or any(state[k].shape[1:] != own[k].shape[1:] for k in heads):
         load_into(network, state, path)  # raises, explaining the other width or target
+    index = {name.lower(): t for t, name in enumerate(theirs_classes.names)}
+    kept = [name for name in classes.names if name.lower() in index]
     merged = dict(state)
-    kept_types = True
-    for key in mismatched:
-        theirs, mine = state[key], own[key].clone()
-        if theirs.shape[1:] != mine.shape[1:] or theirs.shape[0] <= extra or mine.shape[0] <= extra:
-            load_into(network, state, path)
+    for key in heads:
+        mine, theirs = own[key].clone(), state[key].to(own[key].dtype)
         mine[0] = theirs[0]
         mine[mine.shape[0] - extra :] = theirs[theirs.shape[0] - extra :]
+        for t, name in enumerate(classes.names):
+            if name.lower() in index:
+                mine[1 + t] = theirs[1 + index[name.lower()]]
         merged[key] = mine
-        kept_types = False
     module.load_state_dict(merged, strict=True)
-    if kept_types:
-        logger.info(f"training starts from {path} (every layer kept)")
-    else:
-        logger.info(
-            f"training starts from {path}: every layer kept except the type channels of {head}, re-initialised "
-            f"for {own[head + '.weight'].shape[0] - 1 - extra} types (the file has "
-            f"{state[head + '.weight'].shape[0] - 1 - extra})"
-        )
+    new = [name for name in classes.names if name.lower() not in index]
+    detail = "every layer kept" if not new else f"new type channels for {', '.join(new)}"
+    logger.info(
+        f"training starts from {path} ({detail}; classes kept from it: {', '.join(kept) or 'none'}; "
+        f"it was trained on {', '.join(theirs_classes.names)})"
+    )

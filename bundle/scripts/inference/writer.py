@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from monai.transforms import MapTransform
 
+from scripts.classes import PANNUKE, NucleusClasses
 from scripts.nuclei.postprocess import as_plane
 from scripts.engine.cli_flags import as_bool
 from scripts.io.atomic import require_writable
@@ -66,6 +67,13 @@ class NucleiOutputsWriterd(MapTransform):
     """Write the files listed in the module docstring for one decollated item; refuse to replace existing ones.
 
     Adds `written` (the paths) and `num_nuclei` to the item, which the run summary reports.
+
+    Args:
+        output_dir: one folder per image goes here (`@output_dir`).
+        overwrite: replace an image's existing outputs (`@overwrite`).
+        save_nifti: also write the instance map as NIfTI (`@save_nifti`).
+        tolerance: GeoJSON outlines simplified to within this many pixels (`@polygon_tolerance`).
+        classes: the model's classes (`@classes`): type names and colours in the GeoJSON, CSV and overlay.
     """
 
     def __init__(
@@ -80,8 +88,10 @@ class NucleiOutputsWriterd(MapTransform):
         inst_types_key: str = "inst_types",
         inst_probs_key: str = "inst_probs",
         tolerance: float = 1.0,
+        classes: NucleusClasses = PANNUKE,
     ) -> None:
         super().__init__(keys=inst_key)
+        self.classes = classes
         self.output_dir = require_writable(output_dir, "output_dir")
         self.tolerance = float(tolerance)  # GeoJSON outlines simplified to within this many pixels
         self.overwrite = as_bool(overwrite, "overwrite")  # --overwrite false must not mean True
@@ -133,9 +143,10 @@ class NucleiOutputsWriterd(MapTransform):
             staged = {kind: staging / path.name for kind, path in paths.items()}
             write_label_tiff(staged["instances"], inst)
             write_label_tiff(staged["types"], type_map)
-            write_geojson(staged["geojson"], instances_to_geojson(inst, inst_types, inst_probs, self.tolerance))
-            write_csv(staged["csv"], measurements_table(inst, inst_types, inst_probs))
-            overlay_png(staged["overlay"], image, inst, inst_types)
+            geojson = instances_to_geojson(inst, inst_types, inst_probs, self.tolerance, self.classes)
+            write_geojson(staged["geojson"], geojson)
+            write_csv(staged["csv"], measurements_table(inst, inst_types, inst_probs, self.classes))
+            overlay_png(staged["overlay"], image, inst, inst_types, classes=self.classes)
             if self.save_nifti:
                 write_label_nifti(staged["nifti"], inst)
             folder.mkdir(exist_ok=True)

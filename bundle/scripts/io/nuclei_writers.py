@@ -2,7 +2,7 @@
 
 Inputs shared by every writer (one image):
   inst         (H, W) integer instance map, 0 = background, one id per nucleus
-  inst_types   (N+1,) uint8, inst_types[id] = PanNuke type 1..5 (TYPE_NAMES order); index 0 unused
+  inst_types   (N+1,) uint8, inst_types[id] = type id 1..K of `classes` (PanNuke's 5 by default); index 0 unused
   inst_probs   (N+1,) float32, probability of the predicted type per id
   image        (H, W, 3) uint8 RGB
 
@@ -26,7 +26,7 @@ from scipy import ndimage
 from skimage.measure import approximate_polygon
 
 from scripts.io.atomic import atomic_write, write_csv_rows, write_json
-from scripts.pannuke.format import NUM_TYPES, TYPE_COLOURS, TYPE_NAMES
+from scripts.classes import PANNUKE, NucleusClasses
 
 PathLike = str | os.PathLike
 
@@ -49,8 +49,10 @@ def _check_inst(inst: np.ndarray) -> np.ndarray:
     return inst
 
 
-def _check_per_instance(inst: np.ndarray, inst_types: np.ndarray, inst_probs: np.ndarray | None) -> np.ndarray:
-    """Check the per-id arrays cover every id in inst and every present type is a PanNuke type; return present ids."""
+def _check_per_instance(
+    inst: np.ndarray, inst_types: np.ndarray, inst_probs: np.ndarray | None, classes: NucleusClasses = PANNUKE
+) -> np.ndarray:
+    """Check the per-id arrays cover every id in inst and every present type is one of `classes`; return ids."""
     ids = np.unique(inst)
     ids = ids[ids != 0]
     inst_types = np.asarray(inst_types)
@@ -61,11 +63,11 @@ def _check_per_instance(inst: np.ndarray, inst_types: np.ndarray, inst_probs: np
                 f"got shape {np.shape(arr)}"
             )
     if ids.size:
-        bad = ids[(inst_types[ids] < 1) | (inst_types[ids] > NUM_TYPES)]
+        bad = ids[(inst_types[ids] < 1) | (inst_types[ids] > classes.num_types)]
         if bad.size:
             raise ValueError(
-                f"inst_types must be 1..{NUM_TYPES} (PanNuke order) for every nucleus; ids {bad[:10].tolist()} have "
-                f"types {inst_types[bad[:10]].tolist()}"
+                f"inst_types must be 1..{classes.num_types} ({', '.join(classes.names)}) for every nucleus; ids "
+                f"{bad[:10].tolist()} have types {inst_types[bad[:10]].tolist()}"
             )
     return ids
 
@@ -188,13 +190,18 @@ def outline_polygon(mask: np.ndarray, offset_xy: tuple[int, int] = (0, 0)) -> li
 # ---------------------------------------------------------------- GeoJSON
 
 
-def qupath_classification(type_id: int) -> dict:
+def qupath_classification(type_id: int, classes: NucleusClasses = PANNUKE) -> dict:
     """QuPath (v0.4+) reads a PathClass from {"name", "color": [r, g, b]}."""
-    return {"name": TYPE_NAMES[type_id - 1], "color": list(TYPE_COLOURS[type_id - 1])}
+    return {"name": classes.name(type_id), "color": list(classes.colour(type_id))}
 
 
 def qupath_detection(
-    nucleus_id: int, ring: list, type_id: int, measurements: dict, properties: dict | None = None
+    nucleus_id: int,
+    ring: list,
+    type_id: int,
+    measurements: dict,
+    properties: dict | None = None,
+    classes: NucleusClasses = PANNUKE,
 ) -> dict:
     """One nucleus as a QuPath detection Feature: its outline, its type as a PathClass, its measurements, and any
     further properties."""
@@ -204,7 +211,7 @@ def qupath_detection(
         "geometry": {"type": "Polygon", "coordinates": [ring]},
         "properties": {
             "objectType": "detection",
-            "classification": qupath_classification(type_id),
+            "classification": qupath_classification(type_id, classes),
             "measurements": measurements,
             **(properties or {}),
         },
@@ -224,7 +231,11 @@ def simplify_ring(ring: list, tolerance: float) -> list:
 
 
 def instances_to_geojson(
-    inst: np.ndarray, inst_types: np.ndarray, inst_probs: np.ndarray, tolerance: float = 0.0
+    inst: np.ndarray,
+    inst_types: np.ndarray,
+    inst_probs: np.ndarray,
+    tolerance: float = 0.0,
+    classes: NucleusClasses = PANNUKE,
 ) -> dict:
     """One QuPath detection Feature per nucleus, in (x = column, y = row) pixel-edge coordinates.
 
@@ -236,7 +247,7 @@ def instances_to_geojson(
     kept as the "Nucleus id" measurement (visible in QuPath) and the "nucleus_id" property.
     """
     inst = _check_inst(inst)
-    ids = _check_per_instance(inst, inst_types, inst_probs)
+    ids = _check_per_instance(inst, inst_types, inst_probs, classes)
     areas = np.bincount(inst.ravel()) if ids.size else np.zeros(1, dtype=np.int64)
     boxes = ndimage.find_objects(inst.astype(np.intp, copy=False)) if ids.size else []
     features = []
@@ -249,9 +260,8 @@ def instances_to_geojson(
             "Type probability": round(float(inst_probs[nucleus_id]), 6),
             "Area px": int(areas[nucleus_id]),
         }
-        features.append(
-            qupath_detection(nucleus_id, ring, int(inst_types[nucleus_id]), measurements, {"nucleus_id": nucleus_id})
-        )
+        type_id = int(inst_types[nucleus_id])
+        features.append(qupath_detection(nucleus_id, ring, type_id, measurements, {"nucleus_id": nucleus_id}, classes))
     return {"type": "FeatureCollection", "features": features}
 
 
@@ -265,7 +275,9 @@ def write_geojson(path: PathLike, fc: Mapping, overwrite: bool = False) -> Path:
 # ---------------------------------------------------------------- measurements
 
 
-def measurements_table(inst: np.ndarray, inst_types: np.ndarray, inst_probs: np.ndarray) -> dict[str, np.ndarray]:
+def measurements_table(
+    inst: np.ndarray, inst_types: np.ndarray, inst_probs: np.ndarray, classes: NucleusClasses = PANNUKE
+) -> dict[str, np.ndarray]:
     """Per-nucleus shape and class columns, one row per id present in inst, sorted by id.
 
     Centroids are array-index coordinates (x = column, y = row; pixel centres on integers).
@@ -273,7 +285,7 @@ def measurements_table(inst: np.ndarray, inst_types: np.ndarray, inst_probs: np.
     from skimage.measure import regionprops_table
 
     inst = _check_inst(inst)
-    _check_per_instance(inst, inst_types, inst_probs)
+    _check_per_instance(inst, inst_types, inst_probs, classes)
     props = regionprops_table(inst, properties=("label", "centroid", "area", "perimeter", "eccentricity"))
     ids = props["label"].astype(np.int64)
     type_ids = np.asarray(inst_types)[ids].astype(np.uint8)
@@ -284,7 +296,7 @@ def measurements_table(inst: np.ndarray, inst_types: np.ndarray, inst_probs: np.
         "area": props["area"].astype(np.int64),
         "perimeter": props["perimeter"].astype(np.float64),
         "eccentricity": props["eccentricity"].astype(np.float64),
-        "type": np.array([TYPE_NAMES[t - 1] for t in type_ids.tolist()], dtype=str),
+        "type": np.array([classes.name(t) for t in type_ids.tolist()], dtype=str),
         "type_id": type_ids,
         "probability": np.asarray(inst_probs)[ids].astype(np.float32),
     }
@@ -310,7 +322,9 @@ def write_csv(path: PathLike, table: Mapping[str, np.ndarray], overwrite: bool =
 # ---------------------------------------------------------------- overlay
 
 
-def overlay_image(image: np.ndarray, inst: np.ndarray, inst_types: np.ndarray) -> np.ndarray:
+def overlay_image(
+    image: np.ndarray, inst: np.ndarray, inst_types: np.ndarray, classes: NucleusClasses = PANNUKE
+) -> np.ndarray:
     """Copy of image with each nucleus's inner boundary pixels painted in its type colour."""
     from skimage.segmentation import find_boundaries
 
@@ -320,19 +334,24 @@ def overlay_image(image: np.ndarray, inst: np.ndarray, inst_types: np.ndarray) -
         raise ValueError(f"image must be (H, W, 3) uint8 RGB, got shape {image.shape} dtype {image.dtype}")
     if image.shape[:2] != inst.shape:
         raise ValueError(f"image is {image.shape[:2]} but inst is {inst.shape}; they must be the same size")
-    _check_per_instance(inst, inst_types, None)
+    _check_per_instance(inst, inst_types, None, classes)
     out = image.copy()
     edge = find_boundaries(inst, mode="inner") & (inst > 0)
-    palette = np.array([(0, 0, 0), *TYPE_COLOURS], dtype=np.uint8)
+    palette = np.array([(0, 0, 0), *classes.colours], dtype=np.uint8)
     out[edge] = palette[np.asarray(inst_types)[inst[edge]]]
     return out
 
 
 def overlay_png(
-    path: PathLike, image: np.ndarray, inst: np.ndarray, inst_types: np.ndarray, overwrite: bool = False
+    path: PathLike,
+    image: np.ndarray,
+    inst: np.ndarray,
+    inst_types: np.ndarray,
+    overwrite: bool = False,
+    classes: NucleusClasses = PANNUKE,
 ) -> Path:
     """PNG of overlay_image for a quick visual check of the predictions."""
     from PIL import Image
 
-    picture = Image.fromarray(overlay_image(image, inst, inst_types))
+    picture = Image.fromarray(overlay_image(image, inst, inst_types, classes))
     return atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"), overwrite)

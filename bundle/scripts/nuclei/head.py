@@ -1,7 +1,7 @@
 """What the network's output channels mean, and the loss that trains them.
 
 One BasicUNet predicts everything in one forward pass: the first `class_count(target)` channels are softmax logits
-(background + 5 types, plus the outline class for the "boundary" target), and for the "hv" target the last two
+(background + K types, plus the outline class for the "boundary" target), and for the "hv" target the last two
 channels are the horizontal and vertical distance maps.  `split_output` is the one place that knows this layout;
 the loss, validation metrics, post-processing and test-time augmentation all go through it.
 """
@@ -28,15 +28,18 @@ logger = logging.getLogger(__name__)
 
 
 def split_output(pred: torch.Tensor, target: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(B, C, H, W) or (C, H, W) network output -> (class logits, HV maps or None), split along the channel axis."""
+    """(B, C, H, W) or (C, H, W) network output -> (class logits, HV maps or None), split along the channel axis.
+
+    The number of types follows from C: C = K + 3 for "hv" (background, K types, 2 maps), K + 2 for "boundary".
+    """
     axis = pred.ndim - 3
-    expected = output_channels(target)
-    if pred.shape[axis] != expected:
+    fewest = output_channels(target, 1)
+    if pred.shape[axis] < fewest:
         raise ValueError(
-            f"the network output has {pred.shape[axis]} channels, the {target!r} target needs {expected}: "
+            f"the network output has {pred.shape[axis]} channels, the {target!r} target needs at least {fewest}: "
             "the checkpoint or network_def was made for the other target (set --target to match)"
         )
-    classes = class_count(target)
+    classes = pred.shape[axis] - (HV_CHANNELS if target == "hv" else 0)
     logits = pred.narrow(axis, 0, classes)
     return logits, (pred.narrow(axis, classes, HV_CHANNELS) if target == "hv" else None)
 
@@ -52,7 +55,8 @@ class NucleiLoss(torch.nn.Module):
 
     Args:
         target: "hv" or "boundary", as in NucleiTargetsd.
-        class_weights: optional DiceCE weight per class (length class_count(target)).
+        class_weights: optional DiceCE weight per class (length class_count(target, num_types)).
+        num_types: the dataset's nucleus types (`@num_types`).
         hv_mse_weight: weight of the MSE between predicted and true HV maps, inside nuclei.
         hv_gradient_weight: weight of the MSE between their Sobel gradients, inside nuclei.
     """
@@ -63,12 +67,14 @@ class NucleiLoss(torch.nn.Module):
         class_weights: torch.Tensor | list[float] | None = None,
         hv_mse_weight: float = 2.0,
         hv_gradient_weight: float = 1.0,
+        num_types: int = NUM_TYPES,
     ) -> None:
         super().__init__()
         self.target = check_target(target)
         weight = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
-        if weight is not None and weight.numel() != class_count(target):
-            raise ValueError(f"class_weights needs {class_count(target)} values for {target!r}, got {weight.numel()}")
+        classes = class_count(target, num_types)
+        if weight is not None and weight.numel() != classes:
+            raise ValueError(f"class_weights needs {classes} values for {target!r}, got {weight.numel()}")
         self.dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, weight=weight)
         self.hv_mse_weight, self.hv_gradient_weight = hv_mse_weight, hv_gradient_weight
         derivative = torch.tensor([-1.0, -2.0, 0.0, 2.0, 1.0]) / 8.0  # slope 1 per pixel -> 1
@@ -105,7 +111,9 @@ def _mean_inside(error: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
     return per_tile.mean()
 
 
-def loss_class_weights(target: str, type_weights: Sequence[float] | None, boundary_weight: float = 1.0) -> list[float]:
+def loss_class_weights(
+    target: str, type_weights: Sequence[float] | None, boundary_weight: float = 1.0, num_types: int = NUM_TYPES
+) -> list[float]:
     """DiceCE class weights: 1 for background, one per type, and `boundary_weight` for the outline class.
 
     Args:
@@ -113,10 +121,11 @@ def loss_class_weights(target: str, type_weights: Sequence[float] | None, bounda
         type_weights: one weight per type; None weighs the types equally (evaluate.json does, so that scoring a
             test fold never needs the training folds the weights are counted on).
         boundary_weight: the outline class's weight (boundary target only).
+        num_types: the dataset's nucleus types (`@num_types`).
     """
-    type_weights = [1.0] * NUM_TYPES if type_weights is None else list(type_weights)
-    if len(type_weights) != NUM_TYPES:
-        raise ValueError(f"type_weights needs one weight per type ({NUM_TYPES}), got {list(type_weights)}")
+    type_weights = [1.0] * num_types if type_weights is None else list(type_weights)
+    if len(type_weights) != num_types:
+        raise ValueError(f"type_weights needs one weight per type ({num_types}), got {list(type_weights)}")
     weights = [1.0, *map(float, type_weights)]
     return weights + [float(boundary_weight)] if check_target(target) == "boundary" else weights
 
@@ -152,15 +161,16 @@ def balanced_type_weights(pannuke: PanNuke, folds: int | str | Sequence[int], po
         folds: the training folds (`@train_folds`).
         power: 0 gives equal weights, 1 inverse frequency.
     """
-    counts = np.zeros(NUM_TYPES + 1, dtype=np.int64)
+    num_types = pannuke.classes.num_types
+    counts = np.zeros(num_types + 1, dtype=np.int64)
     for fold in as_fold_list(folds):
         cache = open_fold_cache(pannuke.cache(fold))
         for start in range(0, len(cache["inst"]), 64):
             inst = np.asarray(cache["inst"][start : start + 64], dtype=np.int64)
             types = np.asarray(cache["type"][start : start + 64], dtype=np.int64)
             tile = np.arange(len(inst)).reshape(-1, 1, 1)
-            nuclei = np.unique(((tile * 2**16 + inst) * (NUM_TYPES + 1) + types)[inst > 0])
-            counts += np.bincount(nuclei % (NUM_TYPES + 1), minlength=NUM_TYPES + 1)
+            nuclei = np.unique(((tile * 2**16 + inst) * (num_types + 1) + types)[inst > 0])
+            counts += np.bincount(nuclei % (num_types + 1), minlength=num_types + 1)
     present = counts[1:]
     weights = np.where(present > 0, (present.max() / np.maximum(present, 1)) ** power, 1.0)
     logger.info(

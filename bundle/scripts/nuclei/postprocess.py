@@ -1,15 +1,15 @@
-"""Turn the network's output into nucleus instances with a PanNuke type each.
+"""Turn the network's output into nucleus instances with a type each (PanNuke's 5 or a lab's K classes).
 
 Two targets (scripts/nuclei/targets.py), two ways to find instances, one type vote:
 
-- "hv": foreground is the argmax of the 6-class softmax (background + 5 types).  Between two touching nuclei the
+- "hv": foreground is the argmax of the K+1-class softmax (background + K types).  Between two touching nuclei the
   horizontal map falls from +1 to -1 along the columns (the vertical map along the rows), so the *negative* Sobel
   derivative of the maps is an edge energy that is ~0 inside a nucleus and ~1 between nuclei.  Markers are the
   foreground pixels of low energy; a watershed over the energy grows them back to the whole foreground.  This is
   HoVer-Net's marker-controlled watershed (MONAI's HoVerNetInstanceMapPostProcessing is the reference the tests
   and benchmarks/postprocess_speed.py compare against) with 3x3 Sobel kernels and a fixed energy threshold instead
   of 21x21 kernels with per-tile min-max scaling, which is what makes it a few milliseconds per tile.
-- "boundary": the network predicts, per pixel, background, the interior of each of the 5 nucleus types, and a
+- "boundary": the network predicts, per pixel, background, the interior of each of the K nucleus types, and a
   boundary class (the inner 1-pixel outline of every nucleus).  Touching nuclei are only separated by their
   boundaries, so the interiors are the seeds of the instances and the boundary pixels are handed to the nearest
   interior by a watershed.
@@ -17,9 +17,8 @@ Two targets (scripts/nuclei/targets.py), two ways to find instances, one type vo
 For both, the type of a nucleus is decided once per instance, by summing the type probabilities over its pixels,
 because per-pixel types are noisy at the edges.
 
-Foreground is where the class argmax (7 classes, or 6 for "hv") is not background, exactly as the validation Dice
-counts nuclei.  Summing
-the 5 type probabilities against the background (1 - p_background > 0.5) would be the Bayes decision for calibrated
+Foreground is where the class argmax is not background, exactly as the validation Dice counts nuclei.  Summing
+the type probabilities against the background (1 - p_background > 0.5) would be the Bayes decision for calibrated
 probabilities, but a DiceCE-trained network spreads mass over the rare classes: on the demo model that rule almost
 doubled the nucleus area (Dice 0.60 against 0.98 for the argmax, bPQ 0.11 against 0.43).  For "boundary", within
 the foreground, seeds are the pixels whose summed interior probability beats the boundary's, so an uncertain type
@@ -39,7 +38,7 @@ from scipy import ndimage as ndi
 from skimage.segmentation import watershed
 
 from scripts.nuclei.head import split_output
-from scripts.pannuke.format import BACKGROUND, BOUNDARY, HV_CHANNELS, NUM_CLASSES, NUM_TYPES
+from scripts.pannuke.format import BACKGROUND, HV_CHANNELS
 from scripts.nuclei.targets import check_target
 
 __all__ = ["instances_from_probabilities", "instances_from_hv", "type_map_from_instances", "NucleiInstancesd"]
@@ -48,20 +47,20 @@ __all__ = ["instances_from_probabilities", "instances_from_hv", "type_map_from_i
 _CONNECTIVITY = {1: ndi.generate_binary_structure(2, 1), 2: ndi.generate_binary_structure(2, 2)}
 
 
-def _check_probs(probs: np.ndarray, channels: int = NUM_CLASSES, what: str = "probabilities") -> np.ndarray:
-    """Reject anything but one decollated (C,H,W) map early, with a message that says what was expected."""
+def _check_probs(probs: np.ndarray, channels: int, what: str = "probabilities", at_least: bool = False) -> np.ndarray:
+    """Reject anything but one decollated (C,H,W) map early, with a message that says what was expected.
+
+    `at_least`: `channels` is the minimum (class probabilities: background, at least one type, [boundary]).
+    """
     probs = np.asarray(probs)
     if probs.ndim != 3:
         raise ValueError(
-            f"expected {what} of shape ({channels}, H, W), got shape {probs.shape}; "
+            f"expected {what} of shape (C, H, W), got shape {probs.shape}; "
             "post-processing works on one decollated item, not a batch"
         )
-    if probs.shape[0] != channels:
-        names = {
-            NUM_CLASSES: f"background, {NUM_TYPES} types, boundary",
-            NUM_TYPES + 1: f"background, {NUM_TYPES} types",
-        }
-        raise ValueError(f"expected {channels} channels of {what} ({names.get(channels, '')}), got {probs.shape[0]}")
+    if probs.shape[0] < channels if at_least else probs.shape[0] != channels:
+        wanted = f"at least {channels}" if at_least else str(channels)
+        raise ValueError(f"expected {wanted} channels of {what}, got {probs.shape[0]}")
     return probs.astype(np.float32, copy=False)
 
 
@@ -113,15 +112,16 @@ def _vote_types(inst: np.ndarray, type_probs: np.ndarray, num_instances: int) ->
 
     The confidence is the chosen type's share of the instance's type-probability mass, sum_pixels p_t /
     sum_pixels sum_k p_k, i.e. a mean of per-pixel type shares weighted by how nuclear each pixel is, so boundary
-    pixels (low type mass) count less.  It lies in [1/5, 1]; an instance with no type mass at all (only possible
+    pixels (low type mass) count less.  It lies in [1/K, 1]; an instance with no type mass at all (only possible
     with exactly one-hot inputs, e.g. a nucleus predicted as boundary only) gets type 1 and confidence 0.
     """
     inside = inst > 0
     ids = inst[inside].astype(np.int64)
-    weights = type_probs[:, inside].astype(np.float64)  # (5, M)
-    flat = (ids[None, :] * NUM_TYPES + np.arange(NUM_TYPES)[:, None]).ravel()
-    sums = np.bincount(flat, weights=weights.ravel(), minlength=(num_instances + 1) * NUM_TYPES)
-    sums = sums.reshape(num_instances + 1, NUM_TYPES)
+    num_types = type_probs.shape[0]
+    weights = type_probs[:, inside].astype(np.float64)  # (K, M)
+    flat = (ids[None, :] * num_types + np.arange(num_types)[:, None]).ravel()
+    sums = np.bincount(flat, weights=weights.ravel(), minlength=(num_instances + 1) * num_types)
+    sums = sums.reshape(num_instances + 1, num_types)
     chosen = sums.argmax(axis=1)
     total = sums.sum(axis=1)
     share = np.divide(sums[np.arange(num_instances + 1), chosen], total, out=np.zeros(total.shape), where=total > 0)
@@ -135,23 +135,24 @@ def _vote_types(inst: np.ndarray, type_probs: np.ndarray, num_instances: int) ->
 def instances_from_probabilities(
     probs: np.ndarray, min_size: int = 10, seed_connectivity: int = 1
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Split the (7,H,W) softmax of one tile into typed nucleus instances.
+    """Split the (K+2,H,W) softmax of one tile into typed nucleus instances.
 
     Args:
-        probs: per-pixel class probabilities (background, 5 type interiors, boundary), summing to 1 over axis 0.
+        probs: per-pixel class probabilities (background, K type interiors, boundary), summing to 1 over axis 0.
         min_size: instances with fewer pixels are dropped (noise specks); 0 or 1 keeps everything.
         seed_connectivity: 1 (4-neighbours, default) or 2 (8-neighbours) for the interior seeds; 4-connectivity
             keeps two nuclei apart when a noisy boundary lets their interiors touch only at a corner.
 
     Returns:
         inst: (H,W) int32, instances numbered 1..N, 0 = background.
-        inst_types: (N+1,) uint8, inst_types[i] in 1..5 is the PanNuke type of instance i (entry 0 is 0).
+        inst_types: (N+1,) uint8, inst_types[i] in 1..K is the type id of instance i (entry 0 is 0).
         inst_probs: (N+1,) float32, the chosen type's share of instance i's type probability (entry 0 is 0).
     """
-    probs = _check_probs(probs)
+    probs = _check_probs(probs, 3, at_least=True)
     if seed_connectivity not in _CONNECTIVITY:
         raise ValueError(f"seed_connectivity must be 1 or 2, got {seed_connectivity}")
-    type_probs = probs[1 : NUM_TYPES + 1]  # interior of type t is class t
+    boundary = probs.shape[0] - 1  # the last class
+    type_probs = probs[1:boundary]  # interior of type t is class t
     interior = type_probs.sum(axis=0)
     foreground = _argmax_is_not_background(probs)
     inst = np.zeros(probs.shape[1:], dtype=np.int32)
@@ -159,7 +160,7 @@ def instances_from_probabilities(
     if box is None:
         return inst, np.zeros(1, np.uint8), np.zeros(1, np.float32)
     interior, foreground = interior[box], foreground[box]
-    seeds, _ = ndi.label(foreground & (interior >= probs[BOUNDARY][box]), structure=_CONNECTIVITY[seed_connectivity])
+    seeds, _ = ndi.label(foreground & (interior >= probs[boundary][box]), structure=_CONNECTIVITY[seed_connectivity])
     inst[box] = _drop_small(_grow_seeds(interior, seeds, foreground), min_size)
     num_instances = int(inst[box].max())
     inst_types, inst_probs = _vote_types(inst[box], type_probs[(slice(None), *box)], num_instances)
@@ -184,10 +185,10 @@ def instances_from_hv(
     energy_threshold: float = 0.02,
     marker_min_size: int = 4,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Split one tile's 6-class softmax and HV maps into typed nucleus instances.
+    """Split one tile's K+1-class softmax and HV maps into typed nucleus instances.
 
     Args:
-        probs: (6,H,W) probabilities (background, 5 types), summing to 1 over axis 0.
+        probs: (K+1,H,W) probabilities (background, K types), summing to 1 over axis 0.
         hv: (2,H,W) predicted horizontal and vertical maps.
         min_size: instances with fewer pixels are dropped (noise specks).
         energy_threshold: foreground pixels whose HV edge energy (hv_energy) is below this are marker pixels;
@@ -197,7 +198,7 @@ def instances_from_hv(
     Returns:
         inst, inst_types, inst_probs as instances_from_probabilities.
     """
-    probs = _check_probs(probs, NUM_TYPES + 1)
+    probs = _check_probs(probs, 2, at_least=True)
     hv = _check_probs(hv, HV_CHANNELS, "HV maps")
     if probs.shape[1:] != hv.shape[1:]:
         raise ValueError(f"probabilities {probs.shape} and HV maps {hv.shape} must cover the same pixels")
@@ -214,7 +215,7 @@ def instances_from_hv(
     markers = _drop_small(markers, marker_min_size)
     inst[grown] = _drop_small(_grow_seeds(1.0 - energy, markers, foreground), min_size)
     num_instances = int(inst[grown].max())
-    inst_types, inst_probs = _vote_types(inst[grown], probs[(slice(1, NUM_TYPES + 1), *grown)], num_instances)
+    inst_types, inst_probs = _vote_types(inst[grown], probs[(slice(1, None), *grown)], num_instances)
     return inst, inst_types, inst_probs
 
 
@@ -250,7 +251,7 @@ class NucleiInstancesd(MapTransform):
 
     Adds to the dictionary:
         inst_map: (1,H,W) torch.int32, instances 1..N (0 = background);
-        type_map: (1,H,W) torch.uint8, PanNuke type 1..5 of each nucleus pixel (0 = background);
+        type_map: (1,H,W) torch.uint8, type id 1..K of each nucleus pixel (0 = background);
         inst_types: (N+1,) numpy uint8, type per instance id; inst_probs: (N+1,) numpy float32, its confidence.
     The maps are torch tensors (MetaTensors carrying the prediction's metadata when the prediction is one) so that
     they flow through later MONAI transforms and savers like the prediction does; they live on the CPU, where

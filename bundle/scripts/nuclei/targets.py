@@ -1,12 +1,13 @@
-"""Turn PanNuke's 6-channel masks into what the bundle stores, and instance maps into what it trains on.
+"""Turn the cached instance and type maps into what the network trains on.
 
-Per tile the cache keeps one instance map (contiguous ids over all 5 type channels) and one pixel type map (0 = none,
-1..5 = PanNuke channel + 1).  The training target is built from those two maps after augmentation, in the config's
-transform chain (`NucleiTargetsd`) or batched on the device (`BatchNucleiTargets`), for one of two targets:
+Per tile the cache keeps one instance map (contiguous ids over all type channels) and one pixel type map (0 = none,
+1..K = type id, K = the dataset's number of types: PanNuke's 5 or a lab's own).  The training target is built from
+those two maps after augmentation, in the config's transform chain (`NucleiTargetsd`) or batched on the device
+(`BatchNucleiTargets`), for one of two targets:
 
-- "hv" (default): a 6-class softmax (background + 5 types) and HoVer-Net's horizontal and vertical distance maps,
+- "hv" (default): a K+1-class softmax (background + K types) and HoVer-Net's horizontal and vertical distance maps,
   whose sharp sign changes between touching nuclei are what post-processing splits them at;
-- "boundary": a 7-class softmax (background, the interior of each type, the inner one-pixel outline).
+- "boundary": a K+2-class softmax (background, the interior of each type, the inner one-pixel outline).
 """
 
 from __future__ import annotations
@@ -20,30 +21,13 @@ import torch.nn.functional as F
 from monai.transforms import MapTransform
 from skimage.segmentation import find_boundaries
 
-from scripts.pannuke.format import BOUNDARY, HV_CHANNELS, NUM_TYPES
+from scripts.pannuke.format import HV_CHANNELS, NUM_TYPES
 
 
-def masks_to_instances(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(H, W, 6) PanNuke mask -> (instance map uint16 with ids 1..N, type map uint8 with 0 = none, 1..5).
-
-    PanNuke ids are unique per channel but neither contiguous nor guaranteed unique across channels, so each
-    nucleus is keyed by (channel, id) before relabelling.  Where channels overlap, the later channel wins.
-    """
-    ids = np.rint(masks[..., :NUM_TYPES]).astype(np.int64)
-    present = ids > 0
-    channel = np.where(present.any(-1), NUM_TYPES - 1 - np.argmax(present[..., ::-1], axis=-1), -1)
-    picked = np.take_along_axis(ids, np.maximum(channel, 0)[..., None], axis=-1)[..., 0]
-    key = np.where(channel >= 0, (channel + 1) * (int(ids.max()) + 1) + picked, 0)
-    inst = np.searchsorted(np.union1d([0], key), key)
-    if inst.max() >= np.iinfo(np.uint16).max:
-        raise ValueError(f"a tile holds {inst.max()} nuclei, more than the uint16 instance map can store")
-    return inst.astype(np.uint16), (channel + 1).astype(np.uint8)
-
-
-def label_map(inst: np.ndarray, types: np.ndarray) -> np.ndarray:
-    """7-class training target: 0 background, 1..5 interior of that type, 6 inner boundary of any nucleus."""
+def label_map(inst: np.ndarray, types: np.ndarray, num_types: int = NUM_TYPES) -> np.ndarray:
+    """The 'boundary' target as a map: 0 background, 1..K interior of that type, K+1 inner boundary of any nucleus."""
     label = types.astype(np.uint8).copy()
-    label[find_boundaries(inst, mode="inner") & (inst > 0)] = BOUNDARY
+    label[find_boundaries(inst, mode="inner") & (inst > 0)] = num_types + 1
     return label
 
 
@@ -124,16 +108,16 @@ def inner_boundary(inst: torch.Tensor) -> torch.Tensor:
     return differs & (inst > 0)
 
 
-def nuclei_targets(inst: torch.Tensor, types: torch.Tensor, target: str) -> torch.Tensor:
+def nuclei_targets(inst: torch.Tensor, types: torch.Tensor, target: str, num_types: int = NUM_TYPES) -> torch.Tensor:
     """(B, H, W) instance and type maps -> (B, C, H, W) float training target.
 
-    'boundary': C = 1, the 7-class map (background, interior of each type, inner outline).
-    'hv': C = 3, the 6-class type map (background + 5 types) and the horizontal and vertical maps.
+    'boundary': C = 1, the K+2-class map (background, interior of each type, inner outline = class K+1).
+    'hv': C = 3, the K+1-class type map (background + K types) and the horizontal and vertical maps.
     """
     check_target(target)
     classes = types.float()
     if target == "boundary":
-        return torch.where(inner_boundary(inst), float(BOUNDARY), classes)[:, None]
+        return torch.where(inner_boundary(inst), float(num_types + 1), classes)[:, None]
     return torch.cat([classes[:, None], hover_maps(inst)], dim=1)
 
 
@@ -145,7 +129,8 @@ class NucleiTargetsd(MapTransform):
     `type_key` and writes `label_key`, a float tensor of nuclei_targets' channels.
 
     Args:
-        target: "hv" (types + horizontal/vertical maps) or "boundary" (7 classes with the nucleus outline).
+        target: "hv" (types + horizontal/vertical maps) or "boundary" (the types and the nucleus outline).
+        num_types: the dataset's nucleus types (`@num_types`): the outline class comes after them.
     """
 
     def __init__(
@@ -155,9 +140,10 @@ class NucleiTargetsd(MapTransform):
         type_key: str = "type",
         label_key: str = "label",
         allow_missing_keys: bool = False,
+        num_types: int = NUM_TYPES,
     ) -> None:
         super().__init__([inst_key, type_key], allow_missing_keys)
-        self.target = check_target(target)
+        self.target, self.num_types = check_target(target), num_types
         self.inst_key, self.type_key, self.label_key = inst_key, type_key, label_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
@@ -167,6 +153,7 @@ class NucleiTargetsd(MapTransform):
             inst.reshape(1, *inst.shape[-2:]).round().long(),
             types.reshape(1, *types.shape[-2:]).round().long(),
             self.target,
+            self.num_types,
         )[0]
         return d
 
@@ -174,12 +161,19 @@ class NucleiTargetsd(MapTransform):
 class BatchNucleiTargets:
     """The batched NucleiTargetsd for the device-resident fast path: (B, 1, H, W) inst and type -> label."""
 
-    def __init__(self, target: str = "hv", inst_key: str = "inst", type_key: str = "type", label_key: str = "label"):
-        self.target = check_target(target)
+    def __init__(
+        self,
+        target: str = "hv",
+        inst_key: str = "inst",
+        type_key: str = "type",
+        label_key: str = "label",
+        num_types: int = NUM_TYPES,
+    ):
+        self.target, self.num_types = check_target(target), num_types
         self.inst_key, self.type_key, self.label_key = inst_key, type_key, label_key
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = dict(batch)
         inst, types = batch[self.inst_key][:, 0].round().long(), batch[self.type_key][:, 0].round().long()
-        out[self.label_key] = nuclei_targets(inst, types, self.target)
+        out[self.label_key] = nuclei_targets(inst, types, self.target, self.num_types)
         return out

@@ -1,7 +1,7 @@
 """Convert one PanNuke fold, once, into a compact cache the data loaders can read tile by tile.
 
 A fold is about 12.5 GB of float64; the cache holds the same information in about 1.2 GB (uint8 RGB, uint16
-instance map, uint8 type map, uint8 7-class label map, tissue names).  The source is read through short-lived
+instance map, uint8 type map, tissue names).  The source is read through short-lived
 memory maps of a few dozen tiles and the cache is written with plain sequential writes, so peak memory stays near
 one chunk whatever the fold size.  Every value check (NaN, integer masks, 0-255 scale) runs during this single pass,
 before any training.
@@ -32,11 +32,10 @@ from scripts.io.atomic import write_json
 from scripts.io.locks import FolderLock
 from scripts.pannuke.files import FoldFiles, NpyHeader, read_npy_header
 from scripts.pannuke.format import TILE_SIZE
-from scripts.nuclei.targets import label_map, masks_to_instances
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: no label map (training builds its targets after augmentation); any number of types
 BUILD_WAIT_S = 2 * 3600  # how long a run waits for another one building the same cache
 SAMPLE_BYTES = 1 << 20
 CHUNK_TILES = 32
@@ -44,8 +43,25 @@ CACHE_ARRAYS: dict[str, tuple[np.dtype, tuple[int, ...]]] = {
     "image": (np.dtype(np.uint8), (TILE_SIZE, TILE_SIZE, 3)),
     "inst": (np.dtype(np.uint16), (TILE_SIZE, TILE_SIZE)),
     "type": (np.dtype(np.uint8), (TILE_SIZE, TILE_SIZE)),
-    "label": (np.dtype(np.uint8), (TILE_SIZE, TILE_SIZE)),
 }
+
+
+def masks_to_instances(masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W, K+1) PanNuke mask -> (instance map uint16 with ids 1..N, type map uint8 with 0 = none, 1..K).
+
+    PanNuke ids are unique per channel but neither contiguous nor guaranteed unique across channels, so each
+    nucleus is keyed by (channel, id) before relabelling.  Where channels overlap, the later channel wins.
+    """
+    num_types = masks.shape[-1] - 1
+    ids = np.rint(masks[..., :num_types]).astype(np.int64)
+    present = ids > 0
+    channel = np.where(present.any(-1), num_types - 1 - np.argmax(present[..., ::-1], axis=-1), -1)
+    picked = np.take_along_axis(ids, np.maximum(channel, 0)[..., None], axis=-1)[..., 0]
+    key = np.where(channel >= 0, (channel + 1) * (int(ids.max()) + 1) + picked, 0)
+    inst = np.searchsorted(np.union1d([0], key), key)
+    if inst.max() >= np.iinfo(np.uint16).max:
+        raise ValueError(f"a tile holds {inst.max()} nuclei, more than the uint16 instance map can store")
+    return inst.astype(np.uint16), (channel + 1).astype(np.uint8)
 
 
 def _source_id(path: Path) -> list:
@@ -193,7 +209,7 @@ def convert_fold(files: FoldFiles, out_dir: Path) -> tuple[int, list[int]]:
                 images = check_images(read_tiles(files.images, images_header, start, stop), files.images, start)
                 masks = check_masks(read_tiles(files.masks, masks_header, start, stop), files.masks, start)
                 chunk = convert_chunk(images, masks)
-                shared = ((masks[..., :5] > 0).sum(-1) > 1).any(axis=(1, 2))
+                shared = ((masks[..., :-1] > 0).sum(-1) > 1).any(axis=(1, 2))
                 overlapping += (start + np.flatnonzero(shared)).tolist()
                 for key, f in outputs.items():
                     f.write(np.ascontiguousarray(chunk[key], dtype=CACHE_ARRAYS[key][0]).tobytes())
@@ -210,7 +226,6 @@ def convert_chunk(images: np.ndarray, masks: np.ndarray) -> dict[str, np.ndarray
     pairs = [masks_to_instances(m) for m in masks]
     out["inst"] = np.stack([p[0] for p in pairs])
     out["type"] = np.stack([p[1] for p in pairs])
-    out["label"] = np.stack([label_map(i, t) for i, t in pairs])
     return out
 
 
@@ -246,12 +261,12 @@ def check_images(images: np.ndarray, path: Path, start: int) -> np.ndarray:
 
 
 def check_masks(masks: np.ndarray, path: Path, start: int) -> np.ndarray:
-    type_ids = masks[..., :5]
+    type_ids = masks[..., :-1]
     if not np.isfinite(type_ids).all():
         raise DataError(f"{path}: tiles {start}+ hold NaN or infinite values in the type channels.")
     if (type_ids < 0).any() or not np.array_equal(type_ids, np.rint(type_ids)):
         raise DataError(
-            f"{path}: channels 0-4 must be non-negative integer instance ids, found fractional or negative values "
+            f"{path}: the type channels must be non-negative integer instance ids, found fractional or negative values "
             f"in tiles {start}+. These are not PanNuke instance masks (were they resized with interpolation?)."
         )
     return masks

@@ -17,6 +17,7 @@ import numpy as np
 from monai.data import Dataset
 from monai.transforms import apply_transform
 
+from scripts.classes import CLASSES_FILE, PANNUKE, NucleusClasses, read_dataset_classes
 from scripts.engine.distributed import in_rank_order
 from scripts.errors import DataError
 from scripts.pannuke.demo_data import ensure_demo_dataset
@@ -36,7 +37,16 @@ def as_fold_list(folds: int | str | Sequence) -> list[int]:
 
 
 class PanNuke:
-    """Checked, cached PanNuke folds under `dataset_dir` (synthetic demo data when `dataset_dir` is empty)."""
+    """Checked, cached PanNuke folds under `dataset_dir` (synthetic demo data when `dataset_dir` is empty).
+
+    `classes` are the folds' nucleus types: PanNuke's five, or a lab's own from `classes.json` beside the folds.
+
+    Args:
+        dataset_dir: the folder holding the folds (`@dataset_dir`); "" writes and uses the demo data.
+        cache_dir: where fold caches go (`@cache_dir`).
+        folds: every fold the run touches (`@run_folds`).
+        demo_dir: where the demo data is written when `dataset_dir` is "".
+    """
 
     def __init__(
         self,
@@ -51,7 +61,10 @@ class PanNuke:
             dataset_dir = in_rank_order(lambda: ensure_demo_dataset(demo_dir))
         self.dataset_dir = Path(dataset_dir)
         self.cache_dir = Path(cache_dir)
-        self.files: dict[int, FoldFiles] = locate_folds(self.dataset_dir, as_fold_list(folds))
+        self.classes: NucleusClasses = read_dataset_classes(self.dataset_dir)
+        if self.classes != PANNUKE:
+            logger.info(f"classes of {self.dataset_dir}: {', '.join(self.classes.names)} ({CLASSES_FILE})")
+        self.files: dict[int, FoldFiles] = locate_folds(self.dataset_dir, as_fold_list(folds), self.classes.num_types)
         # every value check runs in the cache conversion: do it for all folds now, before any training starts; under
         # torchrun one rank builds each cache and the others then find it built
         self.caches: dict[int, Path] = in_rank_order(

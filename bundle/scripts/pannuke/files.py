@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from scripts.errors import DataError
-from scripts.pannuke.format import TILE_SIZE
+from scripts.classes import CLASSES_FILE
+from scripts.pannuke.format import NUM_TYPES, TILE_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -122,12 +123,19 @@ def find_fold(dataset_dir: Path, fold: int) -> FoldFiles:
     raise DataError(f"fold {fold} not found in {dataset_dir}: looked for {looked}. " + DOWNLOAD_HINT)
 
 
-def check_fold_headers(files: FoldFiles) -> int:
+def check_fold_headers(files: FoldFiles, num_types: int = NUM_TYPES) -> int:
     """Check shapes, dtypes and counts of one fold from the headers alone; returns the number of tiles."""
     images, masks = read_npy_header(files.images), read_npy_header(files.masks)
     types = read_npy_header(files.types)
     _expect_shape(files.images, images, (TILE_SIZE, TILE_SIZE, 3), "(N, 256, 256, 3) RGB tiles")
-    _expect_shape(files.masks, masks, (TILE_SIZE, TILE_SIZE, 6), "(N, 256, 256, 6): 5 type channels + background")
+    channels = num_types + 1
+    _expect_shape(
+        files.masks,
+        masks,
+        (TILE_SIZE, TILE_SIZE, channels),
+        f"(N, 256, 256, {channels}): {num_types} type channels + background"
+        + ("" if num_types == NUM_TYPES else f" (the dataset's {CLASSES_FILE} lists {num_types} classes)"),
+    )
     for path, header in ((files.images, images), (files.masks, masks)):
         if header.dtype.kind not in "fiu":
             raise DataError(
@@ -159,7 +167,7 @@ def _expect_shape(path: Path, header: NpyHeader, tail: tuple[int, ...], what: st
         raise DataError(f"{path}: expected shape {what}, found {header.shape}.")
 
 
-def locate_folds(dataset_dir: str | os.PathLike, folds: list[int]) -> dict[int, FoldFiles]:
+def locate_folds(dataset_dir: str | os.PathLike, folds: list[int], num_types: int = NUM_TYPES) -> dict[int, FoldFiles]:
     """Find and header-check every requested fold, logging which layout was found."""
     root = Path(dataset_dir)
     if not root.is_dir():
@@ -169,7 +177,7 @@ def locate_folds(dataset_dir: str | os.PathLike, folds: list[int]) -> dict[int, 
         if fold not in FOLDS:
             raise DataError(f"fold {fold} does not exist: PanNuke has folds 1, 2 and 3.")
         files = find_fold(root, fold)
-        n = check_fold_headers(files)
+        n = check_fold_headers(files, num_types)
         logger.info(f"PanNuke fold {fold}: {n} tiles, {files.layout} layout, {files.images.parent}")
         found[fold] = files
     return found

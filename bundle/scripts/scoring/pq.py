@@ -49,9 +49,21 @@ MIN_CHUNK = 32
 # tile); where fork does not exist, chunks of maps are pickled to the workers instead
 _FORK_OK = "fork" in multiprocessing.get_all_start_methods()
 
-CLASS_KEYS: tuple[str, ...] = tuple(f"PQ_{name}" for name in TYPE_NAMES)
 BINARY_KEYS: tuple[str, ...] = ("bPQ", "bDQ", "bSQ", "Dice", "AJI")
-ROW_KEYS: tuple[str, ...] = (*BINARY_KEYS, *CLASS_KEYS, "mPQ")
+
+
+def class_keys(names: Sequence[str] = TYPE_NAMES) -> tuple[str, ...]:
+    """The per-class PQ columns of a dataset's classes (PanNuke's five by default)."""
+    return tuple(f"PQ_{name}" for name in names)
+
+
+def row_keys(names: Sequence[str] = TYPE_NAMES) -> tuple[str, ...]:
+    """Every per-image score column, in table order."""
+    return (*BINARY_KEYS, *class_keys(names), "mPQ")
+
+
+CLASS_KEYS: tuple[str, ...] = class_keys()
+ROW_KEYS: tuple[str, ...] = row_keys()
 # aggregated over tissues (nanmean per tissue, then nanmean over tissues), as the official bPQ and mPQ are
 TISSUE_MEAN_KEYS: tuple[str, ...] = ("bPQ", "mPQ", "bDQ", "bSQ", "Dice", "AJI")
 
@@ -181,11 +193,13 @@ def score_image(
     pred_inst: np.ndarray,
     pred_type: np.ndarray,
     true_channels: np.ndarray | None = None,
+    class_names: Sequence[str] = TYPE_NAMES,
 ) -> dict[str, float]:
     """Every per-image score of the protocol, from the bundle's (instance map, type map) pairs.
 
-    `true_channels`, PanNuke's raw (H, W, 5) per-type instance maps, makes each class be scored on its own channel
+    `true_channels`, PanNuke's raw (H, W, K) per-type instance maps, makes each class be scored on its own channel
     as the official code does; it matters only where two channels label one pixel (the instance map keeps one).
+    `class_names` name the type ids 1..K (the per-class columns `PQ_<name>`).
     """
     arrays = {"true_inst": true_inst, "true_type": true_type, "pred_inst": pred_inst, "pred_type": pred_type}
     arrays = {name: np.asarray(a) for name, a in arrays.items()}
@@ -206,13 +220,14 @@ def score_image(
     overlap_px = int(np.count_nonzero((t > 0) & (p > 0)))
     row["Dice"] = 2.0 * overlap_px / (n_true_px + n_pred_px) if n_true_px + n_pred_px else math.nan
     row["AJI"] = _aji_from_indices(t, p, n_t, n_p)
-    for c, key in enumerate(CLASS_KEYS, start=1):
+    keys = class_keys(class_names)
+    for c, key in enumerate(keys, start=1):
         if true_channels is not None:
             row[key] = _class_pq_on_channel(np.asarray(true_channels)[..., c - 1], arrays, c)
             continue
         t_c = np.where(tt == c, t, 0)
         row[key] = _pq_from_indices(t_c, np.where(pt == c, p, 0), n_t, n_p)[2] if t_c.any() else math.nan
-    row["mPQ"] = _nanmean([row[key] for key in CLASS_KEYS])
+    row["mPQ"] = _nanmean([row[key] for key in keys])
     return row
 
 
@@ -300,6 +315,11 @@ def _mean_rows(rows: Sequence[dict[str, float]], keys: Sequence[str]) -> dict[st
     return {key: _nanmean([row[key] for row in rows]) for key in keys}
 
 
+def row_class_names(row: dict[str, float]) -> tuple[str, ...]:
+    """The class names a score_image row was made with, in order."""
+    return tuple(key[3:] for key in row if key.startswith("PQ_"))
+
+
 def aggregate_scores(rows: Sequence[dict[str, float]], tissues: Sequence[str]) -> dict:
     """Fold scores in the official order: per tissue nanmean over its images, then nanmean over tissues for bPQ,
     mPQ (and bDQ, bSQ, Dice, AJI); per-class PQ is the nanmean over all images, not over tissues."""
@@ -307,16 +327,18 @@ def aggregate_scores(rows: Sequence[dict[str, float]], tissues: Sequence[str]) -
         raise ValueError(f"need one tissue per row, got {len(rows)} rows and {len(tissues)} tissues")
     if not rows:
         raise ValueError("no images to aggregate")
-    missing = [key for key in ROW_KEYS if key not in rows[0]]
+    names = row_class_names(rows[0])
+    keys = row_keys(names)
+    missing = [key for key in keys if key not in rows[0]]
     if missing:
         raise ValueError(f"rows lack the keys {missing}; make them with score_image")
     per_tissue: dict[str, dict[str, float]] = {}
     for tissue in sorted(set(tissues)):
         tissue_rows = [row for row, name in zip(rows, tissues) if name == tissue]
-        per_tissue[tissue] = {"n_images": len(tissue_rows), **_mean_rows(tissue_rows, ROW_KEYS)}
-    per_class = {name: _nanmean([row[key] for row in rows]) for name, key in zip(TYPE_NAMES, CLASS_KEYS)}
+        per_tissue[tissue] = {"n_images": len(tissue_rows), **_mean_rows(tissue_rows, keys)}
+    per_class = {name: _nanmean([row[key] for row in rows]) for name, key in zip(names, class_keys(names))}
     overall = {key: _nanmean([scores[key] for scores in per_tissue.values()]) for key in TISSUE_MEAN_KEYS}
-    overall.update({key: per_class[name] for name, key in zip(TYPE_NAMES, CLASS_KEYS)})
+    overall.update({key: per_class[name] for name, key in zip(names, class_keys(names))})
     overall.update(n_images=len(rows), n_tissues=len(per_tissue))
     return {"overall": overall, "per_tissue": per_tissue, "per_class": per_class}
 
@@ -327,15 +349,16 @@ def write_score_tables(rows: Sequence[dict[str, float]], tissues: Sequence[str],
     Everything is computed and checked before the first file is replaced.
     """
     agg = aggregate_scores(rows, tissues)
+    keys = row_keys(row_class_names(rows[0]))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     image_text = csv_text(
-        ("index", "tissue", *ROW_KEYS),
-        [(i, tissue, *(row[key] for key in ROW_KEYS)) for i, (row, tissue) in enumerate(zip(rows, tissues))],
+        ("index", "tissue", *keys),
+        [(i, tissue, *(row[key] for key in keys)) for i, (row, tissue) in enumerate(zip(rows, tissues))],
     )
     tissue_text = csv_text(
-        ("tissue", "n_images", *ROW_KEYS),
-        [(name, s["n_images"], *(s[key] for key in ROW_KEYS)) for name, s in agg["per_tissue"].items()],
+        ("tissue", "n_images", *keys),
+        [(name, s["n_images"], *(s[key] for key in keys)) for name, s in agg["per_tissue"].items()],
     )
     scores_text = json_text(agg) + "\n"
     write_text(out / PER_IMAGE_CSV, image_text)

@@ -15,13 +15,14 @@ import numpy as np
 from ignite.engine import Engine, Events
 from torch.utils.tensorboard import SummaryWriter
 
+from scripts.classes import PANNUKE, NucleusClasses
 from scripts.engine.distributed import gather_in_sampler_order, is_main_rank
 from scripts.io.atomic import require_writable
 from scripts.nuclei.postprocess import as_plane
 from scripts.pannuke.cache import overlapping_tiles, read_tiles
 from scripts.pannuke.datasets import PanNuke
 from scripts.pannuke.files import read_npy_header
-from scripts.scoring.pq import CLASS_KEYS, TISSUE_MEAN_KEYS, format_summary, score_image, write_score_tables
+from scripts.scoring.pq import TISSUE_MEAN_KEYS, class_keys, format_summary, score_image, write_score_tables
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class PanNukeScoreHandler:
         true_type_key: str = "type",
         tissue_key: str = "tissue",
         pannuke: PanNuke | None = None,
+        classes: NucleusClasses = PANNUKE,
     ) -> None:
         """
         Args:
@@ -46,7 +48,9 @@ class PanNukeScoreHandler:
             log_dir: TensorBoard folder for the headline scores (None: none).
             pannuke: the run's folds (`@pannuke`): tiles whose type channels overlap are then scored per class on
                 PanNuke's raw channels, as the official code does.
+            classes: the data's classes (`@classes`): one PQ column per class, named after it.
         """
+        self.class_names = classes.names
         self.output_dir, self.log_dir = output_dir, log_dir
         if is_main_rank():
             require_writable(output_dir, "output_dir")
@@ -78,11 +82,11 @@ class PanNukeScoreHandler:
             true_inst, true_type = (as_plane(item[k]) for k in self.true_keys)
             pred_inst, pred_type = (as_plane(item[k]) for k in self.pred_keys)
             channels = self._raw_channels(item)
-            self.rows.append(score_image(true_inst, true_type, pred_inst, pred_type, channels))
+            self.rows.append(score_image(true_inst, true_type, pred_inst, pred_type, channels, self.class_names))
             self.tissues.append(str(item[self.tissue_key]))
 
     def _raw_channels(self, item: dict) -> np.ndarray | None:
-        """PanNuke's (H, W, 5) channels of this tile if two of them overlap somewhere in it, else None."""
+        """PanNuke's (H, W, K) type channels of this tile if two of them overlap somewhere in it, else None."""
         if self.pannuke is None or "fold" not in item or "index" not in item:
             return None
         fold, index = int(item["fold"]), int(item["index"])
@@ -91,7 +95,7 @@ class PanNukeScoreHandler:
         if index not in self._overlaps[fold]:
             return None
         masks = self.pannuke.files[fold].masks
-        return read_tiles(masks, read_npy_header(masks), index, index + 1)[0, ..., :5]
+        return read_tiles(masks, read_npy_header(masks), index, index + 1)[0, ..., :-1]
 
     def complete(self, engine: Engine) -> None:
         """Score every image of the run; under torchrun all ranks gather their rows and the main rank writes."""
@@ -104,7 +108,7 @@ class PanNukeScoreHandler:
         agg = write_score_tables(self.rows, self.tissues, self.output_dir)
         logger.info("\n" + format_summary(agg))
         overall = agg["overall"]
-        headline = {key: overall[key] for key in (*TISSUE_MEAN_KEYS, *CLASS_KEYS)}
+        headline = {key: overall[key] for key in (*TISSUE_MEAN_KEYS, *class_keys(self.class_names))}
         engine.state.metrics.update(headline)
         if self.log_dir:
             self._write_tensorboard(agg, engine.state.epoch)
@@ -112,7 +116,7 @@ class PanNukeScoreHandler:
     def _write_tensorboard(self, agg: dict, step: int) -> None:
         writer = SummaryWriter(log_dir=self.log_dir)
         try:
-            for key in (*TISSUE_MEAN_KEYS, *CLASS_KEYS):
+            for key in (*TISSUE_MEAN_KEYS, *class_keys(self.class_names)):
                 writer.add_scalar(f"pannuke/{key}", agg["overall"][key], step)
             for tissue, scores in agg["per_tissue"].items():
                 writer.add_scalar(f"pannuke_tissue_bPQ/{tissue}", scores["bPQ"], step)

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import IO
 
 from scripts.io.atomic import fsync_folder, umask, write_json
-from scripts.pannuke.format import NUM_TYPES
 
 GEOJSON_HEAD = '{"type":"FeatureCollection","features":[\n'
 GEOJSON_TAIL = "\n]}\n"
@@ -40,7 +39,7 @@ class SlideProgress:
         self.partial = {kind: self.folder / f".{name}_nuclei.{kind}{part}.partial" for kind in ("geojson", "csv")}
         self.done: set[int] = set()
         self.nuclei = 0
-        self.per_type = [0] * NUM_TYPES
+        self.per_type: list[int] = []  # nuclei of type id t at [t - 1], grown as types appear
         self._files: dict[str, IO[str]] = {}
         self._log: IO[str] | None = None
         self._since_sync = 0
@@ -133,6 +132,8 @@ class SlideProgress:
             f.flush()
         self.nuclei += len(features)
         for t in types:
+            if t > len(self.per_type):
+                self.per_type.extend([0] * (t - len(self.per_type)))
             self.per_type[t - 1] += 1
         lengths = {kind: f.tell() for kind, f in self._files.items()}
         self._log.write(json.dumps({"tile": tile, **lengths, "nuclei": self.nuclei, "per_type": self.per_type}) + "\n")

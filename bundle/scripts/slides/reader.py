@@ -51,9 +51,17 @@ def _readers(path: Path):
         yield "tiffslide", lambda: tiffslide.TiffSlide(str(path))
 
 
+MULTI_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.btf")
+
+
 def slide_name(path: Path) -> str:
-    """What a slide's outputs are named after: the file's stem, or a DICOM slide's folder name."""
-    return path.name if path.is_dir() else path.stem
+    """What a slide's outputs are named after: the file's stem (without `.ome` of an OME-TIFF), or a DICOM
+    slide's folder name."""
+    if path.is_dir():
+        return path.name
+    lower = path.name.lower()
+    suffix = next((s for s in MULTI_SUFFIXES if lower.endswith(s)), path.suffix)
+    return path.name[: len(path.name) - len(suffix)] if suffix else path.name
 
 
 @dataclass

@@ -32,10 +32,10 @@ from monai.transforms import MapTransform
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from scripts.classes import PANNUKE, NucleusClasses
 from scripts.io.atomic import atomic_write
 from scripts.io.nuclei_writers import outline_polygon, qupath_detection, simplify_ring
 from scripts.nuclei.postprocess import NucleiInstancesd
-from scripts.pannuke.format import NUM_TYPES, TYPE_COLOURS, TYPE_NAMES
 from scripts.slides.memory import trim_heap
 from scripts.slides.plan import SlidePlan, SlidePlanner, Tile, rank_share
 from scripts.slides.progress import SlideProgress
@@ -91,6 +91,7 @@ class SlideNucleiWriterd(MapTransform):
         tolerance: polygon simplification, in model pixels.
         model: what made the nuclei (the checkpoint path), for the summary.
         workers: CPU processes that post-process while the network runs (0: in this process).
+        classes: the model's classes (`@classes`): type names and colours of every output.
     """
 
     def __init__(
@@ -101,8 +102,10 @@ class SlideNucleiWriterd(MapTransform):
         model: str = "",
         workers: int = 0,
         pred_key: str = "pred",
+        classes: NucleusClasses = PANNUKE,
     ):
         super().__init__(keys=pred_key)
+        self.classes = classes
         self.plans: list[SlidePlan] = slides.plans
         self.instances, self.pred_key = instances, pred_key
         self.tolerance, self.model = float(tolerance), str(model)
@@ -167,10 +170,10 @@ class SlideNucleiWriterd(MapTransform):
         scale, um = plan.slide.scale, plan.slide.target_mpp
         for n, (type_id, gx, gy, area, level0, prob) in enumerate(nuclei):
             nucleus_id = progress.nuclei + n + 1
-            features.append(_feature(nucleus_id, level0, type_id, prob, area * um * um))
+            features.append(_feature(nucleus_id, level0, type_id, prob, area * um * um, self.classes))
             rows.append(
                 f"{nucleus_id},{gx * scale:.1f},{gy * scale:.1f},{gx * um:.2f},{gy * um:.2f},{area * um * um:.2f},"
-                f"{TYPE_NAMES[type_id - 1]},{type_id},{prob:.4f}\n"
+                f"{csv_name(self.classes.name(type_id))},{type_id},{prob:.4f}\n"
             )
             types.append(type_id)
         progress.add_tile(tile_index, features, rows, types)
@@ -180,7 +183,8 @@ class SlideNucleiWriterd(MapTransform):
     def _finish(self, index: int) -> None:
         plan, progress = self.plans[index], self.progress[index]
         seconds = time.perf_counter() - self.started.get(index, time.perf_counter())
-        per_type = dict(zip(TYPE_NAMES, progress.per_type, strict=True))
+        counts = progress.per_type + [0] * (self.classes.num_types - len(progress.per_type))
+        per_type = dict(zip(self.classes.names, counts, strict=True))
         mm2 = max(plan.tissue_mm2, 1e-12)
         summary = {
             "slide": str(plan.path),
@@ -197,7 +201,7 @@ class SlideNucleiWriterd(MapTransform):
             "seconds_this_run": round(seconds, 2),
         }
         progress.finish(summary)
-        _overlay_png(plan, progress)
+        _overlay_png(plan, progress, self.classes)
         plan.slide.close()
         logger.info(f"{plan.name}: {progress.nuclei} nuclei on {plan.tissue_mm2:.2f} mm² of tissue -> {plan.folder}")
 
@@ -294,13 +298,18 @@ def default_workers(device: torch.device) -> int:
     return max(1, (os.cpu_count() or 2) // (2 * ranks_here))
 
 
-def _feature(nucleus_id: int, ring: list, type_id: int, prob: float, area_um2: float) -> str:
+def _feature(nucleus_id: int, ring: list, type_id: int, prob: float, area_um2: float, classes: NucleusClasses) -> str:
     measurements = {"Type probability": round(prob, 4), "Area µm^2": round(area_um2, 2)}
-    feature = qupath_detection(nucleus_id, ring, type_id, measurements)
+    feature = qupath_detection(nucleus_id, ring, type_id, measurements, classes=classes)
     return json.dumps(feature, separators=(",", ":"), ensure_ascii=False)
 
 
-def _overlay_png(plan: SlidePlan, progress: SlideProgress) -> None:
+def csv_name(name: str) -> str:
+    """A class name as one CSV cell (quoted when it holds a comma or a quote)."""
+    return '"' + name.replace('"', '""') + '"' if any(c in name for c in ',"\n') else name
+
+
+def _overlay_png(plan: SlidePlan, progress: SlideProgress, classes: NucleusClasses) -> None:
     """The thumbnail with a dot per nucleus in its type's colour, read back from the CSV in one pass."""
     thumb, factor = plan.slide.thumbnail(1024)
     picture = Image.fromarray(thumb)
@@ -309,6 +318,6 @@ def _overlay_png(plan: SlidePlan, progress: SlideProgress) -> None:
     with open(progress.csv, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
             x, y = float(row["x_px"]) * per_model_px, float(row["y_px"]) * per_model_px
-            type_id = min(max(int(row["type_id"]), 1), NUM_TYPES)
-            draw.ellipse((x - 1.5, y - 1.5, x + 1.5, y + 1.5), fill=tuple(TYPE_COLOURS[type_id - 1]))
+            type_id = min(max(int(row["type_id"]), 1), classes.num_types)
+            draw.ellipse((x - 1.5, y - 1.5, x + 1.5, y + 1.5), fill=tuple(classes.colour(type_id)))
     atomic_write(Path(plan.folder) / f"{plan.name}_overlay.png", lambda tmp: picture.save(tmp, format="PNG"))
