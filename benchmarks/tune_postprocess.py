@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--values", type=float, nargs="+", default=[0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3])
     parser.add_argument("--target", default="")
     parser.add_argument("--features", default="")
+    parser.add_argument("--base", default="{}", help="other instance settings held fixed, e.g. '{\"min_size\": 30}'")
     args = parser.parse_args()
     config = ConfigParser()
     config.read_config(str(BUNDLE / "configs" / "train.json"))
@@ -66,6 +67,7 @@ def main() -> None:
             outputs.append(network(item["image"][None].float())[0])
             truths.append((np.asarray(item["inst"])[0], np.asarray(item["type"])[0]))
     configured = config.get_parsed_content("instances")
+    names = config.get_parsed_content("classes").names
     settings = {
         "keys": "pred",
         "target": configured.target,
@@ -73,19 +75,24 @@ def main() -> None:
         "energy_threshold": configured.energy_threshold,
         "marker_min_size": configured.marker_min_size,
         "seed_connectivity": configured.seed_connectivity,
+        "min_nucleus_probability": configured.min_nucleus_probability,
+        **json.loads(args.base),
     }
-    print(f"{len(outputs)} tiles of fold {args.fold}; model {args.checkpoint}; target {config['target']}")
-    print(f"{args.param:>18}  bPQ     mPQ")
+    print(f"{len(outputs)} tiles of fold {args.fold}; model {args.checkpoint}; target {config['target']}; {settings}")
+    print(f"{args.param:>24}  bPQ     mPQ     AJI     predicted/true nuclei")
     best = None
     for value in args.values:
         transform = NucleiInstancesd(**{**settings, args.param: value})
-        rows = []
+        rows, counts = [], np.zeros(2)
         for out, (inst, types) in zip(outputs, truths):
             pred = transform({"pred": out})
-            rows.append(score_image(inst, types, pred["inst_map"][0].numpy(), pred["type_map"][0].numpy()))
+            pred_inst, pred_type = pred["inst_map"][0].numpy(), pred["type_map"][0].numpy()
+            rows.append(score_image(inst, types, pred_inst, pred_type, class_names=names))
+            counts += [np.unique(inst[inst > 0]).size, int(pred["inst_map"].max())]
         bpq = np.nanmean([r["bPQ"] for r in rows])
         mpq = np.nanmean([r["mPQ"] for r in rows])
-        print(f"{value:>18}  {bpq:.4f}  {mpq:.4f}")
+        aji = np.nanmean([r["AJI"] for r in rows])
+        print(f"{value:>24}  {bpq:.4f}  {mpq:.4f}  {aji:.4f}  {counts[1] / max(counts[0], 1):.3f}")
         best = max(best or (bpq, value), (bpq, value))
     print(f"best {args.param} on fold {args.fold}: {best[1]} (bPQ {best[0]:.4f})")
 

@@ -427,3 +427,16 @@ def test_a_written_fold_is_not_private(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "out" / "Fold 1").stat().st_mode) == 0o755
+
+
+def test_the_converter_needs_neither_torch_nor_monai():
+    """A lab converts its annotations on any machine, quickly: the converter is numpy, scikit-image and PIL only."""
+    code = (
+        "import sys; sys.argv = ['convert', '--help']; import runpy\n"
+        "try:\n    runpy.run_path('scripts/pannuke/convert.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        "heavy = sorted(m for m in ('torch', 'monai', 'ignite') if m in sys.modules)\n"
+        "print('HEAVY', heavy)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=BUNDLE, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "--annotations" in proc.stdout and "HEAVY []" in proc.stdout

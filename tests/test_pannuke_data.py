@@ -44,3 +44,16 @@ def test_fold_not_prepared(tmp_path):
     root = write_dataset(tmp_path / "data")
     with pytest.raises(ValueError, match="fold 3 was not among"):
         PanNukeDataset(PanNuke(root, tmp_path / "cache", [1]), [3])
+
+
+def test_a_missing_test_fold_is_optional_for_training_only(tmp_path, caplog):
+    """A lab folder converted with --split 0.8,0.2,0 has no fold 3: training runs, evaluating it is refused."""
+    import shutil
+
+    root = write_dataset(tmp_path / "data")
+    shutil.rmtree(root / "Fold 3")
+    with caplog.at_level("INFO"):
+        pannuke = PanNuke(root, tmp_path / "cache", [[1], 2, 3], optional_folds=[3])
+    assert sorted(pannuke.caches) == [1, 2] and "has no fold 3" in caplog.text
+    with pytest.raises(DataError, match="fold 3 not found"):
+        PanNuke(root, tmp_path / "cache", [3])

@@ -318,3 +318,23 @@ def test_transform_on_hv_logits_keeps_metadata_and_matches_the_function():
     direct, inst_types, _ = instances_from_hv(probs, hv)
     np.testing.assert_array_equal(out["inst_map"][0].numpy(), direct)
     assert set(out["inst_types"][1:].tolist()) == {4}
+
+
+def test_unsure_nuclei_are_dropped_by_their_mean_nucleus_probability():
+    """Two nuclei in HV output: one the network is sure of (p_background 0.05), one it half-believes (0.4); the
+    threshold drops the second only, for both targets, and the ids stay contiguous."""
+    inst = np.zeros((64, 64), np.int32)
+    inst[10:22, 10:22], inst[40:52, 40:52] = 1, 2
+    hv = hover_maps(torch.from_numpy(inst)[None]).numpy()[0]
+    probs = np.zeros((NUM_TYPES + 1, 64, 64), np.float32)
+    probs[0] = 1.0
+    for ident, background in ((1, 0.05), (2, 0.4)):
+        probs[0][inst == ident] = background
+        probs[1][inst == ident] = 1.0 - background
+    kept, _, _ = instances_from_hv(probs, hv, min_nucleus_probability=0.7)
+    assert kept.max() == 1 and (kept == 1).sum() == 144 and kept[45, 45] == 0
+    both, _, _ = instances_from_hv(probs, hv, min_nucleus_probability=0.0)
+    assert both.max() == 2
+    boundary = np.concatenate([probs, np.zeros((1, 64, 64), np.float32)])
+    kept, _, _ = instances_from_probabilities(boundary, min_nucleus_probability=0.7)
+    assert kept.max() == 1 and kept[15, 15] == 1

@@ -107,6 +107,20 @@ def _drop_small(labels: np.ndarray, min_size: int) -> np.ndarray:
     return lookup[labels]
 
 
+def _drop_unsure(labels: np.ndarray, nucleus_prob: np.ndarray, min_prob: float) -> np.ndarray:
+    """Remove instances whose mean nucleus probability (1 - p_background over their pixels) is under min_prob, and
+    renumber the rest 1..N: a texture the network half-believes is a nucleus, not a nucleus it is sure of."""
+    if min_prob <= 0 or not labels.any():
+        return labels
+    sizes = np.bincount(labels.ravel())
+    mean = np.bincount(labels.ravel(), weights=nucleus_prob.ravel(), minlength=sizes.size) / np.maximum(sizes, 1)
+    keep = (mean >= min_prob) & (sizes > 0)
+    keep[0] = False
+    lookup = np.zeros(sizes.size, dtype=np.int32)
+    lookup[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    return lookup[labels]
+
+
 def _vote_types(inst: np.ndarray, type_probs: np.ndarray, num_instances: int) -> tuple[np.ndarray, np.ndarray]:
     """Type of each instance = argmax of its summed type probabilities, for all instances in one bincount.
 
@@ -133,7 +147,7 @@ def _vote_types(inst: np.ndarray, type_probs: np.ndarray, num_instances: int) ->
 
 
 def instances_from_probabilities(
-    probs: np.ndarray, min_size: int = 10, seed_connectivity: int = 1
+    probs: np.ndarray, min_size: int = 10, seed_connectivity: int = 1, min_nucleus_probability: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Split the (K+2,H,W) softmax of one tile into typed nucleus instances.
 
@@ -142,6 +156,7 @@ def instances_from_probabilities(
         min_size: instances with fewer pixels are dropped (noise specks); 0 or 1 keeps everything.
         seed_connectivity: 1 (4-neighbours, default) or 2 (8-neighbours) for the interior seeds; 4-connectivity
             keeps two nuclei apart when a noisy boundary lets their interiors touch only at a corner.
+        min_nucleus_probability: instances whose mean 1 - p_background is lower are dropped (0 keeps all).
 
     Returns:
         inst: (H,W) int32, instances numbered 1..N, 0 = background.
@@ -162,6 +177,7 @@ def instances_from_probabilities(
     interior, foreground = interior[box], foreground[box]
     seeds, _ = ndi.label(foreground & (interior >= probs[boundary][box]), structure=_CONNECTIVITY[seed_connectivity])
     inst[box] = _drop_small(_grow_seeds(interior, seeds, foreground), min_size)
+    inst[box] = _drop_unsure(inst[box], 1.0 - probs[0][box], min_nucleus_probability)
     num_instances = int(inst[box].max())
     inst_types, inst_probs = _vote_types(inst[box], type_probs[(slice(None), *box)], num_instances)
     return inst, inst_types, inst_probs
@@ -184,6 +200,7 @@ def instances_from_hv(
     min_size: int = 10,
     energy_threshold: float = 0.02,
     marker_min_size: int = 4,
+    min_nucleus_probability: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Split one tile's K+1-class softmax and HV maps into typed nucleus instances.
 
@@ -194,6 +211,7 @@ def instances_from_hv(
         energy_threshold: foreground pixels whose HV edge energy (hv_energy) is below this are marker pixels;
             higher keeps more of each nucleus as its marker, lower splits more readily.
         marker_min_size: markers with fewer pixels are ignored (their pixels join a neighbour).
+        min_nucleus_probability: instances whose mean 1 - p_background is lower are dropped (0 keeps all).
 
     Returns:
         inst, inst_types, inst_probs as instances_from_probabilities.
@@ -214,6 +232,7 @@ def instances_from_hv(
     markers, _ = ndi.label(foreground & (energy < energy_threshold), structure=_CONNECTIVITY[1])
     markers = _drop_small(markers, marker_min_size)
     inst[grown] = _drop_small(_grow_seeds(1.0 - energy, markers, foreground), min_size)
+    inst[grown] = _drop_unsure(inst[grown], 1.0 - probs[0][grown], min_nucleus_probability)
     num_instances = int(inst[grown].max())
     inst_types, inst_probs = _vote_types(inst[grown], probs[(slice(1, None), *grown)], num_instances)
     return inst, inst_types, inst_probs
@@ -257,6 +276,12 @@ class NucleiInstancesd(MapTransform):
     they flow through later MONAI transforms and savers like the prediction does; they live on the CPU, where
     the post-processing ran.  Output key names are parameters; a single input key is accepted since the outputs
     of several would overwrite each other.
+
+    Args:
+        target: "hv" or "boundary" (`@target`).
+        min_size: instances with fewer pixels (at the model's 0.25 µm/px) are dropped.
+        energy_threshold: HV edge energy under which a pixel is a marker ("hv"); lower splits more readily.
+        min_nucleus_probability: instances whose mean 1 - p_background is lower are dropped (0 keeps all).
     """
 
     def __init__(
@@ -268,6 +293,7 @@ class NucleiInstancesd(MapTransform):
         seed_connectivity: int = 1,
         energy_threshold: float = 0.02,
         marker_min_size: int = 4,
+        min_nucleus_probability: float = 0.0,
         inst_key: str = "inst_map",
         type_key: str = "type_map",
         inst_types_key: str = "inst_types",
@@ -282,6 +308,7 @@ class NucleiInstancesd(MapTransform):
         self.min_size = min_size
         self.seed_connectivity = seed_connectivity
         self.energy_threshold, self.marker_min_size = energy_threshold, marker_min_size
+        self.min_nucleus_probability = float(min_nucleus_probability)
         self.out_keys = (inst_key, type_key, inst_types_key, inst_probs_key)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
@@ -305,9 +332,13 @@ class NucleiInstancesd(MapTransform):
         logits, hv = split_output(pred, self.target)
         probs = _to_probabilities(logits, self.softmax)
         if hv is None:
-            return instances_from_probabilities(probs, self.min_size, self.seed_connectivity)
+            return instances_from_probabilities(
+                probs, self.min_size, self.seed_connectivity, self.min_nucleus_probability
+            )
         hv_maps = hv.detach().float().cpu().numpy()
-        return instances_from_hv(probs, hv_maps, self.min_size, self.energy_threshold, self.marker_min_size)
+        return instances_from_hv(
+            probs, hv_maps, self.min_size, self.energy_threshold, self.marker_min_size, self.min_nucleus_probability
+        )
 
 
 def _like_prediction(array: np.ndarray, pred: object) -> torch.Tensor:

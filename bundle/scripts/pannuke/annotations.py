@@ -217,13 +217,17 @@ def annotations_geojson(
     """
     from scripts.io.nuclei_writers import outline_polygon  # noqa: PLC0415 - only this writer needs the tracer
 
+    from scipy import ndimage  # noqa: PLC0415
+
     features = []
+    boxes = ndimage.find_objects(np.asarray(inst, dtype=np.intp))
     for ident in np.unique(inst[inst > 0]).tolist():
         props: dict[str, Any] = {"objectType": "annotation"}
         name = names.get(ident)
         if name is not None:
             props["classification"] = {"name": name, **({"color": list(colours[name])} if colours else {})}
-        ring = outline_polygon(inst == ident)
+        rows, cols = boxes[ident - 1]
+        ring = outline_polygon(inst[rows, cols] == ident, offset_xy=(cols.start, rows.start))
         geometry = {"type": "Polygon", "coordinates": [ring]}
         features.append({"type": "Feature", "geometry": geometry, "properties": props})
     return {"type": "FeatureCollection", "features": features}

@@ -22,7 +22,7 @@ from scripts.engine.distributed import in_rank_order
 from scripts.errors import DataError
 from scripts.pannuke.demo_data import ensure_demo_dataset
 from scripts.pannuke.cache import ensure_fold_cache, open_fold_cache
-from scripts.pannuke.files import FoldFiles, locate_folds
+from scripts.pannuke.files import FoldFiles, fold_exists, locate_folds
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ class PanNuke:
         cache_dir: where fold caches go (`@cache_dir`).
         folds: every fold the run touches (`@run_folds`).
         demo_dir: where the demo data is written when `dataset_dir` is "".
+        optional_folds: folds used only if they exist (training: the test fold, which a lab's folder converted with
+            `--split 0.8,0.2,0` does not have); a missing one is logged and left out.
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class PanNuke:
         cache_dir: str | os.PathLike,
         folds: int | str | Sequence[int] = (1, 2, 3),
         demo_dir: str | os.PathLike | None = None,
+        optional_folds: int | str | Sequence[int] = (),
     ) -> None:
         if not dataset_dir:
             if demo_dir is None:
@@ -64,7 +67,12 @@ class PanNuke:
         self.classes: NucleusClasses = read_dataset_classes(self.dataset_dir)
         if self.classes != PANNUKE:
             logger.info(f"classes of {self.dataset_dir}: {', '.join(self.classes.names)} ({CLASSES_FILE})")
-        self.files: dict[int, FoldFiles] = locate_folds(self.dataset_dir, as_fold_list(folds), self.classes.num_types)
+        optional = set(as_fold_list(optional_folds))
+        absent = sorted(f for f in optional if self.dataset_dir.is_dir() and not fold_exists(self.dataset_dir, f))
+        if absent:
+            logger.info(f"{self.dataset_dir} has no fold {absent[0]}: this run has no test fold to check")
+        wanted = [f for f in as_fold_list(folds) if f not in absent]
+        self.files: dict[int, FoldFiles] = locate_folds(self.dataset_dir, wanted, self.classes.num_types)
         # every value check runs in the cache conversion: do it for all folds now, before any training starts; under
         # torchrun one rank builds each cache and the others then find it built
         self.caches: dict[int, Path] = in_rank_order(

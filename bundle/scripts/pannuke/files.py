@@ -93,6 +93,11 @@ def fold_folder(root: str | os.PathLike, fold: int, layout: str = "official") ->
     return Path(root) / Path(LAYOUTS[layout]["images"].format(k=fold)).parts[0]
 
 
+def fold_exists(root: str | os.PathLike, fold: int) -> bool:
+    """Whether any file of the fold is there, in either layout (an incomplete fold exists, and is refused later)."""
+    return any(fold_folder(root, fold, layout).exists() for layout in LAYOUTS)
+
+
 def fold_paths_inside(folder: str | os.PathLike, fold: int, layout: str = "official") -> dict[str, Path]:
     """The fold's files inside its top folder `folder`, wherever that folder is (e.g. a temporary one)."""
     top = fold_folder("", fold, layout)
