@@ -145,17 +145,15 @@ def test_asking_for_other_classes_is_refused_with_the_checkpoint_named(finetuned
     assert "trained on the classes ['Immune', 'Tumour']" in message and "model.pt" in message
 
 
+def evaluate(work: Path, out: Path, **overrides) -> None:
+    """evaluate.json on the lab's validation fold (the folder has no test fold)."""
+    data = {"dataset_dir": str(work / "data"), "cache_dir": str(work / "cache"), "ckpt_dir": str(work / "models")}
+    run(["train.json", "evaluate.json"], "infer", output_dir=str(out), test_fold=2, **data, **overrides)
+
+
 def test_scores_are_per_lab_class(finetuned):
     out = finetuned / "scores"
-    run(
-        ["train.json", "evaluate.json"],
-        "infer",
-        dataset_dir=str(finetuned / "data"),
-        cache_dir=str(finetuned / "cache"),
-        ckpt_dir=str(finetuned / "models"),
-        output_dir=str(out),
-        test_fold=2,
-    )
+    evaluate(finetuned, out)
     scores = json.loads((out / "pannuke_scores.json").read_text())
     assert list(scores["per_class"]) == list(LAB_NAMES)
     assert "PQ_Immune" in (out / "pannuke_scores_per_image.csv").read_text().splitlines()[0]
@@ -163,16 +161,7 @@ def test_scores_are_per_lab_class(finetuned):
 
 def test_a_shipped_checkpoint_is_refused_on_data_of_other_classes(finetuned):
     with pytest.raises(Exception) as err:
-        run(
-            ["train.json", "evaluate.json"],
-            "infer",
-            dataset_dir=str(finetuned / "data"),
-            cache_dir=str(finetuned / "cache"),
-            ckpt_dir=str(finetuned / "models"),
-            output_dir=str(finetuned / "other"),
-            checkpoint=str(SHIPPED),
-            test_fold=2,
-        )
+        evaluate(finetuned, finetuned / "other", checkpoint=str(SHIPPED))
     message = str(bundle_error_in(err.value))
     assert "model_fp16.pt was trained on the classes ['Neoplastic'" in message and "['Immune', 'Tumour']" in message
 
@@ -188,7 +177,7 @@ def test_start_from_keeps_every_layer_and_the_types_it_knows():
     torch.manual_seed(0)
     lab = network(1 + 2 + 2)
     fresh = lab.state_dict()["final_conv.weight"].clone()
-    start_from(lab, str(SHIPPED), "hv", NucleusClasses(["Tumour", "inflammatory"]))
+    start_from(lab, str(SHIPPED), NucleusClasses(["Tumour", "inflammatory"]))
     state = lab.state_dict()
     for key, value in shipped.items():
         if not key.startswith("final_conv."):
@@ -198,8 +187,7 @@ def test_start_from_keeps_every_layer_and_the_types_it_knows():
     assert torch.equal(head[2], old[2])  # "inflammatory" is the shipped model's Inflammatory channel
     assert torch.equal(state["final_conv.weight"][1], fresh[1])  # "Tumour" is new: freshly initialised
     with pytest.raises(ModelError, match="not made for this network"):
-        start_from(
-            monai.networks.nets.BasicUNet(2, 3, 8, (8, 8, 16, 32, 64, 8), norm="batch", dropout=0.1),
-            str(SHIPPED),
-            "hv",
-        )
+        narrow = monai.networks.nets.BasicUNet(2, 3, 8, (8, 8, 16, 32, 64, 8), norm="batch", dropout=0.1)
+        start_from(narrow, str(SHIPPED))
+    with pytest.raises(ModelError, match="another target"):  # the boundary target: background, 5 types, outline
+        start_from(network(7), str(SHIPPED))

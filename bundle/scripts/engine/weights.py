@@ -20,7 +20,6 @@ from ignite.engine import Engine
 
 from scripts.classes import NucleusClasses, check_same_classes, checkpoint_classes
 from scripts.errors import ModelError
-from scripts.nuclei.targets import output_channels
 
 logger = logging.getLogger(__name__)
 
@@ -148,19 +147,19 @@ def _output_layer(state: Mapping[str, Any]) -> str:
     return weights[-1].rsplit(".", 1)[0]
 
 
-def start_from(network: torch.nn.Module, path: str, target: str, classes: NucleusClasses | None = None) -> None:
+def start_from(network: torch.nn.Module, path: str, classes: NucleusClasses | None = None) -> None:
     """Initialise a training's network from earlier weights (fine-tuning), before the first step.
 
     Every layer is copied but the type channels of the output layer, which follow the class names: a class the file
     was trained on (same name, any case) keeps its channel, a new class starts from the fresh initialisation.  The
     background and the HV (or outline) channels are always kept, so the network finds nuclei from the first step and
     only has to learn the new types.  Another width or target is refused with the file's name.  An empty `path`
-    does nothing (training from scratch).
+    does nothing (training from scratch).  The output layer is background, the K types, then the target's own
+    channels (HV maps or the outline class): their count follows from each side's rows and classes.
 
     Args:
         network: the configured network (`@network`).
         path: the weights to start from (`@init_checkpoint`); "" trains from scratch.
-        target: the training target (`@target`), whose output layout both files share.
         classes: the training data's classes (`@classes`); None: the file's own.
     """
     if not path:
@@ -172,13 +171,14 @@ def start_from(network: torch.nn.Module, path: str, target: str, classes: Nucleu
     module = getattr(network, "module", network)
     own = module.state_dict()
     head = _output_layer(own)
-    extra = output_channels(target, 0) - 1  # channels after the types: HV maps, or the outline class
     heads = {k for k in own if k.startswith(head + ".")}
-    expected_rows = 1 + theirs_classes.num_types + extra
-    if any(k in state and state[k].shape[0] != expected_rows for k in heads):
+    weight = head + ".weight"
+    extra = own[weight].shape[0] - 1 - classes.num_types  # channels after the types: HV maps, or the outline class
+    if weight in state and state[weight].shape[0] - 1 - theirs_classes.num_types != extra:
         raise ModelError(
-            f"{path}: its output layer does not hold its {theirs_classes.num_types} classes and the {target!r} "
-            "target's channels; pass the --target it was trained with"
+            f"{path} was trained for another target (its output layer has {state[weight].shape[0]} channels for "
+            f"{theirs_classes.num_types} classes, this network {own[weight].shape[0]} for {classes.num_types}); "
+            "pass the --target it was trained with"
         )
     body_differs = any(state[k].shape != own[k].shape for k in own if k in state and k not in heads)
     if body_differs or set(own) != set(state) or any(state[k].shape[1:] != own[k].shape[1:] for k in heads):
