@@ -91,10 +91,9 @@ def test_overlaps_resolved_smaller_on_top_deterministically(tmp_path):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("", "not valid JSON"),
+        ("", "an empty file"),
+        ("  \n", "an empty file"),
         ("{not json", "not valid JSON"),
-        ('{"type": "FeatureCollection", "features": []}', "holds no objects"),
-        ("[]", "holds no objects"),
         ('{"type": "Topology"}', "not GeoJSON"),
         ('[{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1, 1]]]}}]', "malformed"),
         ('[{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1, "a"], [2, 2]]]}}]', "ring"),
@@ -108,6 +107,16 @@ def test_bad_files_are_one_error_naming_the_file(tmp_path, text, message):
     with pytest.raises(DataError, match=message) as err:
         parse_geojson(path)
     assert str(path) in str(err.value) and "Export objects as GeoJSON" in str(err.value)
+
+
+@pytest.mark.parametrize("text", ['{"type": "FeatureCollection", "features": []}', "[]"])
+def test_an_image_annotated_with_no_nucleus_is_kept_and_counted(tmp_path, text):
+    path = tmp_path / "glass.geojson"
+    path.write_text(text)
+    nuclei, stats = parse_geojson(path)
+    assert nuclei == [] and stats.empty_images == 1
+    inst, source, _ = rasterise(nuclei, (8, 8))
+    assert not inst.any() and source == []
 
 
 def test_points_and_area_classes_are_ignored_and_counted(tmp_path):

@@ -52,14 +52,17 @@ class AnnotationStats:
     outside: int = 0
     overlapping: int = 0
     hidden: int = 0
+    empty_images: int = 0
 
     def add(self, other: AnnotationStats) -> None:
-        for name in ("objects", "areas_ignored", "clipped", "outside", "overlapping", "hidden"):
+        for name in ("objects", "areas_ignored", "clipped", "outside", "overlapping", "hidden", "empty_images"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.not_polygons.update(other.not_polygons)
 
     def lines(self) -> list[str]:
         out = []
+        if self.empty_images:
+            out.append(f"images annotated with no nucleus (kept, as background to learn): {self.empty_images}")
         if self.not_polygons:
             kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(self.not_polygons.items()))
             out.append(f"ignored objects that are not polygons: {kinds}")
@@ -86,8 +89,6 @@ def _features(value: Any, path: Path) -> list[dict]:
         value = [value]
     if not isinstance(value, list):
         raise _fail(path, "not GeoJSON (expected a FeatureCollection or a list of Features)")
-    if not value:
-        raise _fail(path, "holds no objects")
     if not all(isinstance(f, dict) and f.get("type") == "Feature" for f in value):
         raise _fail(path, "holds something that is not a GeoJSON Feature")
     return value
@@ -114,16 +115,25 @@ def _colour(classification: dict) -> tuple[int, int, int] | None:
 
 
 def parse_geojson(path: Path) -> tuple[list[Nucleus], AnnotationStats]:
-    """The polygon objects of a QuPath GeoJSON export, in file order; a DataError naming the file if it is not one."""
+    """The polygon objects of a QuPath GeoJSON export, in file order; a DataError naming the file if it is not one.
+
+    A collection with no objects is an image annotated as holding no nucleus (glass, stroma): it is kept, and
+    counted in `AnnotationStats.empty_images`.  An empty file is an error.
+    """
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        if not text.strip():
+            raise _fail(path, "is an empty file")
+        value = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise _fail(path, f"not valid JSON ({err})") from None
     except OSError as err:
         raise DataError(f"{path}: cannot be read ({err.strerror or err})") from None
     stats = AnnotationStats()
     nuclei = []
-    for index, feature in enumerate(_features(value, path)):
+    features = _features(value, path)
+    stats.empty_images = int(not features)
+    for index, feature in enumerate(features):
         props = feature.get("properties") or {}
         if not isinstance(props, dict):
             raise _fail(path, f"object {index} has properties that are not an object")
