@@ -102,13 +102,6 @@ def run_split(split: int, output_dir: Path, extra: list[str], force: bool) -> Pa
         raise BundleError(f"split {split}: evaluation finished without writing {scores}")
     write_json(record, made_with)
     return scores
-    overrides = split_overrides(split, run_dir) + extra
-    print(f"split {split}: train fold {SPLITS[split][0]}, validate {SPLITS[split][1]}, test {SPLITS[split][2]}")
-    for run_id, configs in (("training", ["train.json"]), ("run", ["train.json", "evaluate.json"])):
-        subprocess.run(bundle_command(run_id, configs, overrides), check=True)
-    if not scores.is_file():
-        raise RuntimeError(f"split {split}: evaluation finished without writing {scores}")
-    return scores
 
 
 def _stats(values: list[float | None]) -> dict[str, float]:
