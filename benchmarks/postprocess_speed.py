@@ -149,7 +149,8 @@ def main() -> None:
     ms_post = time_per_tile(post, probs, args.repeats)
     ms_transform = time_per_tile(transform, logits, args.repeats)
 
-    counts = np.array([recovery(inst, types, *post(p)[:2]) for (inst, types), p in zip(tiles, probs)]).sum(0)
+    pairs = zip(tiles, probs, strict=True)
+    counts = np.array([recovery(inst, types, *post(p)[:2]) for (inst, types), p in pairs]).sum(0)
 
     hv_outputs = [network_like_hv(inst, types, rng) for inst, types in tiles]
 
@@ -162,12 +163,13 @@ def main() -> None:
     ms_hv_transform = time_per_tile(hv_transform, hv_logits, args.repeats)
     few = hv_outputs[: min(5, len(hv_outputs))]
     ms_reference = time_per_tile(lambda o: monai_reference(*o), few, 1)
-    hv_counts = np.array([recovery(inst, types, *post_hv(o)[:2]) for (inst, types), o in zip(tiles, hv_outputs)]).sum(0)
+    pairs = zip(tiles, hv_outputs, strict=True)
+    hv_counts = np.array([recovery(inst, types, *post_hv(o)[:2]) for (inst, types), o in pairs]).sum(0)
     ours = [post_hv(o)[0] for o in few]
     theirs = [monai_reference(*o) for o in few]
-    pq_ours = np.mean([pq_counts(inst, o)[2] for (inst, _), o in zip(tiles, ours)])
-    pq_theirs = np.mean([pq_counts(inst, t)[2] for (inst, _), t in zip(tiles, theirs)])
-    pq_agree = np.mean([pq_counts(t, o)[2] for t, o in zip(theirs, ours)])
+    pq_ours = np.mean([pq_counts(inst, o)[2] for (inst, _), o in zip(tiles, ours, strict=True)])
+    pq_theirs = np.mean([pq_counts(inst, t)[2] for (inst, _), t in zip(tiles, theirs, strict=True)])
+    pq_agree = np.mean([pq_counts(t, o)[2] for t, o in zip(theirs, ours, strict=True)])
     print(
         f"CPU: {cpu_name()} (1 thread); python {platform.python_version()}, numpy {np.__version__}, "
         f"scipy {scipy.__version__}, scikit-image {skimage.__version__}, torch {torch.__version__}, "

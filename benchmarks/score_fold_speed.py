@@ -43,7 +43,7 @@ def draw(params: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Paint ellipses in order (later ones cover earlier ones, as touching nuclei do) into instance and type maps."""
     inst = np.zeros((TILE_SIZE, TILE_SIZE), np.int32)
     types = np.zeros((TILE_SIZE, TILE_SIZE), np.uint8)
-    for (r, c, rad_r, rad_c, rot, t), inst_id in zip(params, ids):
+    for (r, c, rad_r, rad_c, rot, t), inst_id in zip(params, ids, strict=True):
         rr, cc = ellipse(r, c, rad_r, rad_c, shape=inst.shape, rotation=rot)
         inst[rr, cc] = inst_id
         types[rr, cc] = int(t)
@@ -72,7 +72,7 @@ def make_batch(rng: np.random.Generator, n: int) -> list[list[np.ndarray]]:
         params = nucleus_params(rng)
         true = draw(params, np.arange(1, len(params) + 1))
         pred = draw(*perturb_params(rng, params))
-        for store, item in zip(maps, (*true, *pred)):
+        for store, item in zip(maps, (*true, *pred), strict=True):
             store.append(item)
     return maps
 
@@ -117,7 +117,7 @@ def main() -> None:
         nuclei += sum(len(np.unique(inst)) - 1 for inst in maps[0])
     same = all(
         np.allclose([a[k] for k in pm.ROW_KEYS], [b[k] for k in pm.ROW_KEYS], equal_nan=True)
-        for a, b in zip(rows_serial, rows_parallel)
+        for a, b in zip(rows_serial, rows_parallel, strict=True)
     )
     print(
         f"tiles {args.tiles} ({TILE_SIZE}x{TILE_SIZE}), {nuclei / args.tiles:.1f} GT nuclei per tile, "

@@ -84,7 +84,7 @@ def main() -> None:
     for value in args.values:
         transform = NucleiInstancesd(**{**settings, args.param: value})
         rows, counts = [], np.zeros(2)
-        for out, (inst, types) in zip(outputs, truths):
+        for out, (inst, types) in zip(outputs, truths, strict=True):
             pred = transform({"pred": out})
             pred_inst, pred_type = pred["inst_map"][0].numpy(), pred["type_map"][0].numpy()
             rows.append(score_image(inst, types, pred_inst, pred_type, class_names=names))

@@ -214,7 +214,7 @@ def test_real_labels_round_trip_through_qupath_geojson(tmp_path):
     nuclei, _ = parse_geojson(path)
     back, source, stats = rasterise(nuclei, inst.shape)
     assert len(nuclei) == len(names) and stats.hidden == 0
-    pairs = {(int(a), int(b)) for a, b in zip(inst[inst > 0], back[inst > 0])}
+    pairs = {(int(a), int(b)) for a, b in zip(inst[inst > 0], back[inst > 0], strict=True)}
     assert len(pairs) == len(names) and ((back > 0) == (inst > 0)).all()
     assert [nuclei[i].name for i in source] == [names[i] for i in sorted(names)]
     assert (tmp_path / CLASSES_FILE).exists() is False

@@ -318,7 +318,7 @@ def test_real_consep_tiles(tmp_path: Path) -> None:
         with np.load(CONSEP_TEST / "labels" / f"{stem}.npz") as npz:
             inst, ids, inst_type = npz["inst_map"], npz["inst_ids"], npz["inst_type"]
         assert np.array_equal(masks[i, ..., :NUM_TYPES].sum(axis=-1), inst.astype(np.float64))
-        for nucleus_id, source_type in zip(ids.tolist(), inst_type.tolist()):
+        for nucleus_id, source_type in zip(ids.tolist(), inst_type.tolist(), strict=True):
             if (inst == nucleus_id).any():  # the dataset's own per-nucleus type agrees with the majority vote
                 assert (masks[i, ..., channel_of[source_type]] == nucleus_id).any()
 

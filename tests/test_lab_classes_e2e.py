@@ -24,6 +24,8 @@ from scripts.pannuke.annotations import annotations_geojson
 from scripts.pannuke.convert import main as convert
 from slide_fixtures import write_slide
 
+pytestmark = pytest.mark.slow
+
 CONFIGS = BUNDLE_ROOT / "configs"
 SHIPPED = BUNDLE_ROOT / "models" / "pretrained" / "model_fp16.pt"
 LAB_NAMES = ("Immune", "Tumour")  # sorted, as the converter orders the names it finds

@@ -116,7 +116,7 @@ def test_balanced_type_weights_count_nuclei_per_type_in_the_training_folds(tmp_p
     data = PanNuke(write_dataset(tmp_path / "data"), tmp_path / "cache", folds=[1, 2, 3])
     cache = open_fold_cache(data.cache(1))
     counts = np.zeros(6, np.int64)
-    for inst, types in zip(cache["inst"], cache["type"]):  # the slow, obvious count
+    for inst, types in zip(cache["inst"], cache["type"], strict=True):  # the slow, obvious count
         for i in np.unique(inst[inst > 0]):
             counts[types[inst == i][0]] += 1
     present = counts[1:]

@@ -332,7 +332,7 @@ def fold(n: int, seed: int = 0):
     for i in range(n):
         true, types = random_tile(rng, size=48, n=8) if i else blank((48, 48))
         pred, ptypes = perturb(rng, true, types)
-        for store, item in zip(maps, (true, types, pred, ptypes)):
+        for store, item in zip(maps, (true, types, pred, ptypes), strict=True):
             store.append(item)
     return maps
 
@@ -344,7 +344,7 @@ def test_parallel_rows_equal_serial_rows(monkeypatch, fork):
     monkeypatch.setattr(pm, "_FORK_OK", fork and pm._FORK_OK)  # False: maps pickled to the workers
     parallel = pm.score_images(*maps, workers=2, chunk_size=3)
     assert len(serial) == len(parallel) == 10
-    for a, b in zip(serial, parallel):
+    for a, b in zip(serial, parallel, strict=True):
         assert_rows_equal(a, b)
     assert_rows_equal(serial[4], pm.score_image(*(m[4] for m in maps)))
     with pytest.raises(ValueError, match="as many of each map"):

@@ -52,7 +52,7 @@ def touching_pairs(inst: np.ndarray) -> int:
     pairs = set()
     for a, b in ((inst[:, :-1], inst[:, 1:]), (inst[:-1], inst[1:])):
         edge = (a != b) & (a > 0) & (b > 0)
-        pairs |= {tuple(sorted(p)) for p in zip(a[edge].tolist(), b[edge].tolist())}
+        pairs |= {tuple(sorted(p)) for p in zip(a[edge].tolist(), b[edge].tolist(), strict=True)}
     return len(pairs)
 
 

@@ -95,7 +95,7 @@ class BatchAffine:
         picked = torch.rand(n, device=device) < self.prob
         grid = F.affine_grid(self.matrices(n, device), [n, 1, *first.shape[-2:]], align_corners=False)
         out = dict(batch)
-        for key, mode in zip(self.keys, self.modes):
+        for key, mode in zip(self.keys, self.modes, strict=True):
             x = batch[key]
             moved = F.grid_sample(
                 x.float(), grid.to(torch.float32), mode=mode, padding_mode=self.padding_mode, align_corners=False

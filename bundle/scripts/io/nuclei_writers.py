@@ -138,7 +138,7 @@ def _boundary_edges(mask: np.ndarray) -> dict[tuple[int, int], list[tuple[int, i
     )
     for neighbour, (sx, sy), (ex, ey) in sides:
         rows, cols = np.nonzero(inner & ~neighbour)
-        for r, c in zip(rows.tolist(), cols.tolist()):
+        for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
             edges.setdefault((c + sx, r + sy), []).append((c + ex, r + ey))
     return edges
 
@@ -315,7 +315,7 @@ def write_csv(path: PathLike, table: Mapping[str, np.ndarray], overwrite: bool =
     if len(set(lengths.values())) > 1:
         raise ValueError(f"all table columns must have the same length, got {lengths}")
     columns = [np.asarray(col).tolist() for col in table.values()]
-    rows = ([_csv_cell(v) for v in row] for row in zip(*columns))
+    rows = ([_csv_cell(v) for v in row] for row in zip(*columns, strict=True))
     return write_csv_rows(path, list(table), rows, overwrite)
 
 

@@ -387,7 +387,7 @@ def instance_types(inst: np.ndarray, types: np.ndarray) -> dict[int, int]:
     np.add.at(counts, (inverse, types[fg]), 1)
     counts[:, 0] = 0
     majority = np.where(counts.sum(axis=1) > 0, np.argmax(counts, axis=1), 0)
-    return dict(zip(ids.tolist(), majority.tolist()))
+    return dict(zip(ids.tolist(), majority.tolist(), strict=True))
 
 
 def channel_map(
@@ -406,7 +406,7 @@ def channel_map(
     source = instance_types(inst, types)  # ids in ascending order
     lut_ids = np.array(list(source), dtype=np.int64)
     lut_channels = np.array([rules.channel(t) for t in source.values()], dtype=np.int8)
-    for src_type, ch in zip(source.values(), lut_channels.tolist()):
+    for src_type, ch in zip(source.values(), lut_channels.tolist(), strict=True):
         if ch < 0:
             dropped[src_type] += 1
     if lut_ids.size:

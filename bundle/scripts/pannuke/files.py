@@ -113,7 +113,7 @@ def find_fold(dataset_dir: Path, fold: int) -> FoldFiles:
             "one. Remove the other copy if it is not the same data."
         )
     tried = []
-    for layout, pattern in LAYOUTS.items():
+    for layout in LAYOUTS:
         paths = fold_paths(dataset_dir, fold, layout)
         if paths["images"].is_file() or paths["masks"].is_file():
             missing = [str(p) for p in paths.values() if not p.is_file()]

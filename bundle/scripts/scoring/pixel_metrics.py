@@ -40,6 +40,6 @@ class BinaryPQMetric(_MeanOverImages):
         pred, true = y_pred.detach().cpu().numpy(), y.detach().cpu().numpy()
         scores = [
             pq_counts(t.reshape(t.shape[-2:]), p.reshape(p.shape[-2:]))[2] if t.any() else float("nan")
-            for p, t in zip(pred, true)
+            for p, t in zip(pred, true, strict=True)
         ]
         return torch.tensor(scores, dtype=torch.float32, device=y.device).view(-1, 1)

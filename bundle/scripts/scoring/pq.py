@@ -297,7 +297,7 @@ def score_images(
         chunk_size = max(MIN_CHUNK, math.ceil(n / (4 * n_workers)))
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    items = list(zip(true_insts, true_types, pred_insts, pred_types))
+    items = list(zip(true_insts, true_types, pred_insts, pred_types, strict=True))
     bounds = [(i, min(i + chunk_size, n)) for i in range(0, n, chunk_size)]
     if n_workers <= 1 or len(bounds) <= 1:
         return _score_chunk(items)
@@ -334,11 +334,11 @@ def aggregate_scores(rows: Sequence[dict[str, float]], tissues: Sequence[str]) -
         raise ValueError(f"rows lack the keys {missing}; make them with score_image")
     per_tissue: dict[str, dict[str, float]] = {}
     for tissue in sorted(set(tissues)):
-        tissue_rows = [row for row, name in zip(rows, tissues) if name == tissue]
+        tissue_rows = [row for row, name in zip(rows, tissues, strict=True) if name == tissue]
         per_tissue[tissue] = {"n_images": len(tissue_rows), **_mean_rows(tissue_rows, keys)}
-    per_class = {name: _nanmean([row[key] for row in rows]) for name, key in zip(names, class_keys(names))}
+    per_class = {name: _nanmean([row[key] for row in rows]) for name, key in zip(names, class_keys(names), strict=True)}
     overall = {key: _nanmean([scores[key] for scores in per_tissue.values()]) for key in TISSUE_MEAN_KEYS}
-    overall.update({key: per_class[name] for name, key in zip(names, class_keys(names))})
+    overall.update({key: per_class[name] for name, key in zip(names, class_keys(names), strict=True)})
     overall.update(n_images=len(rows), n_tissues=len(per_tissue))
     return {"overall": overall, "per_tissue": per_tissue, "per_class": per_class}
 
@@ -354,7 +354,7 @@ def write_score_tables(rows: Sequence[dict[str, float]], tissues: Sequence[str],
     out.mkdir(parents=True, exist_ok=True)
     image_text = csv_text(
         ("index", "tissue", *keys),
-        [(i, tissue, *(row[key] for key in keys)) for i, (row, tissue) in enumerate(zip(rows, tissues))],
+        [(i, tissue, *(row[key] for key in keys)) for i, (row, tissue) in enumerate(zip(rows, tissues, strict=True))],
     )
     tissue_text = csv_text(
         ("tissue", "n_images", *keys),

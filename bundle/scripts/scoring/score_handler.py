@@ -71,7 +71,7 @@ class PanNukeScoreHandler:
         self.rows, self.tissues = [], []
 
     def score_batch(self, engine: Engine) -> None:
-        for batch_item, output_item in zip(engine.state.batch, engine.state.output):
+        for batch_item, output_item in zip(engine.state.batch, engine.state.output, strict=True):
             item = {**batch_item, **output_item}
             missing = [k for k in (*self.pred_keys, *self.true_keys, self.tissue_key) if k not in item]
             if missing:
