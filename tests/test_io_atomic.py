@@ -75,3 +75,19 @@ def test_an_unwritable_output_folder_is_refused_before_work(tmp_path):
     with pytest.raises(ConfigError, match=r"--output_dir .*file/eval cannot be written"):
         require_writable(tmp_path / "file" / "eval", "output_dir")
     assert not list((tmp_path / "new" / "eval").iterdir())  # the probe leaves nothing behind
+
+
+def test_csv_cells_a_spreadsheet_would_run_are_neutralised(tmp_path):
+    """A tissue, file or class name such as =HYPERLINK(...) must reach a spreadsheet as text (OWASP CSV injection);
+    numbers, negative ones included, stay numbers."""
+    import csv
+
+    from scripts.io.atomic import write_csv_rows
+    from scripts.slides.writer import csv_name
+
+    rows = [['=HYPERLINK("http://x")', "-0.5000", "+cmd", "@SUM(A1)", "-x", "Colon", 3, -2.5]]
+    path = write_csv_rows(tmp_path / "t.csv", ["name", "a", "b", "c", "d", "e", "f", "g"], rows)
+    with open(path, newline="") as f:
+        read = list(csv.reader(f))[1]
+    assert read == ['\'=HYPERLINK("http://x")', "-0.5000", "'+cmd", "'@SUM(A1)", "'-x", "Colon", "3", "-2.5"]
+    assert csv_name("=1+1") == "'=1+1" and csv_name("a,b") == '"a,b"' and csv_name("Tumour") == "Tumour"

@@ -103,12 +103,29 @@ def write_text(path: PathLike, text: str, overwrite: bool = True) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", newline=""), overwrite)
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(value: Any) -> Any:
+    """A text cell a spreadsheet would run as a formula (=, +, -, @, tab, CR first: a tissue, file or class name
+    from a user's data) gets a leading apostrophe, as OWASP recommends; numbers, negative ones included, and
+    everything else stay as they are."""
+    if not isinstance(value, str) or not value.startswith(FORMULA_STARTS):
+        return value
+    try:
+        float(value)
+    except ValueError:
+        return "'" + value
+    return value
+
+
 def csv_text(header: Sequence[str], rows: Iterable[Sequence]) -> str:
-    """CSV text built in memory, so that a failure while formatting leaves the old file untouched."""
+    """CSV text built in memory, so that a failure while formatting leaves the old file untouched; text cells are
+    made `spreadsheet_safe`."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
+    writer.writerow([spreadsheet_safe(cell) for cell in header])
+    writer.writerows([spreadsheet_safe(cell) for cell in row] for row in rows)
     return buffer.getvalue()
 
 

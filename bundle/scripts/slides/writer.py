@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from scripts.classes import PANNUKE, NucleusClasses
-from scripts.io.atomic import atomic_write
+from scripts.io.atomic import atomic_write, spreadsheet_safe
 from scripts.io.nuclei_writers import outline_polygon, qupath_detection, simplify_ring
 from scripts.nuclei.postprocess import NucleiInstancesd
 from scripts.slides.memory import trim_heap
@@ -305,8 +305,9 @@ def _feature(nucleus_id: int, ring: list, type_id: int, prob: float, area_um2: f
 
 
 def csv_name(name: str) -> str:
-    """A class name as one CSV cell (quoted when it holds a comma or a quote)."""
-    return '"' + name.replace('"', '""') + '"' if any(c in name for c in ',"\n') else name
+    """A class name as one CSV cell: spreadsheet-safe, quoted when it holds a comma, a quote or a line break."""
+    name = spreadsheet_safe(name)
+    return '"' + name.replace('"', '""') + '"' if any(c in name for c in ',"\n\r') else name
 
 
 def _overlay_png(plan: SlidePlan, progress: SlideProgress, classes: NucleusClasses) -> None:
