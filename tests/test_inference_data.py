@@ -99,3 +99,17 @@ def test_a_black_padding_tile_is_not_taken_for_a_0_1_scale(tmp_path):
     tiles[1] = 0.0  # a zero-padded edge tile, as slide tilers write them
     np.save(tmp_path / "images.npy", tiles)
     assert not read_input(find_inputs(tmp_path / "images.npy")[1]).any()
+
+
+def test_an_input_named_with_dots_writes_inside_the_output_folder(tmp_path):
+    """`...png` has the stem `..`: as an output name it would write into the parent of --output_dir."""
+    from pathlib import Path
+
+    from scripts.slides.reader import slide_name
+
+    image = tmp_path / "...png"
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image, format="PNG")
+    (name,) = [item.name for item in find_inputs(image)]
+    out = tmp_path / "out"
+    assert (out / name).resolve().parent == out.resolve() and name == "_.."
+    assert slide_name(Path("slides/...tif")) == "_.." and slide_name(Path("slides/case.ome.tif")) == "case"

@@ -24,6 +24,7 @@ from monai.data import Dataset
 from monai.transforms import apply_transform
 
 from scripts.errors import DataError, InferenceError
+from scripts.io.atomic import safe_name
 from scripts.io.images import IMAGE_SUFFIXES, read_rgb
 from scripts.pannuke.cache import check_images
 from scripts.pannuke.files import read_npy_header
@@ -64,7 +65,7 @@ def find_inputs(input_dir: str | os.PathLike) -> list[InputImage]:
     if path.suffix.lower() == ".npy":
         return _npy_tiles(path)
     if path.suffix.lower() in IMAGE_SUFFIXES:
-        return [InputImage(path.stem, path)]
+        return [InputImage(safe_name(path.stem), path)]
     raise InferenceError(f"{path} is not an image this bundle reads ({', '.join(IMAGE_SUFFIXES)}) nor a .npy")
 
 
@@ -86,7 +87,8 @@ def _folder_images(folder: Path) -> list[InputImage]:
 def unique_names(paths: Sequence[Path]) -> list[str]:
     """File stems, with the extension added where two files share a stem (a.png, a.tif -> a_png, a_tif)."""
     stems = Counter(p.stem for p in paths)
-    return [p.stem if stems[p.stem] == 1 else f"{p.stem}_{p.suffix.lstrip('.').lower()}" for p in paths]
+    names = [p.stem if stems[p.stem] == 1 else f"{p.stem}_{p.suffix.lstrip('.').lower()}" for p in paths]
+    return [safe_name(name) for name in names]
 
 
 def _npy_tiles(path: Path) -> list[InputImage]:
@@ -102,7 +104,7 @@ def _npy_tiles(path: Path) -> list[InputImage]:
     if header.shape[0] == 0:
         raise InferenceError(f"{path}: holds no tiles")
     width = max(4, len(str(header.shape[0] - 1)))
-    return [InputImage(f"{path.stem}_{i:0{width}d}", path, i) for i in range(header.shape[0])]
+    return [InputImage(safe_name(f"{path.stem}_{i:0{width}d}"), path, i) for i in range(header.shape[0])]
 
 
 # ---------------------------------------------------------------- reading one image

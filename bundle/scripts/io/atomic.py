@@ -103,6 +103,14 @@ def write_text(path: PathLike, text: str, overwrite: bool = True) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8", newline=""), overwrite)
 
 
+def safe_name(name: str) -> str:
+    """A name for an output folder or file prefix that stays inside the output folder: no path separator, no NUL,
+    and nothing that is only dots or starts with a dot (a file named `...png` has the stem `..`, which would
+    write into the parent folder); such names get a leading underscore, separators become underscores."""
+    cleaned = "".join("_" if c in "/\\\0" else c for c in name)
+    return "_" + cleaned if not cleaned or cleaned.startswith(".") else cleaned
+
+
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 

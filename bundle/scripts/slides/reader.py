@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from scripts.errors import DataError
+from scripts.io.atomic import safe_name
 from scripts.io.images import WHITE, blend_alpha
 from scripts.slides.dicom import DicomHandle, is_dicom_file, slide_files, wsi_series
 
@@ -58,10 +59,10 @@ def slide_name(path: Path) -> str:
     """What a slide's outputs are named after: the file's stem (without `.ome` of an OME-TIFF), or a DICOM
     slide's folder name."""
     if path.is_dir():
-        return path.name
+        return safe_name(path.name)
     lower = path.name.lower()
     suffix = next((s for s in MULTI_SUFFIXES if lower.endswith(s)), path.suffix)
-    return path.name[: len(path.name) - len(suffix)] if suffix else path.name
+    return safe_name(path.name[: len(path.name) - len(suffix)] if suffix else path.name)
 
 
 @dataclass
