@@ -57,3 +57,13 @@ def test_a_missing_test_fold_is_optional_for_training_only(tmp_path, caplog):
     assert sorted(pannuke.caches) == [1, 2] and "has no fold 3" in caplog.text
     with pytest.raises(DataError, match="fold 3 not found"):
         PanNuke(root, tmp_path / "cache", [3])
+
+
+@pytest.mark.parametrize("huge", [1e20, 2.0**62])
+def test_instance_ids_too_large_to_relabel_are_refused(tmp_path, huge):
+    """A nucleus id of 1e20 or 2**62 is an integer-valued float, but it overflows the relabelling (a nucleus would
+    vanish or the background become one): refused before training, naming the file."""
+    root = write_dataset(tmp_path / "data")
+    rewrite(root, 1, "masks", lambda m: np.concatenate([np.where(m[..., :1] > 0, huge, 0.0), m[..., 1:]], axis=-1))
+    with pytest.raises(DataError, match=r"Fold 1/masks/fold1/masks.npy: an instance id of .* is beyond"):
+        PanNuke(root, tmp_path / "cache", [1])

@@ -42,6 +42,19 @@ def test_truncated_file(tmp_path):
         locate_folds(tmp_path, [1])
 
 
+def test_a_header_that_does_not_describe_its_data(tmp_path):
+    """float64 data under a float32 header of the same shape: twice the bytes, every value read wrong."""
+    write_dataset(tmp_path)
+    path = fold_path(tmp_path, 1, "images")
+    data = np.load(path)
+    with open(path, "wb") as f:
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False}
+        np.lib.format.write_array_header_1_0(f, {**header, "shape": data.shape})
+        f.write(data.astype(np.float64).tobytes())
+    with pytest.raises(DataError, match=r"images.npy: the header promises .* float32 .* does not describe its data"):
+        locate_folds(tmp_path, [1])
+
+
 def test_wrong_shape(tmp_path):
     write_dataset(tmp_path)
     rewrite(tmp_path, 1, "images", lambda a: a[:, :128])

@@ -35,6 +35,7 @@ from scripts.pannuke.format import TILE_SIZE
 
 logger = logging.getLogger(__name__)
 
+MAX_INSTANCE_ID = 2**31 - 1  # any larger id is refused: the relabelling keys (channel, id) in int64
 CACHE_VERSION = 3  # 3: no label map (training builds its targets after augmentation); any number of types
 BUILD_WAIT_S = 2 * 3600  # how long a run waits for another one building the same cache
 SAMPLE_BYTES = 1 << 20
@@ -268,6 +269,12 @@ def check_masks(masks: np.ndarray, path: Path, start: int) -> np.ndarray:
         raise DataError(
             f"{path}: the type channels must be non-negative integer instance ids, found fractional or negative values "
             f"in tiles {start}+. These are not PanNuke instance masks (were they resized with interpolation?)."
+        )
+    if type_ids.size and float(type_ids.max()) > MAX_INSTANCE_ID:
+        raise DataError(
+            f"{path}: an instance id of {float(type_ids.max()):.6g} in tiles {start}+ is beyond {MAX_INSTANCE_ID:,}: "
+            "ids that large cannot be told apart exactly (a float64 holds integers exactly only up to 2**53) and "
+            "overflow the relabelling. Number each tile's nuclei 1, 2, 3, ..."
         )
     return masks
 

@@ -80,6 +80,12 @@ def read_npy_header(path: Path) -> NpyHeader:
             f"{path}: truncated, the header promises shape {tuple(shape)} {dtype} ({expected:,} bytes) but the file "
             f"has {actual:,} bytes. The download or unzip was interrupted: fetch this file again."
         )
+    if actual > expected:  # e.g. float64 data under a float32 header: every value would be read wrong
+        raise DataError(
+            f"{path}: the header promises shape {tuple(shape)} {dtype} ({expected:,} bytes) but the file has "
+            f"{actual:,} bytes, so its header does not describe its data (another dtype or shape). Save the array "
+            "again with numpy.save."
+        )
     return NpyHeader(tuple(shape), dtype, offset, fortran_order)
 
 
