@@ -74,6 +74,15 @@ def test_nan_weights_are_refused(tmp_path):
         load_state_dict_file(net(), tmp_path / "nan.pt")
 
 
+def test_impossible_statistics_are_refused(tmp_path):
+    """Finite but impossible weights (a negative BatchNorm variance) made every output NaN: 'done', 0 nuclei."""
+    state = net().state_dict()
+    next(v for k, v in state.items() if k.endswith("running_var")).fill_(-1.0)
+    torch.save(state, tmp_path / "bad_var.pt")
+    with pytest.raises(ModelError, match="bad_var.pt: 1 normalisation layers have a negative running variance"):
+        load_state_dict_file(net(), tmp_path / "bad_var.pt")
+
+
 def test_not_a_state_dict_and_missing_file(tmp_path):
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(ModelError, match="expected a dict"):

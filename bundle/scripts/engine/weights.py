@@ -45,7 +45,7 @@ def read_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
 
 
 def check_finite(state: Mapping[str, Any], path: str | os.PathLike, what: str = "weights") -> None:
-    """Refuse NaN or infinite floating-point tensors: a diverged training, not a model."""
+    """Refuse NaN or infinite floating-point tensors (a diverged training, not a model) and impossible statistics."""
     bad = [
         k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and not v.isfinite().all()
     ]
@@ -53,6 +53,18 @@ def check_finite(state: Mapping[str, Any], path: str | os.PathLike, what: str = 
         raise ModelError(
             f"{path}: {len(bad)} {what} tensors hold NaN or infinity (first: {bad[0]}); the training that wrote "
             "them diverged. Train again, e.g. with a lower --learning_rate"
+        )
+    # a normalisation layer divides by sqrt(running_var + eps): a negative variance, which no training can produce,
+    # silently turns every output into NaN (a run then reports "done" and 0 nuclei)
+    negative = [
+        k
+        for k, v in state.items()
+        if k.endswith("running_var") and isinstance(v, torch.Tensor) and v.is_floating_point() and (v < 0).any()
+    ]
+    if negative:
+        raise ModelError(
+            f"{path}: {len(negative)} normalisation layers have a negative running variance (first: {negative[0]}), "
+            f"which no training writes: the file was altered or damaged. {RETRAIN}"
         )
 
 
