@@ -55,3 +55,30 @@ def test_the_same_process_may_take_its_lock_again_and_others_cannot(tmp_path, ot
     first.release()
     _hold(tmp_path / "y.lock", other_run.pid)
     assert FolderLock(tmp_path / "y.lock", "y").try_acquire()["pid"] == other_run.pid
+
+
+def test_a_second_inference_into_the_same_output_folder_stops_naming_the_first(tmp_path, other_run):
+    """Two runs writing one output folder used to mix their files and both report success (tile and slide runs:
+    inference_wsi.json inherits inference.json's initialize)."""
+    from monai.bundle import ConfigWorkflow
+
+    from conftest import BUNDLE_ROOT
+    from scripts.errors import bundle_error_in
+    from scripts.io.locks import OUTPUT_LOCK
+
+    out = tmp_path / "out"
+    _hold(out / OUTPUT_LOCK, other_run.pid)
+    (tmp_path / "images").mkdir()
+    flow = ConfigWorkflow(
+        config_file=[str(BUNDLE_ROOT / "configs" / c) for c in ("train.json", "inference.json")],
+        workflow_type="infer",
+        bundle_root=str(BUNDLE_ROOT),
+        input_dir=str(tmp_path / "images"),
+        output_dir=str(out),
+        ckpt_dir=str(tmp_path / "models"),
+    )
+    with pytest.raises(Exception) as err:
+        flow.initialize()
+    message = str(bundle_error_in(err.value))
+    assert f"the output folder {out} is in use by another run (pid {other_run.pid}" in message
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_LOCK]

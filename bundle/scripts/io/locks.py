@@ -132,6 +132,19 @@ class FolderLock:
         self.release()
 
 
+OUTPUT_LOCK = ".outputs.lock"
+
+
+def lock_output_folder(folder: str | os.PathLike) -> FolderLock:
+    """Hold `<folder>/.outputs.lock` for the rest of this process: a second run writing into the same output folder
+    stops at once, naming this one, instead of mixing its files with this run's.
+
+    Args:
+        folder: the run's output folder (`@output_dir`).
+    """
+    return FolderLock(Path(folder) / OUTPUT_LOCK, f"the output folder {folder}").acquire()
+
+
 def _describe(holder: dict) -> str:
     if not holder:
         return "a run whose lock is being written"
