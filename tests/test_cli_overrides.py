@@ -40,3 +40,44 @@ def test_every_documented_kind_of_option_passes():
 
 def test_in_process_workflows_are_not_checked_against_this_process_argv():
     check_overrides()  # pytest's own command line is not monai.bundle's: nothing to check, no error
+
+
+@pytest.mark.parametrize(
+    "kind, name, value",
+    [
+        ("positive_ints", "epochs", 0),
+        ("positive_ints", "batch_size", -2),
+        ("positive_ints", "epochs", 2.5),
+        ("positive_ints", "val_interval", "1"),
+        ("positive_ints", "tile_size", True),
+        ("non_negative_ints", "num_workers", -1),
+        ("positive_numbers", "learning_rate", "1e-3x"),
+        ("positive_numbers", "mpp", 0.0),
+        ("positive_numbers", "learning_rate", float("nan")),
+    ],
+)
+def test_values_that_cannot_work_are_one_line_naming_the_option(kind, name, value):
+    from scripts.engine.cli_flags import check_values
+
+    with pytest.raises(ConfigError, match=f"^--{name} must be "):
+        check_values(**{kind: {name: value}})
+    check_values(positive_ints={"epochs": 3}, non_negative_ints={"num_workers": 0}, positive_numbers={"mpp": None})
+
+
+def test_a_training_with_zero_epochs_stops_before_any_work(tmp_path):
+    from monai.bundle import ConfigWorkflow
+
+    from scripts.errors import bundle_error_in
+
+    flow = ConfigWorkflow(
+        config_file=str(CONFIGS / "train.json"),
+        workflow_type="train",
+        bundle_root=str(BUNDLE_ROOT),
+        dataset_dir=str(tmp_path / "absent"),
+        ckpt_dir=str(tmp_path / "models"),
+        epochs=0,
+    )
+    with pytest.raises(Exception) as err:
+        flow.initialize()
+    assert str(bundle_error_in(err.value)) == "--epochs must be a whole number of at least 1, got 0"
+    assert not (tmp_path / "models").exists()

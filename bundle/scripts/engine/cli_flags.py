@@ -95,3 +95,33 @@ def check_overrides(argv: list[str] | None = None) -> None:
             f"unknown option --{name}: no id of that name in {', '.join(Path(f).name for f in files)}, so it would "
             f"be ignored{hint}"
         )
+
+
+def check_values(
+    positive_ints: dict[str, Any] | None = None,
+    non_negative_ints: dict[str, Any] | None = None,
+    positive_numbers: dict[str, Any] | None = None,
+) -> None:
+    """Refuse option values that cannot work, before any work, each in one line naming the option.
+
+    Args:
+        positive_ints: options that must be whole numbers of at least 1 (epochs, batch sizes, intervals).
+        non_negative_ints: options that must be whole numbers of at least 0 (worker counts).
+        positive_numbers: options that must be numbers above 0 (learning rate, µm per pixel); None is allowed
+            (not set).
+    """
+    for name, value in (positive_ints or {}).items():
+        _whole(name, value, 1)
+    for name, value in (non_negative_ints or {}).items():
+        _whole(name, value, 0)
+    for name, value in (positive_numbers or {}).items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0 or value != value:
+            raise ConfigError(f"--{name} must be a number above 0, got {value!r}")
+
+
+def _whole(name: str, value: Any, least: int) -> None:
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    if not whole or value < least:
+        raise ConfigError(f"--{name} must be a whole number of at least {least}, got {value!r}")
