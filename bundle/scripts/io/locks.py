@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from scripts.errors import ConfigError
+from scripts.io.atomic import require_writable
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +143,7 @@ def lock_output_folder(folder: str | os.PathLike) -> FolderLock:
     Args:
         folder: the run's output folder (`@output_dir`).
     """
+    require_writable(folder, "output_dir")  # a file or a read-only folder there: one message, not an OSError
     return FolderLock(Path(folder) / OUTPUT_LOCK, f"the output folder {folder}").acquire()
 
 
