@@ -143,8 +143,20 @@ def lock_output_folder(folder: str | os.PathLike) -> FolderLock:
     Args:
         folder: the run's output folder (`@output_dir`).
     """
+    folder = Path(folder)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
     require_writable(folder, "output_dir")  # a file or a read-only folder there: one message, not an OSError
-    return FolderLock(Path(folder) / OUTPUT_LOCK, f"the output folder {folder}").acquire()
+    atexit.register(_remove_empty, created)  # registered before the lock's release, so it runs after it
+    return FolderLock(folder / OUTPUT_LOCK, f"the output folder {folder}").acquire()
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a run created for its outputs if it wrote nothing there (it stopped before any work)."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _describe(holder: dict) -> str:
