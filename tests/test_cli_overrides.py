@@ -20,6 +20,7 @@ def argv(configs: list[str], *options: str) -> list[str]:
     "configs, option, suggestion",
     [
         (["train.json"], "--epoch", "--epochs"),
+        (["train.json"], "--optimiser#lr", "--optimizer"),  # a new key is fine only under an existing component
         (["train.json", "inference.json"], "--outputdir", "--output_dir"),
         (["train.json", "inference.json"], "--tile_size", "--roi_size"),  # a slide option, without inference_wsi.json
     ],
@@ -33,7 +34,7 @@ def test_a_misspelt_or_misplaced_option_is_refused(configs, option, suggestion):
 def test_every_documented_kind_of_option_passes():
     options = ["--epochs", "3", "--instances#energy_threshold=0.1", "--train#dataloader#num_workers", "0"]
     options += ["--tracking", "mlflow", "--tracking_uri", "sqlite:///x.db", "--logging_file", "configs/logging.conf"]
-    options += ["--init_checkpoint", "m.pt", "--bundle_root", "."]
+    options += ["--init_checkpoint", "m.pt", "--bundle_root", ".", "--optimizer#momentum", "0.9"]  # a new argument
     check_overrides(argv(["train.json", "finetune.json"], *options))
     check_overrides(argv(["train.json", "inference.json", "inference_wsi.json"], "--tile_size", "512", "--mpp", "0.5"))
 

@@ -34,15 +34,21 @@ RUN_OPTIONS = frozenset(
 )
 
 
-def _config_ids(value: Any, prefix: str = "") -> set[str]:
-    """Every id a config defines, nested ones joined with '#' ("instances#min_size", "train#handlers#0")."""
+def _config_ids(value: Any, prefix: str = "") -> tuple[set[str], set[str]]:
+    """Every id a config defines, nested ones joined with '#' ("instances#min_size", "train#handlers#0"), and those
+    of them that are dicts (a component's arguments, to which an option may add one: `--optimizer#momentum 0.9`)."""
     ids: set[str] = set()
+    dicts: set[str] = set()
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, child in items:
         name = f"{prefix}{str(key).lstrip('+')}"
         ids.add(name)
-        ids |= _config_ids(child, name + "#")
-    return ids
+        if isinstance(child, dict):
+            dicts.add(name)
+        child_ids, child_dicts = _config_ids(child, name + "#")
+        ids |= child_ids
+        dicts |= child_dicts
+    return ids, dicts
 
 
 def _argv_config_files(argv: list[str]) -> list[str]:
@@ -76,16 +82,23 @@ def check_overrides(argv: list[str] | None = None) -> None:
     if not files:
         return
     ids: set[str] = set()
+    dicts: set[str] = set()
     for path in files:
         try:
-            ids |= _config_ids(json.loads(Path(path).read_text(encoding="utf-8")))
+            file_ids, file_dicts = _config_ids(json.loads(Path(path).read_text(encoding="utf-8")))
         except (OSError, ValueError):
             return  # monai.bundle itself reports a config it cannot read
+        ids |= file_ids
+        dicts |= file_dicts
     from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS  # noqa: PLC0415 - only the command line needs MONAI here
 
     ids |= set(DEFAULT_MLFLOW_SETTINGS["configs"])  # --tracking mlflow adds these
     names = [token[2:].split("=", 1)[0] for token in argv if token.startswith("--") and len(token) > 2]
-    unknown = [name for name in names if name not in RUN_OPTIONS and name not in ids]
+    unknown = [
+        name
+        for name in names
+        if name not in RUN_OPTIONS and name not in ids and not ("#" in name and name.rsplit("#", 1)[0] in dicts)
+    ]
     if unknown:
         name = unknown[0]
         top = sorted({i for i in ids if "#" not in i} | RUN_OPTIONS)
