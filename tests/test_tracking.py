@@ -24,7 +24,7 @@ def test_tracking_mlflow_logs_parameters_metrics_and_the_model(tmp_path):
         "--features",
         "[8, 8, 16, 32, 64, 8]",
     )
-    assert "logged 13 parameters" in proc.stdout + proc.stderr
+    assert "logged 14 parameters" in proc.stdout + proc.stderr
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'eval' / 'mlruns.db'}")
     experiment = client.get_experiment_by_name("pannuke_nuclei")
     runs = client.search_runs([experiment.experiment_id])
@@ -32,6 +32,7 @@ def test_tracking_mlflow_logs_parameters_metrics_and_the_model(tmp_path):
     assert len(trained) == 1
     run = trained[0]
     assert run.data.params["learning_rate"] == "0.001" and run.data.params["target"] == "hv"
+    assert "Neoplastic" in run.data.params["classes"]  # the class list a run trained on
     assert run.data.params["max_epochs"] == "2"  # MONAI's own parameters are there too
     assert "train_loss" in run.data.metrics
     history = [m.value for m in client.get_metric_history(run.info.run_id, "train_loss")]
