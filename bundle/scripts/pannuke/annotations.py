@@ -165,22 +165,29 @@ def parse_geojson(path: Path) -> tuple[list[Nucleus], AnnotationStats]:
     return nuclei, stats
 
 
-def _mask(nucleus: Nucleus, shape: tuple[int, int]) -> tuple[np.ndarray, bool, bool]:
-    """Pixels of one object inside an image of `shape` (row, col arrays), and whether it was clipped / wholly out."""
-    inside = np.zeros(shape, dtype=bool)
-    clipped = False
+def _pixels(nucleus: Nucleus, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, bool, bool]:
+    """Pixels of one object inside an image of `shape` (row, column arrays), and whether it was clipped / wholly out.
+
+    Drawn on the object's bounding box (clipped to the image), not on a whole-image array: an image of thousands of
+    nuclei would otherwise hold one image-sized mask per nucleus.
+    """
+    outer = np.concatenate([rings[0] for rings in nucleus.parts]) - 0.5  # pixel centres at (c + 0.5, r + 0.5)
+    xs, ys = outer[:, 0], outer[:, 1]
+    clipped = bool(xs.min() < -0.5 or ys.min() < -0.5 or xs.max() > shape[1] - 0.5 or ys.max() > shape[0] - 0.5)
+    r0, c0 = max(0, int(np.floor(ys.min()))), max(0, int(np.floor(xs.min())))
+    r1, c1 = min(shape[0], int(np.ceil(ys.max())) + 1), min(shape[1], int(np.ceil(xs.max())) + 1)
+    if r1 <= r0 or c1 <= c0:
+        return np.zeros(0, np.intp), np.zeros(0, np.intp), False, True
+    inside = np.zeros((r1 - r0, c1 - c0), dtype=bool)
     for rings in nucleus.parts:
-        part = np.zeros(shape, dtype=bool)
+        part = np.zeros_like(inside)
         for k, ring in enumerate(rings):
-            xs, ys = ring[:, 0] - 0.5, ring[:, 1] - 0.5  # pixel centres at (c + 0.5, r + 0.5)
-            if k == 0:
-                clipped |= bool(xs.min() < -0.5 or ys.min() < -0.5 or xs.max() > shape[1] - 0.5)
-                clipped |= bool(ys.max() > shape[0] - 0.5)
-            rr, cc = draw_polygon(ys, xs, shape=shape)
+            rr, cc = draw_polygon(ring[:, 1] - 0.5 - r0, ring[:, 0] - 0.5 - c0, shape=inside.shape)
             part[rr, cc] = k == 0  # the outer ring paints, holes erase
         inside |= part
-    wholly_out = clipped and not inside.any()
-    return inside, clipped and not wholly_out, wholly_out
+    rr, cc = np.nonzero(inside)
+    wholly_out = clipped and rr.size == 0
+    return rr + r0, cc + c0, clipped and not wholly_out, wholly_out
 
 
 def rasterise(nuclei: list[Nucleus], shape: tuple[int, int]) -> tuple[np.ndarray, list[int], AnnotationStats]:
@@ -191,19 +198,19 @@ def rasterise(nuclei: list[Nucleus], shape: tuple[int, int]) -> tuple[np.ndarray
     stats = AnnotationStats()
     masks = []
     for k, nucleus in enumerate(nuclei):
-        mask, clipped, outside = _mask(nucleus, shape)
+        rr, cc, clipped, outside = _pixels(nucleus, shape)
         stats.clipped += clipped
         stats.outside += outside
-        if mask.any():
-            masks.append((k, mask))
+        if rr.size:
+            masks.append((k, (rr, cc)))
     inst = np.zeros(shape, dtype=np.uint32)
     painted = np.zeros(shape, dtype=bool)
-    order = sorted(range(len(masks)), key=lambda i: (-int(masks[i][1].sum()), -i))  # equal sizes: earlier on top
+    order = sorted(range(len(masks)), key=lambda i: (-masks[i][1][0].size, -i))  # equal sizes: earlier on top
     for i in order:
-        mask = masks[i][1]
-        stats.overlapping += bool((painted & mask).any())
-        inst[mask] = i + 1
-        painted |= mask
+        pixels = masks[i][1]
+        stats.overlapping += bool(painted[pixels].any())
+        inst[pixels] = i + 1
+        painted[pixels] = True
     present = np.zeros(len(masks) + 1, dtype=bool)
     present[np.unique(inst)] = True
     stats.hidden = int((~present[1:]).sum())

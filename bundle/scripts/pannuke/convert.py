@@ -677,7 +677,7 @@ def check_classes(root: Path, classes: NucleusClasses, replacing_all: bool) -> N
     if existing.names != classes.names:
         raise DataError(
             f"{root} holds folds of the classes {list(existing.names)}, but this conversion has "
-            f"{list(classes.names)}; pass --classes '{','.join(existing.names)}'"
+            f"{list(classes.names)}; pass --classes '{','.join(existing.names)}' "
             "to keep the same list, or convert into another --output_dir"
         )
 
