@@ -97,14 +97,18 @@ def _grow_seeds(interior: np.ndarray, seeds: np.ndarray, foreground: np.ndarray)
     return labels
 
 
-def _drop_small(labels: np.ndarray, min_size: int) -> np.ndarray:
-    """Remove instances under min_size pixels and renumber the rest 1..N, in one look-up."""
-    sizes = np.bincount(labels.ravel())
-    keep = sizes >= min_size
+def _keep(labels: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """The instances whose `keep` entry is True (index = id; entry 0 ignored), renumbered 1..N in one look-up."""
+    keep = keep.copy()
     keep[0] = False
-    lookup = np.zeros(sizes.size, dtype=np.int32)
+    lookup = np.zeros(keep.size, dtype=np.int32)
     lookup[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
     return lookup[labels]
+
+
+def _drop_small(labels: np.ndarray, min_size: int) -> np.ndarray:
+    """Remove instances under min_size pixels and renumber the rest 1..N."""
+    return _keep(labels, np.bincount(labels.ravel()) >= min_size)
 
 
 def _drop_unsure(labels: np.ndarray, nucleus_prob: np.ndarray, min_prob: float) -> np.ndarray:
@@ -114,11 +118,7 @@ def _drop_unsure(labels: np.ndarray, nucleus_prob: np.ndarray, min_prob: float) 
         return labels
     sizes = np.bincount(labels.ravel())
     mean = np.bincount(labels.ravel(), weights=nucleus_prob.ravel(), minlength=sizes.size) / np.maximum(sizes, 1)
-    keep = (mean >= min_prob) & (sizes > 0)
-    keep[0] = False
-    lookup = np.zeros(sizes.size, dtype=np.int32)
-    lookup[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
-    return lookup[labels]
+    return _keep(labels, (mean >= min_prob) & (sizes > 0))
 
 
 def _vote_types(inst: np.ndarray, type_probs: np.ndarray, num_instances: int) -> tuple[np.ndarray, np.ndarray]:
