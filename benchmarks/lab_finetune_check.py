@@ -42,6 +42,7 @@ BUNDLE = REPO / "bundle"
 SHARED = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(BUNDLE))
 from scripts.pannuke.annotations import annotations_geojson  # noqa: E402
+from scripts.pannuke.convert import instance_types  # noqa: E402
 from scripts.scoring.official_protocol import bundle_command  # noqa: E402
 from scripts.scoring.pq import aggregate_scores, score_image  # noqa: E402
 
@@ -101,9 +102,7 @@ def write_lab(work: Path, lab: str, dsb_train: int) -> tuple[Path, Path, dict]:
             if names is None:
                 classes = {int(i): None for i in np.unique(inst[inst > 0])}
             else:
-                types = label["type_map"]
-                ids = np.unique(inst[inst > 0])
-                classes = {int(i): names[int(np.bincount(types[inst == i]).argmax())] for i in ids}
+                classes = {i: names[t] for i, t in instance_types(inst, label["type_map"]).items()}
             (geojson / f"{stem}.geojson").write_text(json.dumps(annotations_geojson(inst, classes)))
     for fold, part in ((1, "train"), (2, "val")):
         folder = work / "qupath" / part
@@ -140,9 +139,10 @@ def score(out: Path, source: Path, stems: list[str], names: dict[int, str] | Non
         true_type = np.zeros_like(true_inst)
         if names is not None:  # source ids -> the lab's sorted class ids
             lut = {src: lab_names.index(name) + 1 for src, name in names.items()}
-            types = label["type_map"]
-            for i in np.unique(true_inst[true_inst > 0]):
-                true_type[true_inst == i] = lut.get(int(np.bincount(types[true_inst == i]).argmax()), 0)
+            per_id = np.zeros(int(true_inst.max()) + 1, dtype=np.int64)
+            for i, source_type in instance_types(true_inst, label["type_map"]).items():
+                per_id[i] = lut.get(source_type, 0)
+            true_type = per_id[true_inst]
         else:
             true_type[true_inst > 0] = 1
         pred_inst = tifffile.imread(out / stem / f"{stem}_instances.tif").astype(np.int64)
