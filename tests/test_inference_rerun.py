@@ -65,7 +65,7 @@ def test_second_run_keeps_outputs_unless_told_to_overwrite(first):
     assert "images_0000: skipped, 5 outputs already in" in log and "--overwrite true" in log
 
     run_bundle("run", INFERENCE, work, *args, "--overwrite", "true", "--save_nifti", "true")
-    assert csv_file.read_text().startswith("id,centroid_x,centroid_y")
+    assert csv_file.read_text().startswith("nucleus_id,x_px,y_px,x_um,y_um")
     assert statuses(work) == {"images_0000": "done", "images_0001": "done"}
     assert (work / "eval" / "images_0000" / "images_0000_instances.nii.gz").is_file()
 

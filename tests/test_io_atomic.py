@@ -83,11 +83,15 @@ def test_csv_cells_a_spreadsheet_would_run_are_neutralised(tmp_path):
     import csv
 
     from scripts.io.atomic import write_csv_rows
-    from scripts.slides.writer import csv_name
+    import numpy as np
+
+    from scripts.io.nucleus_record import NUCLEUS_COLUMNS, csv_lines
 
     rows = [['=HYPERLINK("http://x")', "-0.5000", "+cmd", "@SUM(A1)", "-x", "Colon", 3, -2.5]]
     path = write_csv_rows(tmp_path / "t.csv", ["name", "a", "b", "c", "d", "e", "f", "g"], rows)
     with open(path, newline="") as f:
         read = list(csv.reader(f))[1]
     assert read == ['\'=HYPERLINK("http://x")', "-0.5000", "'+cmd", "'@SUM(A1)", "'-x", "Colon", "3", "-2.5"]
-    assert csv_name("=1+1") == "'=1+1" and csv_name("a,b") == '"a,b"' and csv_name("Tumour") == "Tumour"
+    table = {name: np.zeros(2) for name in NUCLEUS_COLUMNS} | {"type": np.array(["=1+1", "a,b"], dtype=object)}
+    names = [row[NUCLEUS_COLUMNS.index("type")] for row in csv.reader(csv_lines(table))]
+    assert names == ["'=1+1", "a,b"]  # the nucleus record's class names too (one CSV cell each)

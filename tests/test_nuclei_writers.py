@@ -13,19 +13,21 @@ from PIL import Image
 from scipy import ndimage
 
 from scripts.io.nuclei_writers import (
-    instances_to_geojson,
-    measurements_table,
     outline_polygon,
     overlay_image,
     overlay_png,
-    write_csv,
     write_geojson,
     write_label_nifti,
     write_label_tiff,
 )
+from scripts.io.nucleus_record import NUCLEUS_COLUMNS, image_nuclei, nucleus_table, write_nuclei_csv
 from scripts.pannuke.format import TYPE_COLOURS, TYPE_NAMES
 
 H, W = 48, 80  # non-square so a swapped x/y would leave the image
+
+
+def instances_to_geojson(inst, types, probs, tolerance=0.0) -> dict:
+    return image_nuclei(inst, types, probs, tolerance=tolerance)[1]
 
 
 def _shoelace(ring: list[list[int]]) -> float:
@@ -114,7 +116,7 @@ def test_empty_image_gives_empty_outputs(tmp_path) -> None:
     inst = np.zeros((10, 12), dtype=np.int32)
     empty = np.zeros(1, dtype=np.uint8)
     assert instances_to_geojson(inst, empty, empty.astype(np.float32))["features"] == []
-    write_csv(tmp_path / "e.csv", measurements_table(inst, empty, empty.astype(np.float32)))
+    write_nuclei_csv(tmp_path / "e.csv", nucleus_table(inst, empty, empty.astype(np.float32)))
     assert len((tmp_path / "e.csv").read_text().splitlines()) == 1
 
 
@@ -127,20 +129,24 @@ def test_write_geojson_reloads(sample, tmp_path) -> None:
 
 def test_measurements_csv(sample, tmp_path) -> None:
     inst, types, probs, _ = sample
-    table = measurements_table(inst, types, probs)
-    write_csv(tmp_path / "m.csv", table)
+    table = nucleus_table(inst, types, probs)
+    write_nuclei_csv(tmp_path / "m.csv", table)
     with open(tmp_path / "m.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["id"]) for r in rows] == [2, 4, 7, 9]
-    by_id = {int(r["id"]): r for r in rows}
-    assert int(by_id[2]["area"]) == 60 and int(by_id[4]["area"]) == 1 and int(by_id[7]["area"]) == 96
-    assert float(by_id[2]["centroid_x"]) == pytest.approx(67.0)  # mean column of 60..74
-    assert float(by_id[2]["centroid_y"]) == pytest.approx(6.5)  # mean row of 5..8
-    assert (float(by_id[4]["centroid_x"]), float(by_id[4]["centroid_y"])) == (3.0, 40.0)
+    assert tuple(rows[0]) == NUCLEUS_COLUMNS
+    assert [int(r["nucleus_id"]) for r in rows] == [2, 4, 7, 9]
+    by_id = {int(r["nucleus_id"]): r for r in rows}
+    assert float(by_id[2]["area_px"]) == 60 and float(by_id[4]["area_px"]) == 1 and float(by_id[7]["area_px"]) == 96
+    assert float(by_id[2]["area_um2"]) == pytest.approx(60 * 0.25**2, abs=0.01)
+    # pixel-edge convention, as the GeoJSON and QuPath: pixel (r, c) has its centre at (c + 0.5, r + 0.5)
+    assert float(by_id[2]["x_px"]) == pytest.approx(67.5)  # mean column of 60..74, plus half a pixel
+    assert float(by_id[2]["y_px"]) == pytest.approx(7.0)  # mean row of 5..8
+    assert float(by_id[2]["x_um"]) == pytest.approx(67.5 * 0.25, abs=1e-3)
+    assert (float(by_id[4]["x_px"]), float(by_id[4]["y_px"])) == (3.5, 40.5)
     assert by_id[7]["type"] == TYPE_NAMES[4] and int(by_id[7]["type_id"]) == 5
     assert float(by_id[9]["probability"]) == pytest.approx(0.5)
     assert float(by_id[2]["eccentricity"]) > 0.8  # 4 x 15 box is elongated
-    assert float(by_id[2]["perimeter"]) > 0
+    assert float(by_id[2]["perimeter_px"]) > 0
 
 
 def test_label_tiff_round_trips_exactly(sample, tmp_path) -> None:
@@ -184,12 +190,12 @@ def test_overlay_png_draws_type_colours(sample, tmp_path) -> None:
 def test_writers_refuse_to_overwrite(sample, tmp_path) -> None:
     inst, types, probs, image = sample
     fc = instances_to_geojson(inst, types, probs)
-    table = measurements_table(inst, types, probs)
+    table = nucleus_table(inst, types, probs)
     writers = {
         "a.tif": lambda p, **kw: write_label_tiff(p, inst, **kw),
         "a.nii.gz": lambda p, **kw: write_label_nifti(p, inst, **kw),
         "a.geojson": lambda p, **kw: write_geojson(p, fc, **kw),
-        "a.csv": lambda p, **kw: write_csv(p, table, **kw),
+        "a.csv": lambda p, **kw: write_nuclei_csv(p, table, **kw),
         "a.png": lambda p, **kw: overlay_png(p, image, inst, types, **kw),
     }
     for name, write in writers.items():

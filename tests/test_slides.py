@@ -13,7 +13,7 @@ from scripts.slides.progress import SlideProgress
 from scripts.slides.reader import open_slide
 from scripts.slides.tissue import tissue_mask
 from scripts.io.nuclei_writers import simplify_ring
-from scripts.slides.writer import tile_nuclei
+from scripts.io.nucleus_record import nucleus_table
 
 
 def test_a_40x_slide_is_read_at_level_0_and_a_20x_slide_is_upsampled(tmp_path):
@@ -84,8 +84,9 @@ def test_a_nucleus_on_a_tile_corner_comes_out_once():
         inst = np.zeros((140, 140), np.int32)
         y, x = 100 - window[1], 100 - window[0]  # the nucleus, centred just inside the lower-right tile
         inst[y - 5 : y + 7, x - 5 : x + 7] = 1
-        kept += tile_nuclei(inst, inst_types, probs, window, (cx, cy, 100, 100))
-    assert len(kept) == 1 and kept[0][1] == pytest.approx(101.0) and kept[0][3] == 144
+        table = nucleus_table(inst, inst_types, probs, origin=window[:2], core=(cx, cy, 100, 100))
+        kept += [(x, area) for x, area in zip(table["x_px"], table["area_px"], strict=True)]
+    assert len(kept) == 1 and kept[0][0] == pytest.approx(101.0) and kept[0][1] == 144
 
 
 def test_polygons_are_simplified_within_a_pixel():

@@ -73,7 +73,7 @@ def test_outputs_follow_qupath_rules_and_the_summary_adds_up(slide_run):
     assert sum(summary["nuclei_per_type"].values()) == summary["nuclei"]
     assert summary["tissue_mm2"] == pytest.approx(1024 * 768 * 0.25**2 / 1e6, rel=0.15)
     rows = (folder / "case_nuclei.csv").read_text().splitlines()
-    assert rows[0].startswith("nucleus_id,x_px,y_px,x_um,y_um,area_um2") and len(rows) == summary["nuclei"] + 1
+    assert rows[0].startswith("nucleus_id,x_px,y_px,x_um,y_um,area_px,area_um2") and len(rows) == summary["nuclei"] + 1
     for png in ("case_tissue.png", "case_overlay.png"):
         assert Image.open(folder / png).size[0] > 100
 
@@ -83,9 +83,20 @@ def test_slide_nuclei_agree_with_tile_inference_on_the_same_pixels(slide_run, tm
     (tmp_path / "png").mkdir()
     Image.fromarray(pixels).save(tmp_path / "png" / "case.png")
     run_bundle("run", TILES, work, "--input_dir", str(tmp_path / "png"), "--output_dir", str(tmp_path / "out"))
+    tile_csv = (tmp_path / "out" / "case" / "case_nuclei.csv").read_text().splitlines()
+    slide_csv = (work / "eval" / "case" / "case_nuclei.csv").read_text().splitlines()
+    assert tile_csv[0] == slide_csv[0]  # one nucleus record: the same columns
     tile_count = len(json.loads((tmp_path / "out" / "case" / "case_nuclei.geojson").read_text())["features"])
     slide_count = json.loads((work / "eval" / "case" / "case_summary.json").read_text())["nuclei"]
+    assert len(tile_csv) - 1 == tile_count and len(slide_csv) - 1 == slide_count
     assert abs(slide_count - tile_count) <= 0.02 * tile_count, (slide_count, tile_count)
+    from scipy.spatial import cKDTree
+
+    def centroids(rows: list[str]) -> np.ndarray:
+        return np.array([[float(v) for v in row.split(",")[1:3]] for row in rows[1:]])
+
+    distance, _ = cKDTree(centroids(tile_csv)).query(centroids(slide_csv))
+    assert np.median(distance) <= 0.5 and np.mean(distance < 2) > 0.9  # the same centroid convention
 
 
 def test_a_dicom_folder_gives_the_nuclei_of_the_same_pixels_in_a_tiff(slide_run):

@@ -72,5 +72,7 @@ def test_every_tile_read_and_post_processed_trims_the_heap(monkeypatch, tmp_path
         def instances(self, pred):
             return np.zeros(pred.shape[1:], np.int32), np.zeros(1, int), np.zeros(1)
 
-    assert writer.tile_job(NoNuclei(), np.zeros((8, 288, 288), np.float32), planner.plans[0].tiles[0], 1.0, 1.0) == []
+    tile = planner.plans[0].tiles[0]
+    table, outlines = writer.tile_job(NoNuclei(), np.zeros((8, 288, 288), np.float32), tile, 1, 0.25, 1)
+    assert len(table["nucleus_id"]) == 0 and outlines == []
     assert calls == ["read", "post-process"]

@@ -25,7 +25,7 @@ from monai.engines.utils import IterationEvents
 from monai.utils import CommonKeys as Keys
 
 from scripts.inference.writer import NucleiOutputsWriterd
-from scripts.io.nuclei_writers import write_csv
+from scripts.io.atomic import write_csv_rows
 
 logger = logging.getLogger(__name__)
 
@@ -125,13 +125,14 @@ class PerImageGuard:
         lines += [f"  failed: {o.detail}" for o in self.outcomes if o.status == "failed"]
         if self.summary_file:
             path = self.writer.output_dir / self.summary_file
-            write_csv(path, self.table(), overwrite=True)  # a log of this run: replaced by the next run
+            table = self.table()  # a log of this run: replaced by the next run
+            write_csv_rows(path, list(table), zip(*table.values(), strict=True), overwrite=True)
             lines.append(f"  per-image table: {path}")
         (logger.error if counts["failed"] else logger.info)("\n".join(lines))
 
     def table(self) -> dict[str, list]:
         """One column per ImageOutcome field, one row per image; empty cells where a value does not apply."""
-        rows = [["" if v is None else v for v in astuple(o)] for o in self.outcomes]
+        rows = [[_cell(v) for v in astuple(o)] for o in self.outcomes]
         return {f.name: [row[i] for row in rows] for i, f in enumerate(fields(ImageOutcome))}
 
     def raise_if_failed(self) -> None:
@@ -139,3 +140,8 @@ class PerImageGuard:
         failed = self.counts()["failed"]
         if failed:
             raise SystemExit(f"{failed} of {len(self.outcomes)} images failed; see the messages above")
+
+
+def _cell(value: object) -> object:
+    """Seconds to 4 decimals; nothing where a value does not apply."""
+    return "" if value is None else f"{value:.4f}" if isinstance(value, float) else value

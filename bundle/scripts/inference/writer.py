@@ -4,7 +4,7 @@ Per image (name = the input file's stem):
     <name>_instances.tif    lossless label map, one id per nucleus, same H x W as the input (uint16 / uint32)
     <name>_types.tif        PanNuke type 1..5 per nucleus pixel, 0 = background
     <name>_nuclei.geojson   QuPath detections, one classified polygon per nucleus
-    <name>_nuclei.csv       one row per nucleus: id, centroid, area, perimeter, eccentricity, type, probability
+    <name>_nuclei.csv       one row per nucleus: the nucleus record (io/nucleus_record.py), as slides write it
     <name>_overlay.png      the input with each nucleus outlined in its type colour
     <name>_instances.nii.gz the label map as NIfTI, only with save_nifti=True
 A transform rather than a handler so it runs inside the engine's per-image step, where PerImageGuard turns a failed
@@ -34,15 +34,8 @@ from scripts.classes import PANNUKE, NucleusClasses
 from scripts.nuclei.postprocess import as_plane
 from scripts.engine.cli_flags import as_bool
 from scripts.io.atomic import require_writable
-from scripts.io.nuclei_writers import (
-    instances_to_geojson,
-    measurements_table,
-    overlay_png,
-    write_csv,
-    write_geojson,
-    write_label_nifti,
-    write_label_tiff,
-)
+from scripts.io.nuclei_writers import overlay_png, write_geojson, write_label_nifti, write_label_tiff
+from scripts.io.nucleus_record import image_nuclei, write_nuclei_csv
 
 OUTPUT_SUFFIXES = {
     "instances": "_instances.tif",
@@ -73,6 +66,7 @@ class NucleiOutputsWriterd(MapTransform):
         overwrite: replace an image's existing outputs (`@overwrite`).
         save_nifti: also write the instance map as NIfTI (`@save_nifti`).
         tolerance: GeoJSON outlines simplified to within this many pixels (`@polygon_tolerance`).
+        mpp: µm per pixel of the input images, for the µm columns (`@mpp`).
         classes: the model's classes (`@classes`): type names and colours in the GeoJSON, CSV and overlay.
     """
 
@@ -88,12 +82,14 @@ class NucleiOutputsWriterd(MapTransform):
         inst_types_key: str = "inst_types",
         inst_probs_key: str = "inst_probs",
         tolerance: float = 1.0,
+        mpp: float = 0.25,
         classes: NucleusClasses = PANNUKE,
     ) -> None:
         super().__init__(keys=inst_key)
         self.classes = classes
         self.output_dir = require_writable(output_dir, "output_dir")
         self.tolerance = float(tolerance)  # GeoJSON outlines simplified to within this many pixels
+        self.mpp = float(mpp)
         self.overwrite = as_bool(overwrite, "overwrite")  # --overwrite false must not mean True
         self.save_nifti = as_bool(save_nifti, "save_nifti")
         self.name_key, self.image_key = name_key, image_key
@@ -143,9 +139,9 @@ class NucleiOutputsWriterd(MapTransform):
             staged = {kind: staging / path.name for kind, path in paths.items()}
             write_label_tiff(staged["instances"], inst)
             write_label_tiff(staged["types"], type_map)
-            geojson = instances_to_geojson(inst, inst_types, inst_probs, self.tolerance, self.classes)
+            table, geojson = image_nuclei(inst, inst_types, inst_probs, self.classes, self.mpp, self.tolerance)
             write_geojson(staged["geojson"], geojson)
-            write_csv(staged["csv"], measurements_table(inst, inst_types, inst_probs, self.classes))
+            write_nuclei_csv(staged["csv"], table)
             overlay_png(staged["overlay"], image, inst, inst_types, classes=self.classes)
             if self.save_nifti:
                 write_label_nifti(staged["nifti"], inst)

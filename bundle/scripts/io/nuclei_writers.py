@@ -8,8 +8,7 @@ Inputs shared by every writer (one image):
 
 Coordinates: GeoJSON polygons follow QuPath's own labelled-image tracing (ContourTracing): they run along pixel
 edges, so pixel (row r, col c) is the square x in [c, c+1], y in [r, r+1] and a polygon's area equals its pixel
-count. The CSV uses array-index coordinates (pixel centre = integer index, as skimage and HoVer-Net do), so QuPath's
-own "Centroid X px" of an imported polygon is the CSV's centroid_x + 0.5.
+count.  The nucleus record (CSV rows and GeoJSON detections, tiles and slides alike) is built in nucleus_record.py.
 
 Every writer writes a temp file next to the target and renames it into place, so a reader never sees half a file,
 and refuses to replace an existing file unless overwrite=True.
@@ -25,7 +24,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.measure import approximate_polygon
 
-from scripts.io.atomic import atomic_write, write_csv_rows, write_json
+from scripts.io.atomic import atomic_write, write_json
 from scripts.classes import PANNUKE, NucleusClasses
 
 PathLike = str | os.PathLike
@@ -37,7 +36,7 @@ _RIGHT, _DOWN, _LEFT, _UP = (1, 0), (0, 1), (-1, 0), (0, -1)
 # ---------------------------------------------------------------- validation
 
 
-def _check_inst(inst: np.ndarray) -> np.ndarray:
+def check_inst(inst: np.ndarray) -> np.ndarray:
     """Reject label maps that would silently write garbage (floats, 3-D, negative ids)."""
     inst = np.asarray(inst)
     if inst.ndim != 2:
@@ -49,7 +48,7 @@ def _check_inst(inst: np.ndarray) -> np.ndarray:
     return inst
 
 
-def _check_per_instance(
+def check_per_instance(
     inst: np.ndarray, inst_types: np.ndarray, inst_probs: np.ndarray | None, classes: NucleusClasses = PANNUKE
 ) -> np.ndarray:
     """Check the per-id arrays cover every id in inst and every present type is one of `classes`; return ids."""
@@ -87,7 +86,7 @@ def write_label_tiff(path: PathLike, inst: np.ndarray, overwrite: bool = False) 
     """Lossless zlib TIFF of the instance map (uint16, or uint32 past 65535 ids) that QuPath and Fiji open."""
     import tifffile
 
-    inst = _check_inst(inst)
+    inst = check_inst(inst)
     data = inst.astype(_label_dtype(inst))
     return atomic_write(path, lambda tmp: tifffile.imwrite(tmp, data, compression="zlib"), overwrite)
 
@@ -100,7 +99,7 @@ def write_label_nifti(path: PathLike, inst: np.ndarray, overwrite: bool = False)
     """
     import nibabel as nib
 
-    inst = _check_inst(inst)
+    inst = check_inst(inst)
     name = Path(path).name
     if not (name.endswith(".nii") or name.endswith(".nii.gz")):
         raise ValueError(f"{path}: a NIfTI file name must end in .nii or .nii.gz")
@@ -230,93 +229,11 @@ def simplify_ring(ring: list, tolerance: float) -> list:
     return simple.tolist() if len(simple) >= 4 else ring
 
 
-def instances_to_geojson(
-    inst: np.ndarray,
-    inst_types: np.ndarray,
-    inst_probs: np.ndarray,
-    tolerance: float = 0.0,
-    classes: NucleusClasses = PANNUKE,
-) -> dict:
-    """One QuPath detection Feature per nucleus, in (x = column, y = row) pixel-edge coordinates.
-
-    `tolerance` > 0 simplifies each outline to within that many pixels (`simplify_ring`); 0 keeps every step.
-
-    An instance in several pieces, or with holes, is drawn as its largest piece with holes filled (a single Polygon
-    per nucleus keeps QuPath's counts one-per-nucleus); "Area px" still counts every pixel of the id in the label map.
-    The top-level "id" is the label-map id; QuPath only adopts UUID-shaped ids and ignores others, so the id is also
-    kept as the "Nucleus id" measurement (visible in QuPath) and the "nucleus_id" property.
-    """
-    inst = _check_inst(inst)
-    ids = _check_per_instance(inst, inst_types, inst_probs, classes)
-    areas = np.bincount(inst.ravel()) if ids.size else np.zeros(1, dtype=np.int64)
-    boxes = ndimage.find_objects(inst.astype(np.intp, copy=False)) if ids.size else []
-    features = []
-    for nucleus_id in ids.tolist():
-        rows, cols = boxes[nucleus_id - 1]
-        ring = outline_polygon(inst[rows, cols] == nucleus_id, offset_xy=(cols.start, rows.start))
-        ring = simplify_ring(ring, tolerance)
-        measurements = {
-            "Nucleus id": nucleus_id,
-            "Type probability": round(float(inst_probs[nucleus_id]), 6),
-            "Area px": int(areas[nucleus_id]),
-        }
-        type_id = int(inst_types[nucleus_id])
-        features.append(qupath_detection(nucleus_id, ring, type_id, measurements, {"nucleus_id": nucleus_id}, classes))
-    return {"type": "FeatureCollection", "features": features}
-
-
 def write_geojson(path: PathLike, fc: Mapping, overwrite: bool = False) -> Path:
     """Compact UTF-8 GeoJSON; QuPath imports it by drag and drop or File > Import objects."""
     if fc.get("type") != "FeatureCollection":
         raise ValueError("write_geojson expects a GeoJSON FeatureCollection dict (see instances_to_geojson)")
     return write_json(path, fc, overwrite, indent=None)
-
-
-# ---------------------------------------------------------------- measurements
-
-
-def measurements_table(
-    inst: np.ndarray, inst_types: np.ndarray, inst_probs: np.ndarray, classes: NucleusClasses = PANNUKE
-) -> dict[str, np.ndarray]:
-    """Per-nucleus shape and class columns, one row per id present in inst, sorted by id.
-
-    Centroids are array-index coordinates (x = column, y = row; pixel centres on integers).
-    """
-    from skimage.measure import regionprops_table
-
-    inst = _check_inst(inst)
-    _check_per_instance(inst, inst_types, inst_probs, classes)
-    props = regionprops_table(inst, properties=("label", "centroid", "area", "perimeter", "eccentricity"))
-    ids = props["label"].astype(np.int64)
-    type_ids = np.asarray(inst_types)[ids].astype(np.uint8)
-    return {
-        "id": ids,
-        "centroid_x": props["centroid-1"].astype(np.float64),
-        "centroid_y": props["centroid-0"].astype(np.float64),
-        "area": props["area"].astype(np.int64),
-        "perimeter": props["perimeter"].astype(np.float64),
-        "eccentricity": props["eccentricity"].astype(np.float64),
-        "type": np.array([classes.name(t) for t in type_ids.tolist()], dtype=str),
-        "type_id": type_ids,
-        "probability": np.asarray(inst_probs)[ids].astype(np.float32),
-    }
-
-
-def _csv_cell(value: object) -> str:
-    """Floats to 4 decimals (sub-pixel enough, diff-friendly); everything else as text."""
-    if isinstance(value, (float, np.floating)):
-        return f"{float(value):.4f}"
-    return str(value)
-
-
-def write_csv(path: PathLike, table: Mapping[str, np.ndarray], overwrite: bool = False) -> Path:
-    """One header row of column names, then one row per nucleus."""
-    lengths = {name: len(col) for name, col in table.items()}
-    if len(set(lengths.values())) > 1:
-        raise ValueError(f"all table columns must have the same length, got {lengths}")
-    columns = [np.asarray(col).tolist() for col in table.values()]
-    rows = ([_csv_cell(v) for v in row] for row in zip(*columns, strict=True))
-    return write_csv_rows(path, list(table), rows, overwrite)
 
 
 # ---------------------------------------------------------------- overlay
@@ -328,13 +245,13 @@ def overlay_image(
     """Copy of image with each nucleus's inner boundary pixels painted in its type colour."""
     from skimage.segmentation import find_boundaries
 
-    inst = _check_inst(inst)
+    inst = check_inst(inst)
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image must be (H, W, 3) uint8 RGB, got shape {image.shape} dtype {image.dtype}")
     if image.shape[:2] != inst.shape:
         raise ValueError(f"image is {image.shape[:2]} but inst is {inst.shape}; they must be the same size")
-    _check_per_instance(inst, inst_types, None, classes)
+    check_per_instance(inst, inst_types, None, classes)
     out = image.copy()
     edge = find_boundaries(inst, mode="inner") & (inst > 0)
     palette = np.array([(0, 0, 0), *classes.colours], dtype=np.uint8)

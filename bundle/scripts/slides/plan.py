@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 from scripts.engine.cli_flags import as_bool
 from scripts.engine.distributed import is_distributed
 from scripts.errors import DataError
+from scripts.io.nucleus_record import CSV_HEADER
 from scripts.io.atomic import atomic_write, require_writable
 from scripts.slides.progress import SlideProgress
 from scripts.slides.reader import Slide, find_slides, open_slide, slide_name
@@ -150,6 +151,7 @@ class SlidePlanner:
         plan.tissue_mm2 = float(mask.sum()) * (factor * target_mpp / 1000.0) ** 2
         plan.tiles = tile_grid(mask, factor, slide.model_size, self.tile_size, self.margin)
         grid = {"tile_size": self.tile_size, "margin": self.margin, "mpp": slide.mpp, "model_mpp": slide.target_mpp}
+        grid["columns"] = CSV_HEADER.strip()  # progress written with other CSV columns is redone, not appended to
         grid["cores"] = hashlib.sha256(json.dumps([t.core for t in plan.tiles]).encode()).hexdigest()[:16]
         if overwrite or not progress.same_grid(grid):
             progress.reset()

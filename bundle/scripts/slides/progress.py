@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import IO
 
 from scripts.io.atomic import fsync_folder, umask, write_json
+from scripts.io.nucleus_record import CSV_HEADER
 
 GEOJSON_HEAD = '{"type":"FeatureCollection","features":[\n'
 GEOJSON_TAIL = "\n]}\n"
-CSV_HEADER = "nucleus_id,x_px,y_px,x_um,y_um,area_um2,type,type_id,probability\n"
 FSYNC_EVERY = 64  # tiles between fsyncs (a flush per tile already survives a killed process)
 
 

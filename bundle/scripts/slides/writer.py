@@ -30,11 +30,18 @@ from ignite.engine import Engine
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from PIL import Image, ImageDraw
-from scipy import ndimage
 
 from scripts.classes import PANNUKE, NucleusClasses
-from scripts.io.atomic import atomic_write, spreadsheet_safe
-from scripts.io.nuclei_writers import outline_polygon, qupath_detection, simplify_ring
+from scripts.io.atomic import atomic_write
+from scripts.io.nucleus_record import (
+    csv_lines,
+    csv_type_id,
+    nucleus_features,
+    nucleus_outlines,
+    nucleus_table,
+    renumber,
+    renumber_feature,
+)
 from scripts.nuclei.postprocess import NucleiInstancesd
 from scripts.slides.memory import trim_heap
 from scripts.slides.plan import SlidePlan, SlidePlanner, Tile, rank_share
@@ -43,43 +50,16 @@ from scripts.slides.progress import SlideProgress
 logger = logging.getLogger(__name__)
 
 
-def tile_nuclei(
-    inst: np.ndarray, inst_types: np.ndarray, inst_probs: np.ndarray, window: tuple, core: tuple
-) -> list[tuple[int, float, float, int, list[list[float]], float]]:
-    """(id, centroid x, centroid y, area px, outline, probability) in model pixels of the slide, for the nuclei whose
-    centroid falls inside `core`.  `window` is where the tile's pixels lie on the slide."""
-    area = np.bincount(inst.ravel())
-    ids = np.flatnonzero(area[1:]) + 1
-    if ids.size == 0:
-        return []
-    rows, cols = np.indices(inst.shape)
-    cy = np.bincount(inst.ravel(), weights=rows.ravel()) / np.maximum(area, 1)
-    cx = np.bincount(inst.ravel(), weights=cols.ravel()) / np.maximum(area, 1)
-    wx, wy = window[0], window[1]
-    x0, y0, w, h = core
-    boxes = ndimage.find_objects(inst.astype(np.intp, copy=False))
-    out = []
-    for i in ids.tolist():
-        gx, gy = wx + cx[i] + 0.5, wy + cy[i] + 0.5
-        if not (x0 <= gx < x0 + w and y0 <= gy < y0 + h) or int(inst_types[i]) < 1:
-            continue
-        r, c = boxes[i - 1]
-        ring = outline_polygon(inst[r, c] == i, offset_xy=(c.start + wx, r.start + wy))
-        out.append((i, gx, gy, int(area[i]), ring, float(inst_probs[i])))
-    return out
-
-
-def tile_job(instances: NucleiInstancesd, pred: np.ndarray, tile: Tile, scale: float, tolerance: float) -> list:
-    """Post-process one tile: [(type id, centroid x, centroid y, area px, level-0 outline, probability)], in model
-    pixels of the slide but the outline; top level so that a process pool can run it."""
+def tile_job(instances: NucleiInstancesd, pred: np.ndarray, tile: Tile, scale: float, mpp: float, tolerance: float):
+    """Post-process one tile: the record table of the nuclei whose centroid lies in the tile's core, and their
+    outlines in level-0 pixels; top level so that a process pool can run it."""
     trim_heap()  # the previous tile's arrays are freed by now: hand their pages back (here or in a pool's process)
     inst, inst_types, inst_probs = instances.instances(torch.from_numpy(pred))
-    nuclei = tile_nuclei(inst.astype(np.int64), inst_types, inst_probs, tile.window, tile.core)
-    out = []
-    for i, gx, gy, area, ring, prob in nuclei:
-        outline = [[round(x * scale, 2), round(y * scale, 2)] for x, y in simplify_ring(ring, tolerance)]
-        out.append((int(inst_types[i]), gx, gy, area, outline, prob))
-    return out
+    inst = inst.astype(np.int64)
+    origin = tile.window[:2]
+    table = nucleus_table(inst, inst_types, inst_probs, mpp=mpp, origin=origin, scale=scale, core=tile.core)
+    outlines = nucleus_outlines(inst, table["nucleus_id"], origin, scale, tolerance)
+    return table, outlines
 
 
 class SlideNucleiWriterd(MapTransform):
@@ -136,7 +116,7 @@ class SlideNucleiWriterd(MapTransform):
         self.started.setdefault(index, time.perf_counter())
         pred = d.pop(self.pred_key)
         pred = (pred.as_tensor() if isinstance(pred, MetaTensor) else torch.as_tensor(pred)).detach().cpu().numpy()
-        job = (self.instances, pred, plan.tiles[tile_index], plan.slide.scale, self.tolerance)
+        job = (self.instances, pred, plan.tiles[tile_index], plan.slide.scale, plan.slide.target_mpp, self.tolerance)
         if self.workers <= 0:
             self._write(index, tile_index, tile_job(*job))
             return d
@@ -164,19 +144,12 @@ class SlideNucleiWriterd(MapTransform):
                 continue
             self._write(index, tile_index, nuclei)
 
-    def _write(self, index: int, tile_index: int, nuclei: list) -> None:
+    def _write(self, index: int, tile_index: int, nuclei: tuple) -> None:
         plan, progress = self.plans[index], self.progress[index]
-        features, rows, types = [], [], []
-        scale, um = plan.slide.scale, plan.slide.target_mpp
-        for n, (type_id, gx, gy, area, level0, prob) in enumerate(nuclei):
-            nucleus_id = progress.nuclei + n + 1
-            features.append(_feature(nucleus_id, level0, type_id, prob, area * um * um, self.classes))
-            rows.append(
-                f"{nucleus_id},{gx * scale:.1f},{gy * scale:.1f},{gx * um:.2f},{gy * um:.2f},{area * um * um:.2f},"
-                f"{csv_name(self.classes.name(type_id))},{type_id},{prob:.4f}\n"
-            )
-            types.append(type_id)
-        progress.add_tile(tile_index, features, rows, types)
+        table, outlines = nuclei
+        table = renumber(table, progress.nuclei + 1)
+        features = [_text(f) for f in nucleus_features(table, outlines, self.classes)]
+        progress.add_tile(tile_index, features, csv_lines(table), table["type_id"].tolist())
         if self.world == 1 and len(progress.done) == len(plan.tiles):
             self._finish(index)
 
@@ -261,11 +234,9 @@ class SlideNucleiWriterd(MapTransform):
                 features, rows, types = [], [], []
                 for n, (feature, row) in enumerate(zip(json.loads(f"[{text}]"), lines, strict=True)):
                     nucleus_id = whole.nuclei + n + 1
-                    feature["id"] = nucleus_id
-                    features.append(json.dumps(feature, separators=(",", ":"), ensure_ascii=False))
-                    fields = row.split(",")
-                    rows.append(",".join([str(nucleus_id), *fields[1:]]))
-                    types.append(int(fields[7]))
+                    features.append(_text(renumber_feature(feature, nucleus_id)))
+                    rows.append(str(nucleus_id) + row[row.index(",") :])
+                    types.append(csv_type_id(row))
                 whole.add_tile(tile.index, features, rows, types)
         finally:
             for pair in files:
@@ -298,16 +269,8 @@ def default_workers(device: torch.device) -> int:
     return max(1, (os.cpu_count() or 2) // (2 * ranks_here))
 
 
-def _feature(nucleus_id: int, ring: list, type_id: int, prob: float, area_um2: float, classes: NucleusClasses) -> str:
-    measurements = {"Type probability": round(prob, 4), "Area µm^2": round(area_um2, 2)}
-    feature = qupath_detection(nucleus_id, ring, type_id, measurements, classes=classes)
+def _text(feature: dict) -> str:
     return json.dumps(feature, separators=(",", ":"), ensure_ascii=False)
-
-
-def csv_name(name: str) -> str:
-    """A class name as one CSV cell: spreadsheet-safe, quoted when it holds a comma, a quote or a line break."""
-    name = spreadsheet_safe(name)
-    return '"' + name.replace('"', '""') + '"' if any(c in name for c in ',"\n\r') else name
 
 
 def _overlay_png(plan: SlidePlan, progress: SlideProgress, classes: NucleusClasses) -> None:
