@@ -12,8 +12,8 @@ import tifffile
 from PIL import Image
 from scipy import ndimage
 
+from scripts.io.qupath import outline_polygon
 from scripts.io.nuclei_writers import (
-    outline_polygon,
     overlay_image,
     overlay_png,
     write_geojson,

@@ -12,7 +12,7 @@ from scripts.slides.plan import SlidePlanner, tile_grid
 from scripts.slides.progress import SlideProgress
 from scripts.slides.reader import open_slide
 from scripts.slides.tissue import tissue_mask
-from scripts.io.nuclei_writers import simplify_ring
+from scripts.io.qupath import simplify_ring
 from scripts.io.nucleus_record import nucleus_table
 
 

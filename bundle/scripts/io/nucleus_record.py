@@ -30,7 +30,8 @@ from skimage.measure import regionprops_table
 
 from scripts.classes import PANNUKE, NucleusClasses
 from scripts.io.atomic import spreadsheet_safe, write_text
-from scripts.io.nuclei_writers import check_inst, check_per_instance, outline_polygon, qupath_detection, simplify_ring
+from scripts.io.nuclei_writers import check_inst, check_per_instance
+from scripts.io.qupath import outline_polygon, qupath_detection, simplify_ring
 
 NUCLEUS_COLUMNS = (
     "nucleus_id",

@@ -232,7 +232,7 @@ def annotations_geojson(
         names: class name per instance id (None = unclassified).
         colours: optional RGB per class name, written as QuPath's `classification.color`.
     """
-    from scripts.io.nuclei_writers import outline_polygon  # noqa: PLC0415 - only this writer needs the tracer
+    from scripts.io.qupath import outline_polygon  # noqa: PLC0415 - only this writer needs the tracer
 
     from scipy import ndimage  # noqa: PLC0415
 
