@@ -40,8 +40,8 @@ def status_mb(field: str) -> float:
 
 def convert_in_this_process(dataset_dir: str, cache_dir: str) -> dict:
     """The child's job: import, note the memory, convert fold 1, report."""
-    from scripts.pannuke.cache import ensure_fold_cache
-    from scripts.pannuke.files import locate_folds
+    from scripts.data.pannuke.cache import ensure_fold_cache
+    from scripts.data.pannuke.files import locate_folds
 
     after_imports = status_mb("VmRSS")
     files = locate_folds(Path(dataset_dir), [1])[1]

@@ -32,10 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bundle"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from postprocess_speed import cpu_name, gt_tile, network_like_probs  # noqa: E402
-from scripts.pannuke.demo_data import make_tile  # noqa: E402
-from scripts.inference.writer import NucleiOutputsWriterd  # noqa: E402
-from scripts.pannuke.format import TILE_SIZE  # noqa: E402
-from scripts.nuclei.postprocess import NucleiInstancesd  # noqa: E402
+from scripts.data.pannuke.demo_data import make_tile  # noqa: E402
+from scripts.workflows.predict.writer import NucleiOutputsWriterd  # noqa: E402
+from scripts.data.pannuke.format import TILE_SIZE  # noqa: E402
+from scripts.model.postprocess import NucleiInstancesd  # noqa: E402
 
 
 def bundle_parser(args: argparse.Namespace, **overrides: object) -> ConfigParser:

@@ -41,10 +41,10 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundle"
 SHARED = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(BUNDLE))
-from scripts.pannuke.annotations import annotations_geojson  # noqa: E402
-from scripts.pannuke.convert import instance_types  # noqa: E402
-from scripts.scoring.official_protocol import bundle_command  # noqa: E402
-from scripts.scoring.pq import aggregate_scores, score_image  # noqa: E402
+from scripts.data.pannuke.annotations import annotations_geojson  # noqa: E402
+from scripts.data.pannuke.convert import instance_types  # noqa: E402
+from scripts.workflows.evaluate.official_protocol import bundle_command  # noqa: E402
+from scripts.workflows.evaluate.pq import aggregate_scores, score_image  # noqa: E402
 
 SHIPPED = BUNDLE / "models" / "pretrained" / "model_fp16.pt"
 CONSEP_NAMES = {1: "other", 2: "inflammatory", 3: "epithelial", 4: "spindle"}
@@ -106,7 +106,7 @@ def write_lab(work: Path, lab: str, dsb_train: int) -> tuple[Path, Path, dict]:
             (geojson / f"{stem}.geojson").write_text(json.dumps(annotations_geojson(inst, classes)))
     for fold, part in ((1, "train"), (2, "val")):
         folder = work / "qupath" / part
-        cmd = [sys.executable, str(BUNDLE / "scripts/pannuke/convert.py"), "--images", str(folder / "images")]
+        cmd = [sys.executable, str(BUNDLE / "scripts/data/pannuke/convert.py"), "--images", str(folder / "images")]
         cmd += ["--annotations", str(folder / "geojson"), "--output_dir", str(data), "--fold", str(fold)]
         cmd += ["--tissue", lab]
         if names is not None:

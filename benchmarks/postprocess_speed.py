@@ -31,10 +31,10 @@ from scipy import ndimage as ndi  # noqa: E402
 from skimage.draw import ellipse  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
-from scripts.pannuke.format import NUM_CLASSES, NUM_TYPES, TILE_SIZE  # noqa: E402
-from scripts.scoring.pq import pq_counts  # noqa: E402
-from scripts.nuclei.postprocess import NucleiInstancesd, instances_from_hv, instances_from_probabilities  # noqa: E402
-from scripts.nuclei.targets import hover_maps, label_map  # noqa: E402
+from scripts.data.pannuke.format import NUM_CLASSES, NUM_TYPES, TILE_SIZE  # noqa: E402
+from scripts.workflows.evaluate.pq import pq_counts  # noqa: E402
+from scripts.model.postprocess import NucleiInstancesd, instances_from_hv, instances_from_probabilities  # noqa: E402
+from scripts.model.targets import hover_maps, label_map  # noqa: E402
 
 BUDGET_MS = 5.0
 

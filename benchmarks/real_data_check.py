@@ -1,7 +1,7 @@
 """Train and score on real H&E pixels: CoNSeP + MoNuSeg for training, CoNSeP test + NuCLS for scoring.
 
 PanNuke is not reachable from the development machines, so this is the project's honest check on real tissue.
-It converts the public sets in ../shared/data with scripts/pannuke/convert.py into a PanNuke-format dataset:
+It converts the public sets in ../shared/data with scripts/data/pannuke/convert.py into a PanNuke-format dataset:
 
   fold 1 (train):      CoNSeP train images 1-24 (patches) + MoNuSeg training images 1-27 (cut into 256² tiles)
   fold 2 (validation): CoNSeP train images 25-27 + MoNuSeg images 28-30 (never scored, only for model selection)
@@ -54,7 +54,7 @@ def _link_subset(src: Path, dst: Path, keep) -> Path:
 def _convert(source: Path, out: Path, fold: int, tissue: str, extra: list[str], append: bool) -> None:
     cmd = [
         sys.executable,
-        str(BUNDLE / "scripts" / "pannuke" / "convert.py"),
+        str(BUNDLE / "scripts" / "data" / "pannuke" / "convert.py"),
         "--images",
         str(source / "images"),
         "--masks",
@@ -112,7 +112,7 @@ def main() -> int:
         print(f"{SHARED} is absent: nothing to check")
         return 1
     sys.path.insert(0, str(BUNDLE))
-    from scripts.scoring.official_protocol import bundle_command
+    from scripts.workflows.evaluate.official_protocol import bundle_command
 
     data = build_dataset(args.work, args.reduced)
     run_dir = args.work / "runs" / args.tag if args.tag else args.work

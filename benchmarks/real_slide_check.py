@@ -33,9 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bundle"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from postprocess_speed import cpu_name  # noqa: E402
-from scripts.pannuke.format import TYPE_COLOURS, TYPE_NAMES  # noqa: E402
-from scripts.slides.plan import SlidePlanner  # noqa: E402
-from scripts.slides.reader import find_slides, open_slide, slide_name  # noqa: E402
+from scripts.data.pannuke.format import TYPE_COLOURS, TYPE_NAMES  # noqa: E402
+from scripts.workflows.slides.plan import SlidePlanner  # noqa: E402
+from scripts.workflows.slides.reader import find_slides, open_slide, slide_name  # noqa: E402
 
 MAX_WHOLE_PX = 100_000_000
 WSI = ("train.json", "inference.json", "inference_wsi.json")
@@ -82,13 +82,14 @@ def csv_centroids(path: Path, input_px_per_model_px: float) -> tuple[str, np.nda
     return ",".join(rows[0]), xy / input_px_per_model_px
 
 
-def field_as_slide(image: Path, slide: Path, mpp: float) -> Path:
-    """A real image written as a 3-level pyramidal OME-TIFF at `mpp` µm/px (JPEG tiles, as scanners write)."""
+def field_as_slide(image: Path, slide: Path, mpp: float, compression: str) -> Path:
+    """A real image written as a 3-level pyramidal OME-TIFF at `mpp` µm/px, in 256² tiles: JPEG as scanners write,
+    or zlib to give both workflows exactly the same pixels."""
     import tifffile
 
     pixels = np.asarray(Image.open(image).convert("RGB"))
     slide.parent.mkdir(parents=True, exist_ok=True)
-    options = dict(tile=(256, 256), compression="jpeg", photometric="rgb")
+    options = dict(tile=(256, 256), compression=compression, photometric="rgb")
     with tifffile.TiffWriter(slide, bigtiff=True, ome=True) as tif:
         metadata = {"PhysicalSizeX": mpp, "PhysicalSizeY": mpp}
         resolution = dict(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
@@ -163,6 +164,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("slides", nargs="*", type=Path)
     parser.add_argument("--field", type=Path, help="a real H&E image to write as a slide and check")
+    parser.add_argument("--compression", default="jpeg", choices=("jpeg", "zlib"), help="of the --field slide")
     parser.add_argument("--mpp", type=float, default=None, help="µm/px for slides that do not record it")
     parser.add_argument("--work", type=Path, default=Path("/tmp/real_slides"))
     args = parser.parse_args()
@@ -171,7 +173,9 @@ def main() -> None:
     print(f"machine: CPU ({cpu_name()}), torch {torch.__version__}")
     if args.field is not None:
         mpp = 0.25 if args.mpp is None else args.mpp
-        args.slides.append(field_as_slide(args.field, args.work / "field" / f"{args.field.stem}.ome.tif", mpp))
+        args.slides.append(
+            field_as_slide(args.field, args.work / "field" / f"{args.field.stem}.ome.tif", mpp, args.compression)
+        )
     for path in args.slides:
         check(path.resolve(), args.work / path.stem, args.mpp)
 

@@ -20,8 +20,8 @@ from skimage.draw import ellipse
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
 
-from scripts.scoring import pq as pm  # noqa: E402
-from scripts.pannuke.format import NUM_TYPES, TILE_SIZE  # noqa: E402
+from scripts.workflows.evaluate import pq as pm  # noqa: E402
+from scripts.data.pannuke.format import NUM_TYPES, TILE_SIZE  # noqa: E402
 
 FOLD_TILES = 2656
 

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bundle"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from postprocess_speed import cpu_name  # noqa: E402
-from scripts.pannuke.demo_data import make_tile  # noqa: E402
+from scripts.data.pannuke.demo_data import make_tile  # noqa: E402
 
 GLASS, TILE = 242, 256
 

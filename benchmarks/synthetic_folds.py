@@ -1,7 +1,7 @@
 """PanNuke-format folds of any size for the benchmarks, written chunk by chunk so that writing one never needs the
 fold in memory (a full fold is 12.5 GB of float64).  Tiles come from a pool of synthetic tiles
-(scripts/pannuke/demo_data.make_tile) used in turn: the per-tile work of conversion and training does not depend on the
-tiles being distinct, and making 2,656 distinct ones would take minutes.
+(scripts/data/pannuke/demo_data.make_tile) used in turn: the per-tile work of conversion and training does not depend
+on the tiles being distinct, and making 2,656 distinct ones would take minutes.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
-from scripts.pannuke.demo_data import DEMO_TISSUES, make_tile  # noqa: E402
-from scripts.pannuke.files import LAYOUTS  # noqa: E402
-from scripts.pannuke.format import TILE_SIZE  # noqa: E402
+from scripts.data.pannuke.demo_data import DEMO_TISSUES, make_tile  # noqa: E402
+from scripts.data.pannuke.files import LAYOUTS  # noqa: E402
+from scripts.data.pannuke.format import TILE_SIZE  # noqa: E402
 
 FOLD_TILES = 2656
 BYTES_PER_TILE = TILE_SIZE * TILE_SIZE * (3 + 6) * 8  # float64 image + 6-channel mask

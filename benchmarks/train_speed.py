@@ -99,7 +99,7 @@ def model_only_trainer(
     trainer: SupervisedTrainer, batch_size: int, memory_format, steps: int, target: str
 ) -> SupervisedTrainer:
     """The same step on one synthetic batch (image and the config's target) already on the device."""
-    from scripts.nuclei.targets import nuclei_targets
+    from scripts.model.targets import nuclei_targets
 
     device = trainer.state.device
     image = torch.rand(batch_size, 3, 256, 256, device=device).contiguous(memory_format=memory_format)

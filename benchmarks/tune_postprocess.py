@@ -53,8 +53,8 @@ def main() -> None:
         config["features"] = json.loads(args.features)
     for i in range(len(config["initialize"])):
         config.get_parsed_content(f"initialize#{i}")
-    from scripts.scoring.pq import score_image
-    from scripts.nuclei.postprocess import NucleiInstancesd
+    from scripts.workflows.evaluate.pq import score_image
+    from scripts.model.postprocess import NucleiInstancesd
 
     network = config.get_parsed_content("network")
     network.load_state_dict(torch.load(args.checkpoint, map_location="cpu", weights_only=True))

@@ -10,7 +10,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from scripts.scoring.official_protocol import bundle_command
+from scripts.workflows.evaluate.official_protocol import bundle_command
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
 

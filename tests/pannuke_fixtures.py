@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from scripts.pannuke.demo_data import write_demo_dataset
-from scripts.pannuke.files import LAYOUTS
+from scripts.data.pannuke.demo_data import write_demo_dataset
+from scripts.data.pannuke.files import LAYOUTS
 
 
 def write_dataset(root: Path, tiles: tuple[int, int, int] = (3, 2, 2), layout: str = "official") -> Path:
@@ -29,7 +29,7 @@ def write_lab_folder(root: Path, images: int = 6, shape: tuple[int, int] = (256,
     order), with H&E-like colours from the demo generator so that a network can learn something from them."""
     from PIL import Image
 
-    from scripts.pannuke.demo_data import make_tile
+    from scripts.data.pannuke.demo_data import make_tile
 
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "masks").mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from scripts.pannuke.demo_data import make_tile
+from scripts.data.pannuke.demo_data import make_tile
 
 GLASS = 242
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scripts.classes import CLASSES_FILE, read_dataset_classes
-from scripts.errors import DataError
-from scripts.pannuke.annotations import annotations_geojson, parse_geojson, rasterise
-from scripts.pannuke.convert import main
+from scripts.core.classes import CLASSES_FILE, read_dataset_classes
+from scripts.core.errors import DataError
+from scripts.data.pannuke.annotations import annotations_geojson, parse_geojson, rasterise
+from scripts.data.pannuke.convert import main
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -238,7 +238,7 @@ def _convert(lab: Path, out: Path) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable,
         "-m",
-        "scripts.pannuke.convert",
+        "scripts.data.pannuke.convert",
         "--images",
         str(lab / "images"),
         "--masks",

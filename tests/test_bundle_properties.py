@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import BUNDLE_ROOT
 from pannuke_fixtures import write_dataset
-from scripts.pannuke.demo_data import make_tile
+from scripts.data.pannuke.demo_data import make_tile
 
 CONFIGS = BUNDLE_ROOT / "configs"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from conftest import BUNDLE_ROOT
-from scripts.engine.cli_flags import check_overrides
-from scripts.errors import ConfigError
+from scripts.core.flags import check_overrides
+from scripts.core.errors import ConfigError
 
 CONFIGS = BUNDLE_ROOT / "configs"
 
@@ -58,7 +58,7 @@ def test_in_process_workflows_are_not_checked_against_this_process_argv():
     ],
 )
 def test_values_that_cannot_work_are_one_line_naming_the_option(kind, name, value):
-    from scripts.engine.cli_flags import check_values
+    from scripts.core.flags import check_values
 
     with pytest.raises(ConfigError, match=f"^--{name} must be "):
         check_values(**{kind: {name: value}})
@@ -68,7 +68,7 @@ def test_values_that_cannot_work_are_one_line_naming_the_option(kind, name, valu
 def test_a_training_with_zero_epochs_stops_before_any_work(tmp_path):
     from monai.bundle import ConfigWorkflow
 
-    from scripts.errors import bundle_error_in
+    from scripts.core.errors import bundle_error_in
 
     flow = ConfigWorkflow(
         config_file=str(CONFIGS / "train.json"),

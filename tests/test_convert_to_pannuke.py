@@ -12,8 +12,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from scripts.pannuke.convert import main, tile_origins
-from scripts.pannuke.format import NUM_TYPES, TILE_SIZE
+from scripts.data.pannuke.convert import main, tile_origins
+from scripts.data.pannuke.format import NUM_TYPES, TILE_SIZE
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundle"
 CONSEP_TEST = Path("/work/shared/data/consep/test")
@@ -260,7 +260,7 @@ def test_unusable_images_and_missing_types_get_clear_errors(tmp_path: Path, caps
 
 def test_16bit_images_are_read_as_inference_reads_them(tmp_path: Path) -> None:
     """One reader for the converter and inference: a 16-bit TIFF is scaled to 8 bits, not refused."""
-    from scripts.io.images import read_rgb
+    from scripts.data.images import read_rgb
 
     image = _write_set(tmp_path, "g", (256, 256), mask_format="tif")
     (tmp_path / "images" / "g.png").unlink()
@@ -293,7 +293,7 @@ def test_bad_arguments_fail_before_reading(tmp_path: Path, capsys) -> None:
 
 @pytest.mark.parametrize("how", ["file", "module"])
 def test_help(how: str) -> None:
-    cmd = ["scripts/pannuke/convert.py"] if how == "file" else ["-m", "scripts.pannuke.convert"]
+    cmd = ["scripts/data/pannuke/convert.py"] if how == "file" else ["-m", "scripts.data.pannuke.convert"]
     out = subprocess.run([sys.executable, *cmd, "--help"], cwd=BUNDLE, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     for option in ("--images", "--masks", "--class_map", "--append", "--overwrite", "--skip_bad", "--stride"):
@@ -350,7 +350,7 @@ def test_split_shares_whole_images_out_into_three_folds(tmp_path: Path) -> None:
 def test_split_gives_every_fold_an_image_and_refuses_too_few(tmp_path: Path, capsys) -> None:
     from pannuke_fixtures import write_lab_folder
 
-    from scripts.pannuke.convert import split_pairs
+    from scripts.data.pannuke.convert import split_pairs
 
     pairs = list(range(5))
     shares = split_pairs(pairs, (0.98, 0.01, 0.01), seed=0)
@@ -402,7 +402,7 @@ def test_too_little_free_space_is_refused_before_writing(tmp_path: Path, capsys,
 def test_a_disk_that_fills_up_is_named_and_cleaned_up(tmp_path: Path, capsys, monkeypatch) -> None:
     import errno
 
-    import scripts.pannuke.convert as convert
+    import scripts.data.pannuke.convert as convert
 
     _write_set(tmp_path, "a", (256, 256))
 
@@ -433,7 +433,8 @@ def test_the_converter_needs_neither_torch_nor_monai():
     """A lab converts its annotations on any machine, quickly: the converter is numpy, scikit-image and PIL only."""
     code = (
         "import sys; sys.argv = ['convert', '--help']; import runpy\n"
-        "try:\n    runpy.run_path('scripts/pannuke/convert.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        "try:\n    runpy.run_path('scripts/data/pannuke/convert.py', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
         "heavy = sorted(m for m in ('torch', 'monai', 'ignite') if m in sys.modules)\n"
         "print('HEAVY', heavy)"
     )

@@ -1,7 +1,7 @@
 import numpy as np
 
 from pannuke_fixtures import fold_path
-from scripts.pannuke.demo_data import make_tile, write_demo_dataset
+from scripts.data.pannuke.demo_data import make_tile, write_demo_dataset
 
 
 def test_demo_dataset_has_the_pannuke_format(tmp_path):

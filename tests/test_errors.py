@@ -7,7 +7,7 @@ import sys
 
 from conftest import BUNDLE_ROOT
 
-from scripts.errors import BundleError, DataError, ModelError, bundle_error_in, report_bundle_errors
+from scripts.core.errors import BundleError, DataError, ModelError, bundle_error_in, report_bundle_errors
 
 
 def _raise_wrapped():
@@ -40,7 +40,7 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 
 def test_importing_scripts_installs_it_and_unexpected_errors_keep_their_traceback():
-    proc = _run("import scripts\nfrom scripts.errors import ModelError\nraise ModelError('no weights at m.pt')")
+    proc = _run("import scripts\nfrom scripts.core.errors import ModelError\nraise ModelError('no weights at m.pt')")
     assert proc.returncode == 1 and proc.stderr == "error: no weights at m.pt\n"
     proc = _run("import scripts\nraise KeyError('bug')")
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "KeyError" in proc.stderr

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from scripts.engine.handlers import StopOnNonFiniteLoss
-from scripts.errors import ModelError
+from scripts.workflows.engine.handlers import StopOnNonFiniteLoss
+from scripts.core.errors import ModelError
 
 
 def _epoch(handler: StopOnNonFiniteLoss, losses: list[float], epoch: int = 1) -> None:

@@ -17,7 +17,7 @@ from monai.bundle import ConfigParser
 from skimage.draw import disk
 
 from conftest import BUNDLE_ROOT
-from scripts.pannuke.format import NUM_CLASSES
+from scripts.data.pannuke.format import NUM_CLASSES
 
 ROI = 256
 # (row, col) centres: on the x = 256 seam, on the y = 256 seam, on a 4-window corner, on the x = 192 window start,

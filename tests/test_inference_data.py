@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from scripts.errors import DataError, InferenceError
-from scripts.inference.inputs import InferenceImages, InputImage, find_inputs, read_input, unique_names
+from scripts.core.errors import DataError, InferenceError
+from scripts.workflows.predict.inputs import InferenceImages, InputImage, find_inputs, read_input, unique_names
 
 
 def rgb(h: int = 20, w: int = 30, seed: int = 0) -> np.ndarray:
@@ -105,7 +105,7 @@ def test_an_input_named_with_dots_writes_inside_the_output_folder(tmp_path):
     """`...png` has the stem `..`: as an output name it would write into the parent of --output_dir."""
     from pathlib import Path
 
-    from scripts.slides.reader import slide_name
+    from scripts.workflows.slides.reader import slide_name
 
     image = tmp_path / "...png"
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(image, format="PNG")

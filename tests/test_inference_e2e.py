@@ -21,10 +21,10 @@ from PIL import Image
 
 from bundle_runner import run_bundle
 from conftest import BUNDLE_ROOT
-from scripts.pannuke.demo_data import make_tile
-from scripts.pannuke.format import NUM_CLASSES, TILE_SIZE, TYPE_NAMES
-from scripts.nuclei.targets import label_map
-from scripts.pannuke.cache import masks_to_instances
+from scripts.data.pannuke.demo_data import make_tile
+from scripts.data.pannuke.format import NUM_CLASSES, TILE_SIZE, TYPE_NAMES
+from scripts.model.targets import label_map
+from scripts.data.pannuke.cache import masks_to_instances
 
 pytestmark = pytest.mark.slow
 

@@ -88,8 +88,8 @@ def test_a_failed_write_leaves_the_outputs_complete_or_absent(tmp_path, monkeypa
 
     import numpy as np
 
-    import scripts.inference.writer as writer_module
-    from scripts.inference.writer import NucleiOutputsWriterd
+    import scripts.workflows.predict.writer as writer_module
+    from scripts.workflows.predict.writer import NucleiOutputsWriterd
 
     inst = np.zeros((32, 32), np.int32)
     inst[4:12, 4:12] = 1

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.io.atomic import atomic_write, json_text, write_csv_rows, write_json, write_text
+from scripts.core.atomic import atomic_write, json_text, write_csv_rows, write_json, write_text
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
@@ -67,8 +67,8 @@ def test_csv_rows(tmp_path):
 
 
 def test_an_unwritable_output_folder_is_refused_before_work(tmp_path):
-    from scripts.errors import ConfigError
-    from scripts.io.atomic import require_writable
+    from scripts.core.errors import ConfigError
+    from scripts.core.atomic import require_writable
 
     assert require_writable(tmp_path / "new" / "eval", "output_dir").is_dir()
     (tmp_path / "file").write_text("not a folder")
@@ -82,10 +82,10 @@ def test_csv_cells_a_spreadsheet_would_run_are_neutralised(tmp_path):
     numbers, negative ones included, stay numbers."""
     import csv
 
-    from scripts.io.atomic import write_csv_rows
+    from scripts.core.atomic import write_csv_rows
     import numpy as np
 
-    from scripts.io.nucleus_record import NUCLEUS_COLUMNS, csv_lines
+    from scripts.workflows.predict.nucleus_record import NUCLEUS_COLUMNS, csv_lines
 
     rows = [['=HYPERLINK("http://x")', "-0.5000", "+cmd", "@SUM(A1)", "-x", "Colon", 3, -2.5]]
     path = write_csv_rows(tmp_path / "t.csv", ["name", "a", "b", "c", "d", "e", "f", "g"], rows)

@@ -7,8 +7,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from scripts.errors import DataError
-from scripts.io.images import blend_alpha, read_labels, read_rgb
+from scripts.core.errors import DataError
+from scripts.data.images import blend_alpha, read_labels, read_rgb
 
 
 def rgb(h: int = 20, w: int = 30, seed: int = 0) -> np.ndarray:

@@ -17,11 +17,11 @@ from PIL import Image
 
 from conftest import BUNDLE_ROOT
 from pannuke_fixtures import write_lab_folder
-from scripts.classes import NucleusClasses, checkpoint_classes
-from scripts.engine.weights import start_from
-from scripts.errors import ModelError, bundle_error_in
-from scripts.pannuke.annotations import annotations_geojson
-from scripts.pannuke.convert import main as convert
+from scripts.core.classes import NucleusClasses, checkpoint_classes
+from scripts.model.weights import start_from
+from scripts.core.errors import ModelError, bundle_error_in
+from scripts.data.pannuke.annotations import annotations_geojson
+from scripts.data.pannuke.convert import main as convert
 from slide_fixtures import write_slide
 
 pytestmark = pytest.mark.slow

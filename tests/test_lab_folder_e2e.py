@@ -20,7 +20,7 @@ SMALL = ["--features", "[8, 8, 16, 32, 64, 8]", "--epochs", "1", "--batch_size",
 
 
 def convert(lab, out, *how):
-    cmd = [sys.executable, "-m", "scripts.pannuke.convert", "--images", str(lab / "images"), "--masks"]
+    cmd = [sys.executable, "-m", "scripts.data.pannuke.convert", "--images", str(lab / "images"), "--masks"]
     cmd += [str(lab / "masks"), "--output_dir", str(out), "--tissue", "Colon", *how]
     subprocess.run(cmd, cwd=BUNDLE_ROOT, check=True, capture_output=True, env=ENV, timeout=300)
     return out

@@ -11,9 +11,9 @@ import sys
 import pytest
 import torch
 
-from scripts.engine.checkpointing import LOCK_NAME, TrainingState
-from scripts.errors import ConfigError
-from scripts.io.locks import FolderLock
+from scripts.workflows.engine.checkpointing import LOCK_NAME, TrainingState
+from scripts.core.errors import ConfigError
+from scripts.core.locks import FolderLock
 
 
 @pytest.fixture
@@ -63,8 +63,8 @@ def test_a_second_inference_into_the_same_output_folder_stops_naming_the_first(t
     from monai.bundle import ConfigWorkflow
 
     from conftest import BUNDLE_ROOT
-    from scripts.errors import bundle_error_in
-    from scripts.io.locks import OUTPUT_LOCK
+    from scripts.core.errors import bundle_error_in
+    from scripts.core.locks import OUTPUT_LOCK
 
     out = tmp_path / "out"
     _hold(out / OUTPUT_LOCK, other_run.pid)

@@ -26,7 +26,7 @@ from monai.bundle import ConfigParser
 from bundle_launch import launch, rank_logs
 from conftest import BUNDLE_ROOT
 from pannuke_fixtures import write_dataset
-from scripts.scoring.pq import PER_IMAGE_CSV
+from scripts.workflows.evaluate.pq import PER_IMAGE_CSV
 
 pytestmark = pytest.mark.slow
 
@@ -198,8 +198,8 @@ def test_own_handlers_write_nothing_on_a_secondary_rank(tmp_path):
 
     import torch
 
-    from scripts.engine.checkpointing import BestModelSaver
-    from scripts.engine.handlers import LearningRateLogger, MetricsJSONSaver
+    from scripts.workflows.engine.checkpointing import BestModelSaver
+    from scripts.workflows.engine.handlers import LearningRateLogger, MetricsJSONSaver
 
     state = {"epoch": 1, "best_metric_epoch": 1, "best_metric": 0.5, "key_metric_name": "val_bpq"}
     engine = SimpleNamespace(state=SimpleNamespace(**state, metrics={"val_bpq": 0.5}))
@@ -223,8 +223,8 @@ def test_own_handlers_write_nothing_on_a_secondary_rank(tmp_path):
 
 
 def test_outside_torchrun_the_overlay_says_how_to_start_it():
-    from scripts.engine.distributed import init_distributed
-    from scripts.errors import ConfigError
+    from scripts.core.distributed import init_distributed
+    from scripts.core.errors import ConfigError
 
     outside = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     with mock.patch.dict(os.environ, outside, clear=True), pytest.raises(ConfigError, match="started by torchrun"):

@@ -1,4 +1,4 @@
-"""The output layout (split_output), the loss terms and the class-map transform of scripts/nuclei/head.py."""
+"""The output layout (split_output), the loss terms and the class-map transform of scripts/model/head.py."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.nuclei.head import ClassPredictiond, NucleiLoss, loss_class_weights, split_output
-from scripts.nuclei.targets import nuclei_targets
+from scripts.model.head import ClassPredictiond, NucleiLoss, loss_class_weights, split_output
+from scripts.model.targets import nuclei_targets
 
 
 def two_nuclei_target(target: str = "hv") -> torch.Tensor:
@@ -109,9 +109,9 @@ def test_class_prediction_transform():
 
 def test_balanced_type_weights_count_nuclei_per_type_in_the_training_folds(tmp_path):
     from pannuke_fixtures import write_dataset
-    from scripts.nuclei.head import balanced_type_weights
-    from scripts.pannuke.cache import open_fold_cache
-    from scripts.pannuke.datasets import PanNuke
+    from scripts.model.head import balanced_type_weights
+    from scripts.data.pannuke.cache import open_fold_cache
+    from scripts.data.pannuke.datasets import PanNuke
 
     data = PanNuke(write_dataset(tmp_path / "data"), tmp_path / "cache", folds=[1, 2, 3])
     cache = open_fold_cache(data.cache(1))

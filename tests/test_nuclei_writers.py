@@ -12,16 +12,16 @@ import tifffile
 from PIL import Image
 from scipy import ndimage
 
-from scripts.io.qupath import outline_polygon
-from scripts.io.nuclei_writers import (
+from scripts.core.qupath import outline_polygon
+from scripts.workflows.predict.nuclei_writers import (
     overlay_image,
     overlay_png,
     write_geojson,
     write_label_nifti,
     write_label_tiff,
 )
-from scripts.io.nucleus_record import NUCLEUS_COLUMNS, image_nuclei, nucleus_table, write_nuclei_csv
-from scripts.pannuke.format import TYPE_COLOURS, TYPE_NAMES
+from scripts.workflows.predict.nucleus_record import NUCLEUS_COLUMNS, image_nuclei, nucleus_table, write_nuclei_csv
+from scripts.data.pannuke.format import TYPE_COLOURS, TYPE_NAMES
 
 H, W = 48, 80  # non-square so a swapped x/y would leave the image
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pannuke_fixtures import write_dataset
-from scripts.scoring.official_protocol import (
+from scripts.workflows.evaluate.official_protocol import (
     SPLITS,
     combine_splits,
     format_table,
@@ -14,8 +14,8 @@ from scripts.scoring.official_protocol import (
     split_overrides,
     write_protocol_tables,
 )
-from scripts.errors import ConfigError
-from scripts.scoring.pq import ROW_KEYS, write_score_tables
+from scripts.core.errors import ConfigError
+from scripts.workflows.evaluate.pq import ROW_KEYS, write_score_tables
 
 
 def _scores(tmp_path, name, value, tissues=("Breast", "Colon")):

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from pannuke_fixtures import fold_path, rewrite, write_dataset
-from scripts.pannuke.cache import ensure_fold_cache, open_fold_cache
-from scripts.errors import DataError
-from scripts.pannuke.files import locate_folds
-from scripts.pannuke.cache import masks_to_instances
+from scripts.data.pannuke.cache import ensure_fold_cache, open_fold_cache
+from scripts.core.errors import DataError
+from scripts.data.pannuke.files import locate_folds
+from scripts.data.pannuke.cache import masks_to_instances
 
 
 def _cache(root, tmp_path, fold=1):
@@ -118,7 +118,7 @@ def test_object_array_tissue_names_are_refused_without_unpickling(tmp_path):
 
 def test_large_chunked_fold_matches(tmp_path, monkeypatch):
     """Chunk boundaries do not shift tiles: a fold longer than one chunk converts exactly."""
-    import scripts.pannuke.cache as pc
+    import scripts.data.pannuke.cache as pc
 
     monkeypatch.setattr(pc, "CHUNK_TILES", 2)
     root = write_dataset(tmp_path / "data", tiles=(5, 1, 1))
@@ -132,7 +132,7 @@ def test_large_chunked_fold_matches(tmp_path, monkeypatch):
 
 def _fresh_process(monkeypatch):
     """A new process has checked no checksum yet."""
-    import scripts.pannuke.cache as pc
+    import scripts.data.pannuke.cache as pc
 
     monkeypatch.setattr(pc, "_VERIFIED", set())
 
@@ -196,8 +196,8 @@ def test_a_second_run_waits_for_the_build_and_uses_it(tmp_path, monkeypatch):
     import subprocess
     import sys
 
-    import scripts.pannuke.cache as pc
-    from scripts.errors import ConfigError
+    import scripts.data.pannuke.cache as pc
+    from scripts.core.errors import ConfigError
 
     root = write_dataset(tmp_path / "data")
     files = locate_folds(root, [1])[1]
@@ -221,10 +221,10 @@ def test_overlapping_type_channels_are_recorded_and_scored_on_the_raw_channels(t
 
     from test_pannuke_metric import _overlapping_masks
 
-    from scripts.pannuke.cache import overlapping_tiles
-    from scripts.pannuke.datasets import PanNuke
-    from scripts.scoring.pq import score_image
-    from scripts.scoring.score_handler import PanNukeScoreHandler
+    from scripts.data.pannuke.cache import overlapping_tiles
+    from scripts.data.pannuke.datasets import PanNuke
+    from scripts.workflows.evaluate.pq import score_image
+    from scripts.workflows.evaluate.score_handler import PanNukeScoreHandler
 
     root = write_dataset(tmp_path / "data")
     raw = np.zeros((256, 256, 6))

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from pannuke_fixtures import rewrite, write_dataset
-from scripts.pannuke.datasets import PanNuke, PanNukeDataset, as_fold_list
-from scripts.errors import DataError
+from scripts.data.pannuke.datasets import PanNuke, PanNukeDataset, as_fold_list
+from scripts.core.errors import DataError
 
 
 def test_fold_list_forms():

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from pannuke_fixtures import fold_path, rewrite, write_dataset
-from scripts.errors import DataError
-from scripts.pannuke.demo_data import write_demo_dataset
-from scripts.pannuke.files import locate_folds
+from scripts.core.errors import DataError
+from scripts.data.pannuke.demo_data import write_demo_dataset
+from scripts.data.pannuke.files import locate_folds
 
 
 @pytest.mark.parametrize("layout", ["official", "kaggle"])
@@ -112,8 +112,8 @@ def test_both_layouts_present_is_said(tmp_path, caplog):
 def test_fortran_ordered_arrays_are_read_not_refused(tmp_path):
     import numpy as np
 
-    from scripts.pannuke.cache import read_tiles
-    from scripts.pannuke.files import check_fold_headers, read_npy_header
+    from scripts.data.pannuke.cache import read_tiles
+    from scripts.data.pannuke.files import check_fold_headers, read_npy_header
 
     write_demo_dataset(tmp_path, tiles_per_fold=(3, 1, 1))
     files = locate_folds(tmp_path, [1])[1]

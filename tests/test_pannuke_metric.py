@@ -12,8 +12,8 @@ import torch
 from monai.metrics import compute_panoptic_quality
 from skimage.draw import ellipse
 
-from scripts.scoring import pq as pm
-from scripts.pannuke.format import NUM_TYPES, TYPE_NAMES
+from scripts.workflows.evaluate import pq as pm
+from scripts.data.pannuke.format import NUM_TYPES, TYPE_NAMES
 
 EPS = pm.SQ_EPS
 
@@ -391,7 +391,7 @@ def _overlapping_masks() -> np.ndarray:
 
 
 def test_classes_are_scored_on_their_own_raw_channel_like_the_official_code():
-    from scripts.pannuke.cache import masks_to_instances
+    from scripts.data.pannuke.cache import masks_to_instances
 
     masks = _overlapping_masks()
     true_inst, true_type = masks_to_instances(masks)  # the later channel takes the shared corner

@@ -8,16 +8,16 @@ import torch
 from monai.data import MetaTensor
 from skimage.draw import ellipse
 
-from scripts.pannuke.format import BACKGROUND, BOUNDARY, NUM_CLASSES, NUM_TYPES
-from scripts.scoring.pq import pq_counts
-from scripts.nuclei.postprocess import (
+from scripts.data.pannuke.format import BACKGROUND, BOUNDARY, NUM_CLASSES, NUM_TYPES
+from scripts.workflows.evaluate.pq import pq_counts
+from scripts.model.postprocess import (
     NucleiInstancesd,
     hv_energy,
     instances_from_hv,
     instances_from_probabilities,
     type_map_from_instances,
 )
-from scripts.nuclei.targets import hover_maps, label_map
+from scripts.model.targets import hover_maps, label_map
 
 
 def one_hot_probs(inst: np.ndarray, types: np.ndarray) -> np.ndarray:
@@ -209,7 +209,7 @@ def test_transform_from_bundle_config():
 
     config = {
         "post": {
-            "_target_": "scripts.nuclei.postprocess.NucleiInstancesd",
+            "_target_": "scripts.model.postprocess.NucleiInstancesd",
             "keys": "pred",
             "target": "boundary",
             "min_size": 5,

@@ -18,9 +18,9 @@ from PIL import Image
 
 from bundle_launch import ENV
 from conftest import BUNDLE_ROOT
-from scripts.errors import ModelError
-from scripts.pannuke.demo_data import make_tile
-from scripts.engine.pretrained import export_half_precision, trained_or_shipped
+from scripts.core.errors import ModelError
+from scripts.data.pannuke.demo_data import make_tile
+from scripts.workflows.engine.pretrained import export_half_precision, trained_or_shipped
 
 SHIPPED = BUNDLE_ROOT / "models" / "pretrained" / "model_fp16.pt"
 
@@ -140,7 +140,7 @@ SHARED = BUNDLE_ROOT.parents[1] / "shared" / "data" / "nucls"
 def test_shipped_model_finds_real_nuclei_on_tiles_it_never_saw(tmp_path):
     """Inference as a user runs it, on real NuCLS tiles (a test set of the shipped model), scored against their
     annotations: far from perfect (a CPU-trained model), but clearly segmenting nuclei."""
-    from scripts.scoring.pq import pq_counts
+    from scripts.workflows.evaluate.pq import pq_counts
 
     images = tmp_path / "images"
     images.mkdir()

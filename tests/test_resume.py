@@ -20,9 +20,9 @@ import torch
 
 from bundle_launch import launch, start
 from pannuke_fixtures import write_dataset
-from scripts.errors import ModelError
-from scripts.engine.checkpointing import BestMetricState, BestModelSaver, TrainingState, atomic_save
-from scripts.engine.cli_flags import as_bool
+from scripts.core.errors import ModelError
+from scripts.workflows.engine.checkpointing import BestMetricState, BestModelSaver, TrainingState, atomic_save
+from scripts.core.flags import as_bool
 
 pytestmark = pytest.mark.slow
 

@@ -7,13 +7,13 @@ import pytest
 from PIL import Image
 from slide_fixtures import GLASS, write_slide
 
-from scripts.errors import DataError
-from scripts.slides.plan import SlidePlanner, tile_grid
-from scripts.slides.progress import SlideProgress
-from scripts.slides.reader import open_slide
-from scripts.slides.tissue import tissue_mask
-from scripts.io.qupath import simplify_ring
-from scripts.io.nucleus_record import nucleus_table
+from scripts.core.errors import DataError
+from scripts.workflows.slides.plan import SlidePlanner, tile_grid
+from scripts.workflows.slides.progress import SlideProgress
+from scripts.workflows.slides.reader import open_slide
+from scripts.workflows.slides.tissue import tissue_mask
+from scripts.core.qupath import simplify_ring
+from scripts.workflows.predict.nucleus_record import nucleus_table
 
 
 def test_a_40x_slide_is_read_at_level_0_and_a_20x_slide_is_upsampled(tmp_path):

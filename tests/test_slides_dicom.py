@@ -1,5 +1,5 @@
-"""DICOM whole slides (scripts/slides/dicom.py): a folder of one file per level, found however it is given, read by
-OpenSlide, or by wsidicom alone where OpenSlide is missing, with the same pixels."""
+"""DICOM whole slides (scripts/workflows/slides/dicom.py): a folder of one file per level, found however it is given,
+read by OpenSlide, or by wsidicom alone where OpenSlide is missing, with the same pixels."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from slide_fixtures import slide_pixels, write_aperio_slide, write_dicom_slide
 
-from scripts.errors import DataError
-from scripts.slides.dicom import DicomHandle, slide_files
-from scripts.slides.reader import Slide, find_slides, open_slide, slide_name
+from scripts.core.errors import DataError
+from scripts.workflows.slides.dicom import DicomHandle, slide_files
+from scripts.workflows.slides.reader import Slide, find_slides, open_slide, slide_name
 
 
 @pytest.fixture(scope="module")

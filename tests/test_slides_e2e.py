@@ -12,7 +12,7 @@ from bundle_runner import run_bundle
 from PIL import Image
 from slide_fixtures import write_dicom_slide, write_slide
 
-from scripts.pannuke.format import TYPE_COLOURS, TYPE_NAMES
+from scripts.data.pannuke.format import TYPE_COLOURS, TYPE_NAMES
 
 pytestmark = pytest.mark.slow
 

@@ -1,5 +1,5 @@
-"""scripts/slides/memory.py: memory freed between tiles goes back to the system instead of staying in glibc's heap,
-and the per-tile steps trim: reading (DataLoader workers), post-processing (here or in a pool's processes), and
+"""scripts/workflows/slides/memory.py: memory freed between tiles goes back to the system instead of staying in glibc's
+heap, and the per-tile steps trim: reading (DataLoader workers), post-processing (here or in a pool's processes), and
 handing a tile to the pool (the main process, when a pool post-processes)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ PROGRAM = textwrap.dedent(
     import sys
     import numpy as np
     sys.path.insert(0, {bundle!r})
-    from scripts.slides.memory import trim_heap
+    from scripts.workflows.slides.memory import trim_heap
 
     def rss_mb():
         with open("/proc/self/status") as f:
@@ -57,8 +57,8 @@ def test_every_tile_read_and_post_processed_trims_the_heap(monkeypatch, tmp_path
     import numpy as np
     from slide_fixtures import write_slide
 
-    from scripts.slides import tiles, writer
-    from scripts.slides.plan import SlidePlanner
+    from scripts.workflows.slides import tiles, writer
+    from scripts.workflows.slides.plan import SlidePlanner
 
     calls = []
     monkeypatch.setattr(tiles, "trim_heap", lambda: calls.append("read"))

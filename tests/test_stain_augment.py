@@ -1,6 +1,6 @@
 import torch
 
-from scripts.augment.stain import RandHEStainJitterd, jitter_stains
+from scripts.data.augment.stain import RandHEStainJitterd, jitter_stains
 
 
 def test_identity_jitter_keeps_the_image():

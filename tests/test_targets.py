@@ -4,9 +4,9 @@ import torch
 from monai.transforms import ComputeHoVerMaps
 from skimage.segmentation import find_boundaries
 
-from scripts.pannuke.cache import masks_to_instances
-from scripts.pannuke.format import BOUNDARY
-from scripts.nuclei.targets import (
+from scripts.data.pannuke.cache import masks_to_instances
+from scripts.data.pannuke.format import BOUNDARY
+from scripts.model.targets import (
     BatchNucleiTargets,
     NucleiTargetsd,
     class_count,

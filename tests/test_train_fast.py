@@ -14,9 +14,9 @@ from monai.transforms import RandFlipd, RandRotate90d
 
 from bundle_launch import launch
 from pannuke_fixtures import write_dataset
-from scripts.augment.batch import BatchAffine, BatchFlipRotate90, BatchStainJitter
-from scripts.pannuke.device_tiles import DeviceTiles, identity_collate
-from scripts.pannuke.datasets import PanNuke, PanNukeDataset
+from scripts.data.augment.batch import BatchAffine, BatchFlipRotate90, BatchStainJitter
+from scripts.data.pannuke.device_tiles import DeviceTiles, identity_collate
+from scripts.data.pannuke.datasets import PanNuke, PanNukeDataset
 
 pytestmark = pytest.mark.slow
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from monai.inferers import SimpleInferer
 
-from scripts.nuclei.targets import hover_maps
-from scripts.nuclei.tta import FlipRotateInferer, with_tta
+from scripts.model.targets import hover_maps
+from scripts.model.tta import FlipRotateInferer, with_tta
 
 
 def coded_tiles() -> torch.Tensor:

@@ -10,8 +10,8 @@ import pytest
 import torch
 from monai.networks.nets import BasicUNet
 
-from scripts.engine.weights import WeightsLoader, load_state_dict_file
-from scripts.errors import ModelError
+from scripts.model.weights import WeightsLoader, load_state_dict_file
+from scripts.core.errors import ModelError
 
 FEATURES = (8, 8, 16, 32, 64, 8)
 

@@ -1,1 +1,0 @@
-"""Random augmentation: H&E stain jitter and the batched, on-device version of train.json's augmentation."""

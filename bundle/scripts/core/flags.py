@@ -1,0 +1,140 @@
+"""Options given on the command line: yes/no values, and names that no config defines.
+
+monai.bundle parses overrides with python-fire, which turns `--resume True` into a bool but `--resume true` into the
+string 'true', and any non-empty string, 'false' included, is truthy.  Options read with `as_bool` accept both.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from scripts.core.errors import ConfigError
+
+WORDS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+
+
+def as_bool(value: bool | int | str, name: str) -> bool:
+    """True/False from JSON or the command line ('true', 'False', 1, ...); anything else is an error, not a guess."""
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word not in WORDS:
+        raise ConfigError(f"--{name} must be true or false, got {value!r}")
+    return WORDS[word]
+
+
+# options of `python -m monai.bundle run` itself, not config ids
+RUN_OPTIONS = frozenset(
+    {"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file"}
+)
+
+
+def _config_ids(value: Any, prefix: str = "") -> tuple[set[str], set[str]]:
+    """Every id a config defines, nested ones joined with '#' ("instances#min_size", "train#handlers#0"), and those
+    of them that are dicts (a component's arguments, to which an option may add one: `--optimizer#momentum 0.9`)."""
+    ids: set[str] = set()
+    dicts: set[str] = set()
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in items:
+        name = f"{prefix}{str(key).lstrip('+')}"
+        ids.add(name)
+        if isinstance(child, dict):
+            dicts.add(name)
+        child_ids, child_dicts = _config_ids(child, name + "#")
+        ids |= child_ids
+        dicts |= child_dicts
+    return ids, dicts
+
+
+def _argv_config_files(argv: list[str]) -> list[str]:
+    for i, token in enumerate(argv):
+        if token.startswith("--config_file"):
+            value = token.split("=", 1)[1] if "=" in token else (argv[i + 1] if i + 1 < len(argv) else "")
+            try:
+                parsed = ast.literal_eval(value) if value.strip().startswith("[") else value
+            except (ValueError, SyntaxError):
+                parsed = value
+            return [str(p) for p in (parsed if isinstance(parsed, list | tuple) else [parsed])]
+    return []
+
+
+def check_overrides(argv: list[str] | None = None) -> None:
+    """Refuse a command-line option that names no id of the run's configs (`--epoch 1` for `--epochs`).
+
+    monai.bundle accepts any `--name value` and adds it to the config, where nothing reads it: a typo silently runs
+    with the default (100 epochs, or results written into the bundle folder).  Runs only under `python -m
+    monai.bundle` (or with `argv` given), before any work.
+
+    Args:
+        argv: the command line to check; default: this process's, when it is monai.bundle's command line.
+    """
+    if argv is None:
+        main = sys.modules.get("__main__")
+        if getattr(getattr(main, "__spec__", None), "name", "") != "monai.bundle.__main__":
+            return
+        argv = sys.argv[1:]
+    files = _argv_config_files(argv)
+    if not files:
+        return
+    ids: set[str] = set()
+    dicts: set[str] = set()
+    for path in files:
+        try:
+            file_ids, file_dicts = _config_ids(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            return  # monai.bundle itself reports a config it cannot read
+        ids |= file_ids
+        dicts |= file_dicts
+    from monai.bundle.utils import DEFAULT_MLFLOW_SETTINGS  # noqa: PLC0415 - only the command line needs MONAI here
+
+    ids |= set(DEFAULT_MLFLOW_SETTINGS["configs"])  # --tracking mlflow adds these
+    names = [token[2:].split("=", 1)[0] for token in argv if token.startswith("--") and len(token) > 2]
+    unknown = [
+        name
+        for name in names
+        if name not in RUN_OPTIONS and name not in ids and not ("#" in name and name.rsplit("#", 1)[0] in dicts)
+    ]
+    if unknown:
+        name = unknown[0]
+        top = sorted({i for i in ids if "#" not in i} | RUN_OPTIONS)
+        near = difflib.get_close_matches(name, top, n=1, cutoff=0.6)
+        hint = f"; did you mean --{near[0]}?" if near else "; the options are the ids of the configs (README)"
+        raise ConfigError(
+            f"unknown option --{name}: no id of that name in {', '.join(Path(f).name for f in files)}, so it would "
+            f"be ignored{hint}"
+        )
+
+
+def check_values(
+    positive_ints: dict[str, Any] | None = None,
+    non_negative_ints: dict[str, Any] | None = None,
+    positive_numbers: dict[str, Any] | None = None,
+) -> None:
+    """Refuse option values that cannot work, before any work, each in one line naming the option.
+
+    Args:
+        positive_ints: options that must be whole numbers of at least 1 (epochs, batch sizes, intervals).
+        non_negative_ints: options that must be whole numbers of at least 0 (worker counts).
+        positive_numbers: options that must be numbers above 0 (learning rate, µm per pixel); None is allowed
+            (not set).
+    """
+    for name, value in (positive_ints or {}).items():
+        _whole(name, value, 1)
+    for name, value in (non_negative_ints or {}).items():
+        _whole(name, value, 0)
+    for name, value in (positive_numbers or {}).items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0 or value != value:
+            raise ConfigError(f"--{name} must be a number above 0, got {value!r}")
+
+
+def _whole(name: str, value: Any, least: int) -> None:
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    if not whole or value < least:
+        raise ConfigError(f"--{name} must be a whole number of at least {least}, got {value!r}")

@@ -1,0 +1,1 @@
+"""Data layer: PanNuke folds, the cache, the converter, the one image reader, augmentation."""

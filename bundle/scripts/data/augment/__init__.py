@@ -1,0 +1,1 @@
+"""Augmentation: stain jitter, batch augmentation on the device."""

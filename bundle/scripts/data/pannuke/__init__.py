@@ -1,0 +1,1 @@
+"""PanNuke folds on disk: format, files, cache, datasets, the converter, QuPath annotations."""

@@ -1,1 +1,0 @@
-"""The training engine around MONAI: checkpoints, handlers, torchrun plumbing, TensorBoard panels, shipped weights."""

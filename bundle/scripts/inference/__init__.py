@@ -1,1 +1,0 @@
-"""Inference on a lab's images: finding inputs, running image by image, writing each image's outputs."""

@@ -1,1 +1,0 @@
-"""Reading and writing files: images, nuclei outputs (label maps, GeoJSON, CSV, overlays)."""

@@ -1,0 +1,1 @@
+"""Model layer: training targets, head and loss, post-processing, TTA, loading weights."""

@@ -1,1 +1,0 @@
-"""Nuclei: training targets from instance maps, the output head and its loss, post-processing into instances, TTA."""

@@ -1,1 +1,0 @@
-"""PanNuke data: the format, finding and checking folds, the tile cache, MONAI datasets, demo data, the converter."""

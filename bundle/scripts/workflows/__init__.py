@@ -1,0 +1,1 @@
+"""Workflows: training, evaluation, prediction on images and slides."""

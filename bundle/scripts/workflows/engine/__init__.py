@@ -1,0 +1,1 @@
+"""Training and run plumbing: checkpoints, resume, handlers, tracking, the shipped weights."""

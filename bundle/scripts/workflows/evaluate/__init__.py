@@ -1,0 +1,1 @@
+"""Scoring: official PanNuke PQ per image, tissue and split."""

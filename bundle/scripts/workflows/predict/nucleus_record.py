@@ -1,0 +1,186 @@
+"""The one nucleus record every output is made of: tile inference and slide inference write the same CSV columns,
+the same QuPath detections and the same centroid convention.
+
+Coordinates are pixel edges, as QuPath draws them: pixel (row r, col c) is the square x in [c, c+1], y in [r, r+1],
+so its centre is (c + 0.5, r + 0.5), and a centroid is the mean of its nucleus' pixel centres.  This convention
+survives a change of resolution (a slide analysed at another level: input pixel = model pixel x scale), which the
+array-index convention (centre = c) does not, and it is the convention of the GeoJSON outlines and of QuPath's own
+"Centroid X px".
+
+CSV columns, one row per nucleus (`NUCLEUS_COLUMNS`):
+    nucleus_id                 the nucleus' id in its file (for an image: its id in the `_instances.tif` label map)
+    x_px, y_px, x_um, y_um     centroid in pixels of the input (level 0 of a slide) and in µm
+    area_px, area_um2          area in input pixels and µm²
+    perimeter_px, perimeter_um perimeter (skimage's estimate at the resolution the model saw)
+    eccentricity               of the ellipse with the nucleus' second moments (0 = circle)
+    type, type_id, probability the predicted class, its id (1..K), the class's share of the nucleus' type probability
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+from skimage.measure import regionprops_table
+
+from scripts.core.classes import PANNUKE, NucleusClasses
+from scripts.core.atomic import spreadsheet_safe, write_text
+from scripts.workflows.predict.nuclei_writers import check_inst, check_per_instance
+from scripts.core.qupath import outline_polygon, qupath_detection, simplify_ring
+
+NUCLEUS_COLUMNS = (
+    "nucleus_id",
+    "x_px",
+    "y_px",
+    "x_um",
+    "y_um",
+    "area_px",
+    "area_um2",
+    "perimeter_px",
+    "perimeter_um",
+    "eccentricity",
+    "type",
+    "type_id",
+    "probability",
+)
+CSV_HEADER = ",".join(NUCLEUS_COLUMNS) + "\n"
+TYPE_ID_COLUMN = NUCLEUS_COLUMNS.index("type_id")
+_FORMATS = {"x_px": ".2f", "y_px": ".2f", "x_um": ".3f", "y_um": ".3f", "area_px": ".1f", "area_um2": ".2f"}
+_FORMATS |= {"perimeter_px": ".2f", "perimeter_um": ".2f", "eccentricity": ".4f", "probability": ".4f"}
+
+
+def nucleus_table(
+    inst: np.ndarray,
+    inst_types: np.ndarray,
+    inst_probs: np.ndarray,
+    classes: NucleusClasses = PANNUKE,
+    mpp: float = 0.25,
+    origin: Sequence[float] = (0, 0),
+    scale: float = 1.0,
+    core: Sequence[float] | None = None,
+) -> dict[str, np.ndarray]:
+    """The record's columns for the nuclei of one analysed array, sorted by label id.
+
+    Args:
+        inst, inst_types, inst_probs: the instance map and its per-id type and probability (see nuclei_writers).
+        classes: the model's classes, for the type names.
+        mpp: µm per pixel of `inst` (the model's pixels).
+        origin: (x, y) of `inst`'s top-left corner in the model pixels of the whole image or slide.
+        scale: input pixels per model pixel (1 for an image analysed as it is; a slide read at another level).
+        core: (x, y, w, h) in model pixels: keep only the nuclei whose centroid lies inside (a slide tile keeps the
+            nuclei it is responsible for); None keeps all.
+    """
+    inst = check_inst(inst)
+    check_per_instance(inst, inst_types, inst_probs, classes)
+    props = regionprops_table(inst, properties=("label", "centroid", "area", "perimeter", "eccentricity"))
+    x = origin[0] + props["centroid-1"] + 0.5  # model pixels, pixel-edge convention
+    y = origin[1] + props["centroid-0"] + 0.5
+    keep = np.ones(len(x), bool)
+    if core is not None:
+        x0, y0, w, h = core
+        keep = (x >= x0) & (x < x0 + w) & (y >= y0) & (y < y0 + h)
+    ids = props["label"][keep].astype(np.int64)
+    x, y, area, perimeter = x[keep], y[keep], props["area"][keep], props["perimeter"][keep]
+    type_ids = np.asarray(inst_types)[ids].astype(np.int64)
+    return {
+        "nucleus_id": ids,
+        "x_px": x * scale,
+        "y_px": y * scale,
+        "x_um": x * mpp,
+        "y_um": y * mpp,
+        "area_px": area * scale**2,
+        "area_um2": area * mpp**2,
+        "perimeter_px": perimeter * scale,
+        "perimeter_um": perimeter * mpp,
+        "eccentricity": props["eccentricity"][keep].astype(np.float64),
+        "type": np.array([classes.name(t) for t in type_ids.tolist()], dtype=object),
+        "type_id": type_ids,
+        "probability": np.asarray(inst_probs)[ids].astype(np.float64),
+    }
+
+
+def nucleus_outlines(
+    inst: np.ndarray, ids: np.ndarray, origin: Sequence[int] = (0, 0), scale: float = 1.0, tolerance: float = 0.0
+) -> list[list]:
+    """Each id's closed pixel-edge outline in input pixels, simplified to within `tolerance` model pixels."""
+    boxes = ndimage.find_objects(inst.astype(np.intp, copy=False)) if len(ids) else []
+    outlines = []
+    for nucleus_id in np.asarray(ids).tolist():
+        rows, cols = boxes[nucleus_id - 1]
+        ring = outline_polygon(inst[rows, cols] == nucleus_id, (cols.start + origin[0], rows.start + origin[1]))
+        ring = simplify_ring(ring, tolerance)
+        outlines.append(ring if scale == 1 else [[round(x * scale, 2), round(y * scale, 2)] for x, y in ring])
+    return outlines
+
+
+def nucleus_features(table: dict[str, np.ndarray], outlines: list[list], classes: NucleusClasses = PANNUKE) -> list:
+    """One QuPath detection per row of `table`, with its outline, class and the record's main measurements."""
+    features = []
+    for i, ring in enumerate(outlines):
+        nucleus_id = int(table["nucleus_id"][i])
+        measurements = {
+            "Nucleus id": nucleus_id,
+            "Type probability": round(float(table["probability"][i]), 4),
+            "Area px": round(float(table["area_px"][i]), 2),
+            "Area µm^2": round(float(table["area_um2"][i]), 3),
+        }
+        type_id = int(table["type_id"][i])
+        features.append(qupath_detection(nucleus_id, ring, type_id, measurements, {"nucleus_id": nucleus_id}, classes))
+    return features
+
+
+def renumber_feature(feature: dict, nucleus_id: int) -> dict:
+    """A detection made by `nucleus_features` given another id (everywhere the id appears)."""
+    feature["id"] = feature["properties"]["nucleus_id"] = nucleus_id
+    feature["properties"]["measurements"]["Nucleus id"] = nucleus_id
+    return feature
+
+
+def renumber(table: dict[str, np.ndarray], first: int) -> dict[str, np.ndarray]:
+    """The table with nucleus ids first, first + 1, ... (a slide numbers its nuclei across tiles)."""
+    return {**table, "nucleus_id": np.arange(first, first + len(table["nucleus_id"]), dtype=np.int64)}
+
+
+def csv_lines(table: dict[str, np.ndarray]) -> list[str]:
+    """The rows of `table` as CSV lines in `NUCLEUS_COLUMNS` order (text cells spreadsheet-safe), each ending in
+    a newline."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    columns = [table[name].tolist() for name in NUCLEUS_COLUMNS]
+    for row in zip(*columns, strict=True):
+        writer.writerow(
+            [
+                format(value, _FORMATS[name]) if name in _FORMATS else spreadsheet_safe(value)
+                for name, value in zip(NUCLEUS_COLUMNS, row, strict=True)
+            ]
+        )
+    return buffer.getvalue().splitlines(keepends=True)
+
+
+def csv_type_id(line: str) -> int:
+    """The type id of one CSV line, read by column name (a class name may hold a quoted comma)."""
+    return int(next(csv.reader([line]))[TYPE_ID_COLUMN])
+
+
+def image_nuclei(
+    inst: np.ndarray,
+    inst_types: np.ndarray,
+    inst_probs: np.ndarray,
+    classes: NucleusClasses = PANNUKE,
+    mpp: float = 0.25,
+    tolerance: float = 0.0,
+) -> tuple[dict[str, np.ndarray], dict]:
+    """An image analysed as it is: its record table and its QuPath FeatureCollection (ids = label-map ids)."""
+    table = nucleus_table(inst, inst_types, inst_probs, classes, mpp)
+    outlines = nucleus_outlines(np.asarray(inst), table["nucleus_id"], tolerance=tolerance)
+    return table, {"type": "FeatureCollection", "features": nucleus_features(table, outlines, classes)}
+
+
+def write_nuclei_csv(path: str | os.PathLike, table: dict[str, np.ndarray], overwrite: bool = False) -> Path:
+    """The record table as CSV: the header, then one line per nucleus."""
+    return write_text(path, CSV_HEADER + "".join(csv_lines(table)), overwrite)

@@ -1,0 +1,1 @@
+"""Prediction on whole slides: readers, tissue, tile grid, tiles, writer, progress."""
