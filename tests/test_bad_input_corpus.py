@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from bundle_launch import ENV
-from bundle_runner import run_bundle
+from bundle_launch import ENV, run_bundle
 from conftest import BUNDLE_ROOT
 from pannuke_fixtures import fold_path, rewrite, write_dataset, write_lab_folder
 from PIL import Image

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from bundle_runner import run_bundle
+from bundle_launch import run_bundle
 from pannuke_fixtures import rewrite, write_dataset
 
 pytestmark = pytest.mark.slow

@@ -19,7 +19,7 @@ import torch
 from monai.bundle import ConfigParser
 from PIL import Image
 
-from bundle_runner import run_bundle
+from bundle_launch import run_bundle
 from conftest import BUNDLE_ROOT
 from scripts.data.pannuke.demo_data import make_tile
 from scripts.data.pannuke.format import NUM_CLASSES, TILE_SIZE, TYPE_NAMES
@@ -151,15 +151,18 @@ def test_geojson_csv_and_label_map_describe_the_same_nuclei(run):
         features = json.loads((folder / f"{name}_nuclei.geojson").read_text())["features"]
         with open(folder / f"{name}_nuclei.csv", newline="") as f:
             rows = list(csv.DictReader(f))
-        assert {f["properties"]["nucleus_id"] for f in features} == ids == {int(r["id"]) for r in rows}
+        assert {f["properties"]["nucleus_id"] for f in features} == ids == {int(r["nucleus_id"]) for r in rows}
         assert len(features) == len(rows) == len(ids)
         for feature in features:
             ring = feature["geometry"]["coordinates"][0]
             assert feature["geometry"]["type"] == "Polygon" and ring[0] == ring[-1] and len(ring) >= 5
             assert feature["properties"]["classification"]["name"] in TYPE_NAMES
         for row in rows:
-            nucleus = inst == int(row["id"])
-            assert int(row["area"]) == nucleus.sum()
+            nucleus = inst == int(row["nucleus_id"])
+            assert float(row["area_px"]) == nucleus.sum()
+            rows_at, cols_at = np.nonzero(nucleus)  # centroids on the pixel-edge convention, as slides write them
+            assert abs(float(row["x_px"]) - (cols_at.mean() + 0.5)) < 0.01
+            assert abs(float(row["y_px"]) - (rows_at.mean() + 0.5)) < 0.01
             assert (types[nucleus] == int(row["type_id"])).all() and row["type"] == TYPE_NAMES[int(row["type_id"]) - 1]
         total += len(ids)
     assert total >= 50, f"the fitted model found only {total} nuclei: the checks above were nearly vacuous"

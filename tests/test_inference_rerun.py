@@ -9,7 +9,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from bundle_runner import run_bundle
+from bundle_launch import run_bundle
 from conftest import BUNDLE_ROOT
 from pannuke_fixtures import fold_path, write_dataset
 

@@ -8,8 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from bundle_launch import ENV
-from bundle_runner import run_bundle
+from bundle_launch import ENV, run_bundle
 from conftest import BUNDLE_ROOT
 from pannuke_fixtures import write_lab_folder
 

@@ -12,6 +12,7 @@ import tifffile
 from PIL import Image
 from scipy import ndimage
 
+from scripts.core.classes import PANNUKE
 from scripts.core.qupath import outline_polygon
 from scripts.workflows.predict.nuclei_writers import (
     overlay_image,
@@ -27,7 +28,7 @@ H, W = 48, 80  # non-square so a swapped x/y would leave the image
 
 
 def instances_to_geojson(inst, types, probs, tolerance=0.0) -> dict:
-    return image_nuclei(inst, types, probs, tolerance=tolerance)[1]
+    return image_nuclei(inst, types, probs, PANNUKE, tolerance=tolerance)[1]
 
 
 def _shoelace(ring: list[list[int]]) -> float:
@@ -116,7 +117,7 @@ def test_empty_image_gives_empty_outputs(tmp_path) -> None:
     inst = np.zeros((10, 12), dtype=np.int32)
     empty = np.zeros(1, dtype=np.uint8)
     assert instances_to_geojson(inst, empty, empty.astype(np.float32))["features"] == []
-    write_nuclei_csv(tmp_path / "e.csv", nucleus_table(inst, empty, empty.astype(np.float32)))
+    write_nuclei_csv(tmp_path / "e.csv", nucleus_table(inst, empty, empty.astype(np.float32), PANNUKE))
     assert len((tmp_path / "e.csv").read_text().splitlines()) == 1
 
 
@@ -129,7 +130,7 @@ def test_write_geojson_reloads(sample, tmp_path) -> None:
 
 def test_measurements_csv(sample, tmp_path) -> None:
     inst, types, probs, _ = sample
-    table = nucleus_table(inst, types, probs)
+    table = nucleus_table(inst, types, probs, PANNUKE)
     write_nuclei_csv(tmp_path / "m.csv", table)
     with open(tmp_path / "m.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -190,7 +191,7 @@ def test_overlay_png_draws_type_colours(sample, tmp_path) -> None:
 def test_writers_refuse_to_overwrite(sample, tmp_path) -> None:
     inst, types, probs, image = sample
     fc = instances_to_geojson(inst, types, probs)
-    table = nucleus_table(inst, types, probs)
+    table = nucleus_table(inst, types, probs, PANNUKE)
     writers = {
         "a.tif": lambda p, **kw: write_label_tiff(p, inst, **kw),
         "a.nii.gz": lambda p, **kw: write_label_nifti(p, inst, **kw),

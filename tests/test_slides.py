@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 from slide_fixtures import GLASS, write_slide
 
+from scripts.core.classes import PANNUKE
 from scripts.core.errors import DataError
 from scripts.workflows.slides.plan import SlidePlanner, tile_grid
 from scripts.workflows.slides.progress import SlideProgress
@@ -84,7 +85,7 @@ def test_a_nucleus_on_a_tile_corner_comes_out_once():
         inst = np.zeros((140, 140), np.int32)
         y, x = 100 - window[1], 100 - window[0]  # the nucleus, centred just inside the lower-right tile
         inst[y - 5 : y + 7, x - 5 : x + 7] = 1
-        table = nucleus_table(inst, inst_types, probs, origin=window[:2], core=(cx, cy, 100, 100))
+        table = nucleus_table(inst, inst_types, probs, PANNUKE, origin=window[:2], core=(cx, cy, 100, 100))
         kept += [(x, area) for x, area in zip(table["x_px"], table["area_px"], strict=True)]
     assert len(kept) == 1 and kept[0][0] == pytest.approx(101.0) and kept[0][1] == 144
 

@@ -8,7 +8,7 @@ import json
 
 import numpy as np
 import pytest
-from bundle_runner import run_bundle
+from bundle_launch import run_bundle
 from PIL import Image
 from slide_fixtures import write_dicom_slide, write_slide
 

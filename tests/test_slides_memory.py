@@ -57,6 +57,7 @@ def test_every_tile_read_and_post_processed_trims_the_heap(monkeypatch, tmp_path
     import numpy as np
     from slide_fixtures import write_slide
 
+    from scripts.core.classes import PANNUKE
     from scripts.workflows.slides import tiles, writer
     from scripts.workflows.slides.plan import SlidePlanner
 
@@ -73,6 +74,6 @@ def test_every_tile_read_and_post_processed_trims_the_heap(monkeypatch, tmp_path
             return np.zeros(pred.shape[1:], np.int32), np.zeros(1, int), np.zeros(1)
 
     tile = planner.plans[0].tiles[0]
-    table, outlines = writer.tile_job(NoNuclei(), np.zeros((8, 288, 288), np.float32), tile, 1, 0.25, 1)
+    table, outlines = writer.tile_job(NoNuclei(), np.zeros((8, 288, 288), np.float32), tile, PANNUKE, 1, 0.25, 1)
     assert len(table["nucleus_id"]) == 0 and outlines == []
     assert calls == ["read", "post-process"]

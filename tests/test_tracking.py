@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from bundle_runner import run_bundle
+from bundle_launch import run_bundle
 
 pytestmark = pytest.mark.slow
 

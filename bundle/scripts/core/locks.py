@@ -46,6 +46,7 @@ class FolderLock:
     def __init__(self, path: str | os.PathLike, what: str) -> None:
         self.path, self.what = Path(path), what
         self.held = False
+        self.created: list[Path] = []  # folders made for this lock's run, deepest first: removed at release if empty
 
     def holder(self) -> dict | None:
         """The lock's content, {} if it cannot be read (being written, or damaged), None if there is no lock."""
@@ -89,6 +90,7 @@ class FolderLock:
                 tmp.unlink(missing_ok=True)
             self.held = True
             atexit.register(self.release)
+            HELD.append(self)
             return None
 
     def _remove_stale(self, seen: dict) -> None:
@@ -125,6 +127,7 @@ class FolderLock:
             if holder and holder.get("pid") == os.getpid():
                 self.path.unlink(missing_ok=True)
             self.held = False
+            _remove_empty(self.created)
 
     def __enter__(self) -> FolderLock:
         return self.acquire()
@@ -134,6 +137,14 @@ class FolderLock:
 
 
 OUTPUT_LOCK = ".outputs.lock"
+HELD: list[FolderLock] = []  # locks this process took; released at its exit, or by release_held
+
+
+def release_held() -> None:
+    """Release now every lock this process took: a workflow run inside a longer-lived process (ConfigWorkflow in a
+    notebook, or a test) has ended, and the folders it held are free for the next run, whichever process runs it."""
+    while HELD:
+        HELD.pop().release()
 
 
 def lock_output_folder(folder: str | os.PathLike) -> FolderLock:
@@ -146,8 +157,9 @@ def lock_output_folder(folder: str | os.PathLike) -> FolderLock:
     folder = Path(folder)
     created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
     require_writable(folder, "output_dir")  # a file or a read-only folder there: one message, not an OSError
-    atexit.register(_remove_empty, created)  # registered before the lock's release, so it runs after it
-    return FolderLock(folder / OUTPUT_LOCK, f"the output folder {folder}").acquire()
+    lock = FolderLock(folder / OUTPUT_LOCK, f"the output folder {folder}")
+    lock.created = created  # removed again at release if the run wrote nothing there
+    return lock.acquire()
 
 
 def _remove_empty(folders: list[Path]) -> None:

@@ -28,7 +28,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.measure import regionprops_table
 
-from scripts.core.classes import PANNUKE, NucleusClasses
+from scripts.core.classes import NucleusClasses
 from scripts.core.atomic import spreadsheet_safe, write_text
 from scripts.workflows.predict.nuclei_writers import check_inst, check_per_instance
 from scripts.core.qupath import outline_polygon, qupath_detection, simplify_ring
@@ -58,7 +58,7 @@ def nucleus_table(
     inst: np.ndarray,
     inst_types: np.ndarray,
     inst_probs: np.ndarray,
-    classes: NucleusClasses = PANNUKE,
+    classes: NucleusClasses,
     mpp: float = 0.25,
     origin: Sequence[float] = (0, 0),
     scale: float = 1.0,
@@ -118,7 +118,7 @@ def nucleus_outlines(
     return outlines
 
 
-def nucleus_features(table: dict[str, np.ndarray], outlines: list[list], classes: NucleusClasses = PANNUKE) -> list:
+def nucleus_features(table: dict[str, np.ndarray], outlines: list[list], classes: NucleusClasses) -> list:
     """One QuPath detection per row of `table`, with its outline, class and the record's main measurements."""
     features = []
     for i, ring in enumerate(outlines):
@@ -171,7 +171,7 @@ def image_nuclei(
     inst: np.ndarray,
     inst_types: np.ndarray,
     inst_probs: np.ndarray,
-    classes: NucleusClasses = PANNUKE,
+    classes: NucleusClasses,
     mpp: float = 0.25,
     tolerance: float = 0.0,
 ) -> tuple[dict[str, np.ndarray], dict]:

@@ -50,14 +50,22 @@ from scripts.workflows.slides.progress import SlideProgress
 logger = logging.getLogger(__name__)
 
 
-def tile_job(instances: NucleiInstancesd, pred: np.ndarray, tile: Tile, scale: float, mpp: float, tolerance: float):
+def tile_job(
+    instances: NucleiInstancesd,
+    pred: np.ndarray,
+    tile: Tile,
+    classes: NucleusClasses,
+    scale: float,
+    mpp: float,
+    tolerance: float,
+):
     """Post-process one tile: the record table of the nuclei whose centroid lies in the tile's core, and their
     outlines in level-0 pixels; top level so that a process pool can run it."""
     trim_heap()  # the previous tile's arrays are freed by now: hand their pages back (here or in a pool's process)
     inst, inst_types, inst_probs = instances.instances(torch.from_numpy(pred))
     inst = inst.astype(np.int64)
     origin = tile.window[:2]
-    table = nucleus_table(inst, inst_types, inst_probs, mpp=mpp, origin=origin, scale=scale, core=tile.core)
+    table = nucleus_table(inst, inst_types, inst_probs, classes, mpp=mpp, origin=origin, scale=scale, core=tile.core)
     outlines = nucleus_outlines(inst, table["nucleus_id"], origin, scale, tolerance)
     return table, outlines
 
@@ -116,7 +124,15 @@ class SlideNucleiWriterd(MapTransform):
         self.started.setdefault(index, time.perf_counter())
         pred = d.pop(self.pred_key)
         pred = (pred.as_tensor() if isinstance(pred, MetaTensor) else torch.as_tensor(pred)).detach().cpu().numpy()
-        job = (self.instances, pred, plan.tiles[tile_index], plan.slide.scale, plan.slide.target_mpp, self.tolerance)
+        job = (
+            self.instances,
+            pred,
+            plan.tiles[tile_index],
+            self.classes,
+            plan.slide.scale,
+            plan.slide.target_mpp,
+            self.tolerance,
+        )
         if self.workers <= 0:
             self._write(index, tile_index, tile_job(*job))
             return d
