@@ -224,3 +224,23 @@ def test_outlines_can_be_simplified_to_within_a_pixel() -> None:
     rows, cols = np.nonzero(inst)
     inside = points_in_poly(np.stack([cols + 0.5, rows + 0.5], 1), np.asarray(simple, float))
     assert inside.mean() > 0.95
+
+
+def test_record_measures_are_skimage_regionprops_for_every_nucleus_at_once():
+    """Touching nuclei, nuclei cut by the tile edge, one-pixel and thin ones: the same figures as regionprops."""
+    from skimage.measure import regionprops_table
+
+    from scripts.data.pannuke.cache import masks_to_instances
+    from scripts.data.pannuke.demo_data import make_tile
+    from scripts.workflows.predict.nucleus_record import region_measures
+
+    _, masks = make_tile(np.random.default_rng(11))
+    inst = masks_to_instances(masks)[0].astype(np.int64)
+    inst[0, :7] = inst.max() + 1  # a one-pixel-high nucleus on the top edge
+    inst[200, 200] = inst.max() + 1  # a single pixel
+    assert len(np.unique(inst)) > 25
+    expected = regionprops_table(inst, properties=("label", "centroid", "area", "perimeter", "eccentricity"))
+    found = region_measures(inst)
+    for key, values in expected.items():
+        np.testing.assert_allclose(found[key], values, rtol=1e-9, atol=1e-9, err_msg=key)
+    assert all(len(v) == 0 for v in region_measures(np.zeros((8, 8), np.int64)).values())

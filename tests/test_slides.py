@@ -13,7 +13,7 @@ from scripts.workflows.slides.plan import SlidePlanner, tile_grid
 from scripts.workflows.slides.progress import SlideProgress
 from scripts.workflows.slides.reader import open_slide
 from scripts.workflows.slides.tissue import tissue_mask
-from scripts.core.qupath import simplify_ring
+from scripts.core.qupath import simplify_rings
 from scripts.workflows.predict.nucleus_record import nucleus_table
 
 
@@ -92,7 +92,9 @@ def test_a_nucleus_on_a_tile_corner_comes_out_once():
 
 def test_polygons_are_simplified_within_a_pixel():
     ring = [[x, 0] for x in range(0, 11)] + [[10, y] for y in range(1, 11)] + [[0, 10], [0, 0]]
-    simple = simplify_ring(ring, 1.0)
+    small = [[0, 0], [1, 0], [1, 1], [0, 1], [0, 0]]
+    simple, same = simplify_rings([ring, small], 1.0)
+    assert same == small and simplify_rings([ring], 0) == [ring]
     assert len(simple) < len(ring) and simple[0] == simple[-1]
     assert {tuple(p) for p in simple} >= {(0, 0), (10, 0), (10, 10), (0, 10)}
 

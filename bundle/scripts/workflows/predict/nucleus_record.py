@@ -26,12 +26,11 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
-from skimage.measure import regionprops_table
 
 from scripts.core.classes import NucleusClasses
 from scripts.core.atomic import spreadsheet_safe, write_text
 from scripts.workflows.predict.nuclei_writers import check_inst, check_per_instance
-from scripts.core.qupath import outline_polygon, qupath_detection, simplify_ring
+from scripts.core.qupath import outline_polygon, qupath_detection, simplify_rings
 
 NUCLEUS_COLUMNS = (
     "nucleus_id",
@@ -52,6 +51,68 @@ CSV_HEADER = ",".join(NUCLEUS_COLUMNS) + "\n"
 TYPE_ID_COLUMN = NUCLEUS_COLUMNS.index("type_id")
 _FORMATS = {"x_px": ".2f", "y_px": ".2f", "x_um": ".3f", "y_um": ".3f", "area_px": ".1f", "area_um2": ".2f"}
 _FORMATS |= {"perimeter_px": ".2f", "perimeter_um": ".2f", "eccentricity": ".4f", "probability": ".4f"}
+
+
+# skimage's perimeter estimate: a border pixel's code is 1 + 2 x (4-neighbours on the border) + 10 x (diagonal
+# neighbours on the border), and each code has a length (skimage.measure.perimeter, 4-connectivity)
+_PERIMETER_WEIGHTS = np.zeros(50)
+_PERIMETER_WEIGHTS[[5, 7, 15, 17, 25, 27]] = 1.0
+_PERIMETER_WEIGHTS[[21, 33]] = np.sqrt(2)
+_PERIMETER_WEIGHTS[[13, 23]] = (1 + np.sqrt(2)) / 2
+_SIDES = ((-1, 0), (1, 0), (0, -1), (0, 1))
+_DIAGONALS = ((-1, -1), (-1, 1), (1, -1), (1, 1))
+
+
+def region_measures(inst: np.ndarray) -> dict[str, np.ndarray]:
+    """What `skimage.measure.regionprops_table(inst, properties=("label", "centroid", "area", "perimeter",
+    "eccentricity"))` gives, for every label at once: sums over the nucleus pixels instead of one Python object
+    per nucleus."""
+    inst = np.asarray(inst)
+    h, w = inst.shape
+    pixels = np.flatnonzero(inst)
+    owner = inst.ravel()[pixels].astype(np.int64)
+    labels = np.unique(owner)
+    size = int(labels[-1]) + 1 if len(labels) else 1
+    rows, cols = (pixels // w).astype(np.float64), (pixels % w).astype(np.float64)
+
+    def per_label(weights: np.ndarray | None = None, at: np.ndarray = owner) -> np.ndarray:
+        return np.bincount(at, weights, size)[labels].astype(np.float64)
+
+    area = per_label()
+    mean_r, mean_c = per_label(rows) / np.maximum(area, 1), per_label(cols) / np.maximum(area, 1)
+    # central second moments: each pixel's offset from its own nucleus' centroid (no large-number cancellation)
+    centre_r, centre_c = np.zeros(size), np.zeros(size)
+    centre_r[labels], centre_c[labels] = mean_r, mean_c
+    dr, dc = rows - centre_r[owner], cols - centre_c[owner]
+    area_1 = np.maximum(area, 1)
+    var_r, var_c, cov = per_label(dr * dr) / area_1, per_label(dc * dc) / area_1, per_label(dr * dc) / area_1
+    half_sum, root = (var_r + var_c) / 2, np.sqrt(((var_r - var_c) / 2) ** 2 + cov**2)
+    major, minor = np.clip(half_sum + root, 0, None), np.clip(half_sum - root, 0, None)
+    ratio = np.divide(minor, major, out=np.ones_like(major), where=major > 0)
+    eccentricity = np.where(major > 0, np.sqrt(1 - ratio), 0.0)
+
+    # perimeter: the border pixels are those with a 4-neighbour of another label (or outside the array)
+    padded = np.pad(inst, 1)
+    r, c = pixels // w + 1, pixels % w + 1
+    on_border = np.zeros(len(pixels), bool)
+    for dy, dx in _SIDES:
+        on_border |= padded[r + dy, c + dx] != padded[r, c]
+    border = np.zeros((h + 2, w + 2), bool)
+    border[r[on_border], c[on_border]] = True
+    r, c, at = r[on_border], c[on_border], owner[on_border]
+    code = np.ones(len(r), np.int64)
+    for weight, offsets in ((2, _SIDES), (10, _DIAGONALS)):
+        for dy, dx in offsets:
+            code += weight * (border[r + dy, c + dx] & (padded[r + dy, c + dx] == padded[r, c]))
+    perimeter = per_label(_PERIMETER_WEIGHTS[code], at)
+    return {
+        "label": labels,
+        "centroid-0": mean_r,
+        "centroid-1": mean_c,
+        "area": area,
+        "perimeter": perimeter,
+        "eccentricity": eccentricity,
+    }
 
 
 def nucleus_table(
@@ -77,7 +138,7 @@ def nucleus_table(
     """
     inst = check_inst(inst)
     check_per_instance(inst, inst_types, inst_probs, classes)
-    props = regionprops_table(inst, properties=("label", "centroid", "area", "perimeter", "eccentricity"))
+    props = region_measures(inst)
     x = origin[0] + props["centroid-1"] + 0.5  # model pixels, pixel-edge convention
     y = origin[1] + props["centroid-0"] + 0.5
     keep = np.ones(len(x), bool)
@@ -109,13 +170,12 @@ def nucleus_outlines(
 ) -> list[list]:
     """Each id's closed pixel-edge outline in input pixels, simplified to within `tolerance` model pixels."""
     boxes = ndimage.find_objects(inst.astype(np.intp, copy=False)) if len(ids) else []
-    outlines = []
+    rings = []
     for nucleus_id in np.asarray(ids).tolist():
         rows, cols = boxes[nucleus_id - 1]
-        ring = outline_polygon(inst[rows, cols] == nucleus_id, (cols.start + origin[0], rows.start + origin[1]))
-        ring = simplify_ring(ring, tolerance)
-        outlines.append(ring if scale == 1 else [[round(x * scale, 2), round(y * scale, 2)] for x, y in ring])
-    return outlines
+        rings.append(outline_polygon(inst[rows, cols] == nucleus_id, (cols.start + origin[0], rows.start + origin[1])))
+    rings = simplify_rings(rings, tolerance)
+    return rings if scale == 1 else [[[round(x * scale, 2), round(y * scale, 2)] for x, y in ring] for ring in rings]
 
 
 def nucleus_features(table: dict[str, np.ndarray], outlines: list[list], classes: NucleusClasses) -> list:
