@@ -32,7 +32,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bundle"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from postprocess_speed import cpu_name  # noqa: E402
+from synthetic_folds import cpu_name  # noqa: E402  (postprocess_speed pins one thread at import)
 from scripts.data.pannuke.format import TYPE_COLOURS, TYPE_NAMES  # noqa: E402
 from scripts.workflows.slides.plan import SlidePlanner  # noqa: E402
 from scripts.workflows.slides.reader import find_slides, open_slide, slide_name  # noqa: E402

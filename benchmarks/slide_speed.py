@@ -27,7 +27,7 @@ import tifffile
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bundle"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from postprocess_speed import cpu_name  # noqa: E402
+from synthetic_folds import cpu_name  # noqa: E402  (postprocess_speed pins one thread at import)
 from scripts.data.pannuke.demo_data import make_tile  # noqa: E402
 
 GLASS, TILE = 242, 256
@@ -72,12 +72,13 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=50000, help="slide side in level-0 pixels")
     parser.add_argument("--tissue_fraction", type=float, default=0.05)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--backend", default="auto", help="the network backend: auto, torch or onnxruntime")
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--tiles_per_batch", type=int, default=2)
     parser.add_argument("--sw_batch_size", type=int, default=8)
     parser.add_argument("--keep", type=Path, default=None, help="write (or reuse) the slide here")
     parser.add_argument("--log", type=Path, default=None, help="the bundle run's output (default: the temp folder)")
-    args = parser.parse_args()
+    args, overrides = parser.parse_known_args()  # anything else goes to the bundle, e.g. --roi_size "[512,512]"
     work = Path(tempfile.mkdtemp(prefix="slide_speed_"))
     slide = args.keep or work / "slides" / "synthetic.ome.tif"
     slide.parent.mkdir(parents=True, exist_ok=True)
@@ -120,8 +121,13 @@ def main() -> None:
         str(args.sw_batch_size),
         "--amp",
         str(args.device.startswith("cuda")),
+        "--backend",
+        args.backend,
+        "--ckpt_dir",
+        str(work / "models"),
         "--overwrite",
         "true",
+        *overrides,
     ]
     start = time.perf_counter()
     log = args.log or work / "run.log"
@@ -138,7 +144,7 @@ def main() -> None:
     import torch
 
     device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else f"CPU ({cpu_name()})"
-    print(f"device: {device}; python {platform.python_version()}, torch {torch.__version__}")
+    print(f"device: {device}; backend {args.backend}; python {platform.python_version()}, torch {torch.__version__}")
     print(f"run: {seconds:.1f} s end to end (open, tissue, read, network, post-processing, writing)")
     print(
         f"  {tiles} tiles of {tile_px}² -> {tiles / seconds:.2f} tiles/s, "

@@ -1,0 +1,224 @@
+"""Where the network runs at inference: PyTorch, or ONNX Runtime on a CPU, behind one `torch.nn.Module`.
+
+Inference, slide inference and evaluation hand the evaluator `InferenceNetwork` instead of the bare network.  It
+looks like the network (a module taking and returning (B, C, H, W) tensors), so the sliding-window inferer, TTA and
+the post-processing are the same on every backend.  It reads the network's weights at the first forward, when the
+run's weights loader has put them in, so any weights work (shipped, trained, fine-tuned, any class count or width):
+
+- "torch": the PyTorch network, in channels-last memory on a CPU, where the convolutions run faster that way.
+- "onnxruntime": the network exported to ONNX (dynamic batch and spatial sizes) and run by ONNX Runtime's CPU
+  provider.  The export is cached in `cache_dir` under the hash of the weights, so a second run starts at once and
+  new weights get a new export; a cached file that does not load, or does not compute what the PyTorch network
+  computes on a probe input, is exported again (with a log line).
+- "auto": ONNX Runtime on a CPU, PyTorch on CUDA.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from scripts.core.atomic import atomic_write
+from scripts.core.errors import ConfigError, ModelError
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "onnxruntime")
+EXPORT_VERSION = "1"  # part of the cache key: bump when the export's settings change
+KEEP_EXPORTS = 8  # exports kept in the cache folder, most recently used first
+PROBE = (1, 3, 64, 64)  # the input on which a loaded export must match the PyTorch network
+PROBE_TOLERANCE = 1e-3
+
+
+def check_backend(backend: str) -> str:
+    """The backend name, or a ConfigError listing the choices."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def weights_hash(network: torch.nn.Module) -> str:
+    """A hash of the network's parameters and buffers (names, shapes, dtypes and values)."""
+    digest = hashlib.sha256(EXPORT_VERSION.encode())
+    for name, tensor in network.state_dict().items():
+        value = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def export_onnx(network: torch.nn.Module, path: Path) -> None:
+    """Export `network` (float32, eval mode) to ONNX at `path`, batch, height and width dynamic.
+
+    torch's TorchScript-based exporter takes a few seconds for this network and needs no package beyond torch; the
+    newer torch.export-based one (`dynamo=True`, torch's default since 2.9) takes several times longer and needs
+    onnxscript, so it is used only where the first is gone from torch.
+    """
+    # a copy in contiguous float32: the exporters trace the module as it is, memory format and dtype included
+    network = copy.deepcopy(network).to(memory_format=torch.contiguous_format).float().eval()
+    probe = torch.rand(2, *PROBE[1:])
+    sizes = {0: "batch", 2: "height", 3: "width"}
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporters' notes on their own internals are not the user's business
+        try:
+            atomic_write(
+                path,
+                lambda tmp: torch.onnx.export(
+                    network,
+                    (probe,),
+                    str(tmp),
+                    dynamo=False,
+                    input_names=["image"],
+                    output_names=["pred"],
+                    dynamic_axes={"image": sizes, "pred": sizes},
+                    opset_version=17,
+                ),
+            )
+        except (TypeError, ValueError, RuntimeError) as err:  # a torch without the TorchScript-based exporter
+            logger.info(f"TorchScript-based ONNX export unavailable ({_first_line(err)}); using torch.export")
+            dim = torch.export.Dim
+            program = torch.onnx.export(
+                network,
+                (probe,),
+                dynamo=True,
+                input_names=["image"],
+                output_names=["pred"],
+                dynamic_shapes={"x": {0: dim("batch"), 2: 16 * dim("height"), 3: 16 * dim("width")}},
+                external_data=False,
+                verbose=False,
+            )
+            atomic_write(path, lambda tmp: program.save(str(tmp), external_data=False))
+
+
+class InferenceNetwork(torch.nn.Module):
+    """The network as the evaluator runs it, on the backend asked for (see the module docstring).
+
+    Args:
+        network: the configured PyTorch network (`@network`); its weights are read at the first forward.
+        backend: "auto", "torch" or "onnxruntime" (`--backend`).
+        cache_dir: where ONNX exports are kept (`@onnx_cache_dir`).
+        threads: CPU threads for ONNX Runtime; 0: OMP_NUM_THREADS where set, else every core (`--cpu_threads`).
+    """
+
+    def __init__(self, network: torch.nn.Module, backend: str = "auto", cache_dir: str = "", threads: int = 0):
+        super().__init__()
+        self.network = network
+        self.backend = check_backend(backend)
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.threads = int(threads)
+        self.session: Any = None
+        self.chosen: str | None = None
+
+    def resolve(self, device: torch.device) -> str:
+        """The backend "auto" stands for on `device`."""
+        if self.backend != "auto":
+            return self.backend
+        if device.type != "cpu":
+            return "torch"
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            logger.warning("onnxruntime is not installed: the network runs in PyTorch (pip install onnxruntime)")
+            return "torch"
+        return "onnxruntime"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.chosen is None:
+            self.chosen = self.resolve(x.device)
+            if self.chosen == "onnxruntime":
+                self.session = self._session()
+            elif x.device.type == "cpu":  # the same numbers, faster convolutions
+                self.network.to(memory_format=torch.channels_last)
+            logger.info(f"network backend: {self.chosen}")
+        if self.chosen == "torch":
+            return self._torch(x)
+        image = np.ascontiguousarray(x.detach().float().cpu().numpy())
+        out = self.session.run(None, {self.session.get_inputs()[0].name: image})[0]
+        return torch.from_numpy(out).to(x.device)
+
+    def _torch(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.network(x).contiguous()
+
+    def _session(self) -> Any:
+        """An ONNX Runtime session of the current weights, from the cache or a fresh export."""
+        self.network.eval()
+        key = weights_hash(self.network)[:16]
+        folder = self.cache_dir or Path(tempfile.mkdtemp(prefix="nuclei-onnx-"))
+        path = folder / f"network-{key}.onnx"
+        if path.is_file():
+            try:
+                session = self._load(path)
+            except ConfigError:
+                raise
+            except Exception as err:  # noqa: BLE001 - a damaged protobuf fails in many ways
+                logger.warning(f"{path}: cached ONNX export unusable ({_first_line(err)}); exporting it again")
+                path.unlink(missing_ok=True)
+            else:
+                path.touch()
+                return session
+        logger.info(f"exporting the network to ONNX for ONNX Runtime: {path}")
+        try:
+            export_onnx(self.network, path)
+        except OSError as err:
+            raise ModelError(
+                f"cannot write the ONNX export to {path} ({err.strerror or err}); pass a writable --onnx_cache_dir "
+                "or --backend torch"
+            ) from None
+        _prune(folder, keep=path)
+        return self._load(path)
+
+    def _load(self, path: Path) -> Any:
+        """A session on `path` that computes what the PyTorch network computes on a probe input."""
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ConfigError("--backend onnxruntime needs ONNX Runtime: pip install onnxruntime") from None
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads if self.threads > 0 else _default_threads()
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        probe = torch.rand(*PROBE, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            device = next((t.device for t in self.network.state_dict().values()), torch.device("cpu"))
+            expected = self.network(probe.to(device)).float().cpu().numpy()
+        found = session.run(None, {session.get_inputs()[0].name: probe.numpy()})[0]
+        if found.shape != expected.shape or not np.allclose(found, expected, atol=PROBE_TOLERANCE, rtol=1e-3):
+            raise ModelError(f"{path} does not compute what the network computes")
+        return session
+
+
+def _default_threads() -> int:
+    """OMP_NUM_THREADS where it is set (torchrun sets 1 per process, so ranks sharing a machine do not fight over
+    its cores), else every core this process may use."""
+    try:
+        return max(int(os.environ.get("OMP_NUM_THREADS", "")), 1)
+    except ValueError:
+        pass
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0][:200]
+
+
+def _prune(folder: Path, keep: Path) -> None:
+    """Keep the `KEEP_EXPORTS` most recently used exports in `folder`."""
+    exports = sorted(folder.glob("network-*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in [p for p in exports if p != keep][KEEP_EXPORTS - 1 :]:
+        old.unlink(missing_ok=True)
