@@ -45,6 +45,7 @@ def main() -> None:
             "val_fold": args.fold,
             "train_folds": [args.fold],
             "test_fold": args.fold,
+            "allow_fold_overlap": True,  # only the post-processing is tuned here, on the fold given
         }
     )
     if args.target:

@@ -82,3 +82,36 @@ def test_a_training_with_zero_epochs_stops_before_any_work(tmp_path):
         flow.initialize()
     assert str(bundle_error_in(err.value)) == "--epochs must be a whole number of at least 1, got 0"
     assert not (tmp_path / "models").exists()
+
+
+@pytest.mark.parametrize(
+    "train, val, test, shared",
+    [([3], 2, 3, "test fold 3"), ([1, 2], 2, 3, "validation fold 2"), ([[1], 3], 2, 3, "test fold 3"), (2, 2, 3, "2")],
+)
+def test_training_on_the_fold_that_scores_it_is_refused(train, val, test, shared):
+    from scripts.core.flags import check_folds
+
+    with pytest.raises(ConfigError, match=f"^--train_folds .* includes the .*{shared}.*--allow_fold_overlap true"):
+        check_folds(train, val, test)
+    check_folds(train, val, test, allow_overlap="true")
+    check_folds([1], 2, 3)
+
+
+def test_a_training_on_its_test_fold_stops_before_any_work(tmp_path):
+    from monai.bundle import ConfigWorkflow
+
+    from scripts.core.errors import bundle_error_in
+
+    for configs in (["train.json"], ["train.json", "multi_gpu_train.json"]):
+        flow = ConfigWorkflow(
+            config_file=[str(CONFIGS / c) for c in configs],
+            workflow_type="train",
+            bundle_root=str(BUNDLE_ROOT),
+            dataset_dir=str(tmp_path / "absent"),
+            ckpt_dir=str(tmp_path / "models"),
+            train_folds=[1, 3],
+        )
+        with pytest.raises(Exception) as err:
+            flow.initialize()
+        assert "--train_folds [1, 3] includes the test fold 3" in str(bundle_error_in(err.value)), configs
+        assert not (tmp_path / "models").exists()

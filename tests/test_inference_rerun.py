@@ -138,3 +138,32 @@ def test_a_failed_write_leaves_the_outputs_complete_or_absent(tmp_path, monkeypa
         writer(other)
     monkeypatch.undo()
     assert len(moves) == 2 and not writer.missing("tile") and not writer.complete("tile")
+
+
+def test_a_link_inside_the_output_folder_is_never_written_through(tmp_path):
+    import numpy as np
+
+    from scripts.core.errors import InferenceError
+    from scripts.workflows.predict.writer import NucleiOutputsWriterd
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "tile_nuclei.csv").write_text("someone else's file")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tile").symlink_to(outside)  # a link where the image's folder goes
+    inst = np.zeros((32, 32), np.int32)
+    inst[4:12, 4:12] = 1
+    item = {
+        "name": "tile",
+        "rgb": np.full((32, 32, 3), 200, np.uint8),
+        "inst_map": inst[None],
+        "type_map": (inst > 0)[None].astype(np.uint8),
+        "inst_types": np.array([0, 2], np.uint8),
+        "inst_probs": np.array([0.0, 0.9], np.float32),
+    }
+    with pytest.raises(InferenceError, match="tile is a symbolic link out of --output_dir"):
+        NucleiOutputsWriterd(output_dir=str(out), overwrite=True)(item)
+    assert sorted(p.name for p in outside.iterdir()) == ["tile_nuclei.csv"]
+    assert (outside / "tile_nuclei.csv").read_text() == "someone else's file"
+    assert sorted(p.name for p in out.iterdir()) == ["tile"]  # no staging folder left beside it

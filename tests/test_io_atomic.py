@@ -95,3 +95,17 @@ def test_csv_cells_a_spreadsheet_would_run_are_neutralised(tmp_path):
     table = {name: np.zeros(2) for name in NUCLEUS_COLUMNS} | {"type": np.array(["=1+1", "a,b"], dtype=object)}
     names = [row[NUCLEUS_COLUMNS.index("type")] for row in csv.reader(csv_lines(table))]
     assert names == ["'=1+1", "a,b"]  # the nucleus record's class names too (one CSV cell each)
+
+
+def test_leaves_spots_links_and_paths_outside_the_root(tmp_path):
+    from scripts.core.atomic import leaves
+
+    root = tmp_path / "out"
+    (root / "a").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (root / "link").symlink_to(tmp_path / "elsewhere")
+    (root / "inner").symlink_to(root / "a")  # a link, even one that stays inside, is not followed
+    assert not leaves(root, root / "a" / "x.csv") and not leaves(root, root / "new" / "x.csv")
+    assert leaves(root, root / "link" / "x.csv") and leaves(root, root / "link")
+    assert leaves(root, root / "inner" / "x.csv")
+    assert leaves(root, tmp_path / "x.csv") and leaves(root, root / ".." / "x.csv")

@@ -136,6 +136,18 @@ def test_a_corrupt_slide_is_reported_and_the_next_one_still_planned(tmp_path, ca
     assert not good.error and good.todo and (tmp_path / "out" / "b_good" / "b_good_tissue.png").is_file()
 
 
+def test_a_link_where_a_slides_folder_goes_fails_that_slide_only(tmp_path):
+    write_slide(tmp_path / "slides" / "a.ome.tif")
+    write_slide(tmp_path / "slides" / "b.ome.tif")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "a").symlink_to(tmp_path / "elsewhere")
+    linked, good = SlidePlanner(tmp_path / "slides", tmp_path / "out", tile_size=512).plans
+    assert "a is a symbolic link out of --output_dir" in linked.error
+    assert not any((tmp_path / "elsewhere").iterdir())
+    assert not good.error and (tmp_path / "out" / "b" / "b_tissue.png").is_file()
+
+
 def test_a_users_tissue_mask_replaces_the_automatic_one(tmp_path):
     from PIL import Image
 

@@ -84,6 +84,21 @@ def require_writable(folder: PathLike, option: str) -> Path:
     return folder
 
 
+def leaves(root: PathLike, path: PathLike) -> bool:
+    """True when writing at `path` would land outside the folder `root`: `path`, or a folder between them, is a
+    symbolic link, or `path` resolves elsewhere.  Output names are safe (`safe_name`); a link someone placed inside
+    an output folder is what this catches."""
+    root, path = Path(root).absolute(), Path(path).absolute()
+    if root not in (path, *path.parents):
+        return True
+    step = path
+    while step != root:
+        if step.is_symlink():
+            return True
+        step = step.parent
+    return not path.resolve().is_relative_to(root.resolve())
+
+
 def fsync_folder(folder: PathLike) -> None:
     """Make a rename in `folder` durable (a power cut right after os.replace could otherwise undo it)."""
     try:

@@ -134,6 +134,33 @@ def check_values(
             raise ConfigError(f"--{name} must be a number above 0, got {value!r}")
 
 
+def _fold_numbers(value: Any) -> set[int]:
+    """The fold numbers of a fold option: 3, [1, 2] or [[1], 2] (the forms PanNuke's fold lists take)."""
+    if isinstance(value, list | tuple):
+        return set().union(*(_fold_numbers(v) for v in value)) if value else set()
+    return {int(value)} if isinstance(value, int) and not isinstance(value, bool) else set()
+
+
+def check_folds(train_folds: Any, val_fold: Any, test_fold: Any, allow_overlap: bool | str = False) -> None:
+    """Refuse a training that learns from the fold that scores it: a test or validation fold among the training
+    folds makes every score it reports optimistic without a word.
+
+    Args:
+        train_folds, val_fold, test_fold: the run's folds (`--train_folds`, `--val_fold`, `--test_fold`).
+        allow_overlap: `--allow_fold_overlap true` trains anyway (e.g. a final model on every fold).
+    """
+    if as_bool(allow_overlap, "allow_fold_overlap"):
+        return
+    train = _fold_numbers(train_folds)
+    for name, value in (("test", test_fold), ("validation", val_fold)):
+        shared = sorted(train & _fold_numbers(value))
+        if shared:
+            raise ConfigError(
+                f"--train_folds {train_folds} includes the {name} fold {shared[0]}: its scores would be measured on "
+                f"tiles the model learnt from; choose other folds, or pass --allow_fold_overlap true to train so anyway"
+            )
+
+
 def _whole(name: str, value: Any, least: int) -> None:
     whole = isinstance(value, int) and not isinstance(value, bool)
     if not whole or value < least:
