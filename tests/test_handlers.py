@@ -27,3 +27,14 @@ def test_finite_losses_pass_and_a_nan_stops_the_epoch():
     with pytest.raises(ModelError):
         _epoch(handler, [float("inf")], epoch=3)
     _epoch(handler, [0.5], epoch=4)  # each epoch is judged on its own steps
+
+
+def test_a_folder_where_model_pt_goes_is_refused_before_the_first_epoch(tmp_path):
+    from scripts.workflows.engine.checkpointing import BestModelSaver, TrainingState
+
+    (tmp_path / "model.pt").mkdir()
+    (tmp_path / "training_state.pt").mkdir()
+    with pytest.raises(ModelError, match="model.pt is a folder, where the training writes a file"):
+        BestModelSaver(torch.nn.Linear(2, 2), tmp_path / "model.pt")
+    with pytest.raises(ModelError, match="training_state.pt is a folder, where the training writes a file"):
+        TrainingState(tmp_path / "training_state.pt", {})

@@ -67,3 +67,26 @@ def test_instance_ids_too_large_to_relabel_are_refused(tmp_path, huge):
     rewrite(root, 1, "masks", lambda m: np.concatenate([np.where(m[..., :1] > 0, huge, 0.0), m[..., 1:]], axis=-1))
     with pytest.raises(DataError, match=r"Fold 1/masks/fold1/masks.npy: an instance id of .* is beyond"):
         PanNuke(root, tmp_path / "cache", [1])
+
+
+def test_a_file_where_the_cache_folder_goes_is_one_line(tmp_path):
+    from scripts.core.errors import ConfigError
+
+    root = write_dataset(tmp_path / "data")
+    (tmp_path / "cache").write_text("not a folder")
+    with pytest.raises(ConfigError, match=f"^--cache_dir {tmp_path / 'cache'} cannot be written"):
+        PanNuke(root, tmp_path / "cache", [1])
+
+
+def test_tissue_names_in_bytes_are_read_as_utf8_and_other_bytes_refused(tmp_path):
+    import numpy as np
+
+    root = write_dataset(tmp_path / "data")
+    types = root / "Fold 1" / "images" / "fold1" / "types.npy"
+    count = len(np.load(types))
+    np.save(types, np.array(["Bile-duct".encode()] * count, dtype="S"))
+    cache = PanNuke(root, tmp_path / "cache", [1]).caches[1]
+    assert set(np.load(cache / "tissue.npy").tolist()) == {"Bile-duct"}
+    np.save(types, np.array([b"\xff\xfeColon"] * count, dtype="S"))
+    with pytest.raises(DataError, match=r"types.npy: tissue name b'\\xff\\xfeColon' is not UTF-8 text"):
+        PanNuke(root, tmp_path / "cache2", [1])

@@ -148,6 +148,16 @@ def test_a_link_where_a_slides_folder_goes_fails_that_slide_only(tmp_path):
     assert not good.error and (tmp_path / "out" / "b" / "b_tissue.png").is_file()
 
 
+def test_a_tissue_mask_of_another_aspect_ratio_is_refused_not_stretched(tmp_path):
+    from PIL import Image
+
+    write_slide(tmp_path / "slides" / "s.ome.tif")  # square
+    (tmp_path / "masks").mkdir()
+    Image.fromarray(np.full((20, 30), 255, np.uint8)).save(tmp_path / "masks" / "s.png")
+    (plan,) = SlidePlanner(tmp_path / "slides", tmp_path / "out", tile_size=512, mask_dir=tmp_path / "masks").plans
+    assert "s.png: a tissue mask of 30 x 20 px for a slide of aspect" in plan.error and not plan.tiles
+
+
 def test_a_users_tissue_mask_replaces_the_automatic_one(tmp_path):
     from PIL import Image
 

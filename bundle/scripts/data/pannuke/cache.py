@@ -280,8 +280,19 @@ def check_masks(masks: np.ndarray, path: Path, start: int) -> np.ndarray:
 
 
 def load_tissue_names(path: Path) -> np.ndarray:
-    """Tissue names as a plain unicode array, never unpickled (check_fold_headers refuses object arrays first)."""
-    return np.asarray(np.load(path, allow_pickle=False)).astype(str)
+    """Tissue names as a plain unicode array, never unpickled (check_fold_headers refuses object arrays first).
+
+    Byte strings (an `S` array) are read as UTF-8; bytes that are not UTF-8 text are refused naming the file."""
+    names = np.asarray(np.load(path, allow_pickle=False))
+    if names.dtype.kind != "S":
+        return names.astype(str)
+    try:
+        return np.array([n.decode("utf-8") for n in names.ravel()], dtype=str).reshape(names.shape)
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"{path}: tissue name {err.object!r} is not UTF-8 text; save the names as text, e.g. "
+            "np.save(path, np.array(names, dtype=str))"
+        ) from None
 
 
 def write_npy_header(f: BinaryIO, dtype: np.dtype, shape: tuple[int, ...]) -> None:

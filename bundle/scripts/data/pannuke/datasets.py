@@ -17,6 +17,7 @@ import numpy as np
 from monai.data import Dataset
 from monai.transforms import apply_transform
 
+from scripts.core.atomic import require_writable
 from scripts.core.classes import CLASSES_FILE, PANNUKE, NucleusClasses, read_dataset_classes
 from scripts.core.distributed import in_rank_order
 from scripts.core.errors import DataError
@@ -63,7 +64,7 @@ class PanNuke:
                 raise DataError("dataset_dir is empty and no demo_dir was given: pass --dataset_dir /path/to/pannuke")
             dataset_dir = in_rank_order(lambda: ensure_demo_dataset(demo_dir))
         self.dataset_dir = Path(dataset_dir)
-        self.cache_dir = Path(cache_dir)
+        self.cache_dir = require_writable(cache_dir, "cache_dir")  # a file there: one line, not an OSError later
         self.classes: NucleusClasses = read_dataset_classes(self.dataset_dir)
         if self.classes != PANNUKE:
             logger.info(f"classes of {self.dataset_dir}: {', '.join(self.classes.names)} ({CLASSES_FILE})")

@@ -49,6 +49,14 @@ def unwrap(module: Any) -> Any:
     return module.module if isinstance(module, wrappers) else module
 
 
+def _require_file_slot(path: Path) -> None:
+    """Refuse a folder where a training file goes before the first epoch, not when the first save fails after it."""
+    if path.is_dir():
+        raise ModelError(
+            f"{path} is a folder, where the training writes a file; move it away or choose another --ckpt_dir"
+        )
+
+
 class BestModelSaver:
     """Write the network's weights, as a plain state dict, whenever the evaluator's key metric reaches a new best.
 
@@ -66,6 +74,7 @@ class BestModelSaver:
         self, network: torch.nn.Module, path: str | os.PathLike, classes: NucleusClasses | None = None
     ) -> None:
         self.network, self.path, self.classes = network, Path(path), classes
+        _require_file_slot(self.path)
         if self.path.is_file() and is_main_rank():
             logger.warning(
                 f"{self.path} holds an earlier run's weights; this run replaces them at its first best validation "
@@ -174,6 +183,7 @@ class TrainingState:
     ) -> None:
         self.path, self.resume, self.map_location = Path(path), as_bool(resume, "resume"), map_location
         require_writable(self.path.parent, "ckpt_dir")
+        _require_file_slot(self.path)
         if is_main_rank():  # one training per ckpt_dir: another would mix its model.pt with this state
             FolderLock(self.path.parent / LOCK_NAME, f"the training folder {self.path.parent}").acquire()
         if self.resume and not self.path.is_file():

@@ -16,6 +16,7 @@ from skimage.color import rgb2hsv
 from skimage.filters import threshold_otsu
 from skimage.morphology import remove_small_objects
 
+from scripts.core.errors import DataError
 from scripts.data.images import read_labels
 
 MIN_SATURATION = 0.05  # below this nothing is tissue, whatever Otsu says (an all-glass thumbnail)
@@ -37,7 +38,15 @@ def tissue_mask(thumbnail: np.ndarray, min_fraction: float = 1e-4) -> np.ndarray
 
 
 def mask_from_file(path: str | os.PathLike, shape: tuple[int, int]) -> np.ndarray:
-    """A user's tissue mask (non-zero = tissue) resized to `shape` (H, W)."""
+    """A user's tissue mask (non-zero = tissue) resized to `shape` (H, W); a mask of another aspect ratio than the
+    slide is refused, as stretching it would put the tissue in the wrong place."""
     labels = read_labels(path, "tissue mask") > 0
+    (h, w), (height, width) = labels.shape[:2], shape
+    slack = 0.02 + 1.0 / min(h, w, height, width)  # sizes are whole pixels: a small mask rounds its ratio
+    if abs(np.log((w / h) / (width / height))) > slack:
+        raise DataError(
+            f"{path}: a tissue mask of {w} x {h} px for a slide of aspect {width} x {height}: it would be stretched; "
+            "save the mask with the slide's aspect ratio (any size)"
+        )
     image = Image.fromarray(labels.astype(np.uint8) * 255).resize((shape[1], shape[0]), Image.Resampling.NEAREST)
     return np.asarray(image) > 0
