@@ -125,6 +125,16 @@ def test_a_resumed_slide_writes_what_an_uninterrupted_one_does(tmp_path):
         assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
     assert not list((tmp_path / "resumed").glob(".*"))  # no partial or progress file left
 
+    for damage in (b"\xff\xfe\x00garbage", b'{"tile": "three"}', b"[1, 2]"):  # a journal someone damaged
+        folder = tmp_path / f"damaged{len(damage)}"
+        run(folder, stop_after=4)
+        journal = folder / ".progress.jsonl"
+        lines = journal.read_bytes().splitlines()
+        journal.write_bytes(b"\n".join([*lines[:2], damage, *lines[3:]]) + b"\n")
+        run(folder)  # tiles from the damaged line on are redone, nothing is blamed on the slide
+        for name in ("s_nuclei.geojson", "s_nuclei.csv", "s_summary.json"):
+            assert (folder / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), (damage, name)
+
 
 def test_a_corrupt_slide_is_reported_and_the_next_one_still_planned(tmp_path, caplog):
     (tmp_path / "slides").mkdir()

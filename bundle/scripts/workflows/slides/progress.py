@@ -11,12 +11,15 @@ slide finished — is written last.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import IO
 
 from scripts.core.atomic import fsync_folder, umask, write_json
 from scripts.workflows.predict.nucleus_record import CSV_HEADER
+
+logger = logging.getLogger(__name__)
 
 GEOJSON_HEAD = '{"type":"FeatureCollection","features":[\n'
 GEOJSON_TAIL = "\n]}\n"
@@ -90,12 +93,14 @@ class SlideProgress:
     def resume(self) -> set[int]:
         """Tiles finished by an earlier run; cuts the partial files back to what those tiles wrote."""
         lines = []
-        if self.progress.is_file():
-            for text in self.progress.read_text().splitlines():
-                try:
-                    lines.append(json.loads(text))
-                except ValueError:  # a line cut by a kill: everything after it is redone
-                    break
+        journal = self.progress.read_bytes().splitlines() if self.progress.is_file() else []
+        for number, raw in enumerate(journal, start=1):
+            line = _journal_line(raw, list(self.partial))
+            if line is None:  # a line cut by a kill (the last), or damaged: everything from it on is redone
+                if number < len(journal):
+                    logger.warning(f"{self.progress}: line {number} is damaged; the tiles from there are redone")
+                break
+            lines.append(line)
         if not lines or not all(p.is_file() for p in self.partial.values()):
             self.reset()
             return set()
@@ -170,3 +175,17 @@ class SlideProgress:
             if f is not None:
                 f.close()
         self._files, self._log = {}, None
+
+
+def _journal_line(raw: bytes, files: list[str]) -> dict | None:
+    """One line of the progress journal as this module writes it, or None for anything else."""
+    try:
+        line = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    counts = ["tile", "nuclei", *files]
+    if not isinstance(line, dict) or not all(isinstance(line.get(k), int) and line[k] >= 0 for k in counts):
+        return None
+    if not isinstance(line.get("per_type"), list) or not all(isinstance(n, int) for n in line["per_type"]):
+        return None
+    return line
