@@ -10,6 +10,8 @@ import stat
 
 import numpy as np
 import pytest
+
+from scripts.core.errors import BundleError
 import torch
 
 from scripts.core.atomic import atomic_write, json_text, write_csv_rows, write_json, write_text
@@ -32,9 +34,11 @@ def test_a_full_disk_is_reported_with_the_path(tmp_path):
     def full(tmp):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(OSError, match=r"no space left on the disk while writing .*model\.pt"):
+    with pytest.raises(OSError, match=r"no space left on the disk while writing .*model\.pt") as err:
         atomic_write(tmp_path / "model.pt", full)
     assert not list(tmp_path.iterdir())
+    assert isinstance(err.value, BundleError)  # one line for the user, not a traceback
+    assert str(err.value).startswith("no space left on the disk while writing")
 
 
 def test_outputs_get_the_permissions_the_umask_allows(tmp_path):

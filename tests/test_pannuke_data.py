@@ -90,3 +90,20 @@ def test_tissue_names_in_bytes_are_read_as_utf8_and_other_bytes_refused(tmp_path
     np.save(types, np.array([b"\xff\xfeColon"] * count, dtype="S"))
     with pytest.raises(DataError, match=r"types.npy: tissue name b'\\xff\\xfeColon' is not UTF-8 text"):
         PanNuke(root, tmp_path / "cache2", [1])
+
+
+def test_a_full_disk_while_building_the_cache_names_the_cache_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    from scripts.core.errors import DiskFullError
+    from scripts.data.pannuke import cache
+
+    root = write_dataset(tmp_path / "data")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache, "convert_fold", full)
+    with pytest.raises(DiskFullError, match=r"^no space left on the disk while building the cache .* --cache_dir"):
+        PanNuke(root, tmp_path / "cache", [1])
+    assert not [p for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")]

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from scripts.core.errors import ConfigError
+from scripts.core.errors import ConfigError, DiskFullError
 
 PathLike = str | os.PathLike
 
@@ -55,7 +55,8 @@ def atomic_write(path: PathLike, write: Callable[[Path], None], overwrite: bool 
     except OSError as err:
         tmp.unlink(missing_ok=True)
         if err.errno == errno.ENOSPC:
-            raise OSError(err.errno, f"no space left on the disk while writing {path}; free space and rerun") from err
+            message = f"no space left on the disk while writing {path}; free space and rerun"
+            raise DiskFullError(err.errno, message) from err
         raise
     except BaseException:
         tmp.unlink(missing_ok=True)

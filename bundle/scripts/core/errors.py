@@ -42,6 +42,13 @@ class ConfigError(BundleError, ValueError):
     """An option or folder the run cannot use as given."""
 
 
+class DiskFullError(BundleError, OSError):
+    """A disk that filled up during a write: the message names the file or folder being written."""
+
+    def __str__(self) -> str:
+        return str(self.strerror or super().__str__())
+
+
 def bundle_error_in(error: BaseException | None) -> BundleError | None:
     """The BundleError that `error` is or was raised from (MONAI wraps them in RuntimeError), if any."""
     seen = set()

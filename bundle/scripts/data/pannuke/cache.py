@@ -16,6 +16,7 @@ then uses its result) and removes the temporary folders of builds that were kill
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -27,7 +28,7 @@ from typing import BinaryIO
 import numpy as np
 from tqdm import tqdm
 
-from scripts.core.errors import DataError
+from scripts.core.errors import DataError, DiskFullError
 from scripts.core.atomic import write_json
 from scripts.core.locks import FolderLock
 from scripts.data.pannuke.files import FoldFiles, NpyHeader, read_npy_header
@@ -159,7 +160,16 @@ def build_fold_cache(files: FoldFiles, root: Path, expected: dict) -> None:
     tmp = root.with_name(f"{root.name}.tmp{os.getpid()}")
     tmp.mkdir(parents=True)
     try:
-        n, overlapping = convert_fold(files, tmp)
+        try:
+            n, overlapping = convert_fold(files, tmp)
+        except OSError as err:
+            if err.errno != errno.ENOSPC or isinstance(err, DiskFullError):
+                raise
+            raise DiskFullError(
+                err.errno,
+                f"no space left on the disk while building the cache {root} of fold {files.fold} (about 6 bytes a "
+                "pixel of the fold's images); free space or pass --cache_dir on a disk with more room",
+            ) from err
         if overlapping:
             logger.warning(
                 f"fold {files.fold}: {len(overlapping)} tiles have pixels in two type channels of masks.npy (first: "
