@@ -47,8 +47,9 @@ def check_backend(backend: str) -> str:
 
 
 def weights_hash(network: torch.nn.Module) -> str:
-    """A hash of the network's parameters and buffers (names, shapes, dtypes and values)."""
+    """A hash of the network's structure (its repr) and its parameters and buffers (names, shapes, dtypes, values)."""
     digest = hashlib.sha256(EXPORT_VERSION.encode())
+    digest.update(repr(network).encode())
     for name, tensor in network.state_dict().items():
         value = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{value.dtype}:{tuple(value.shape)}".encode())
