@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from synthetic_folds import cpu_name  # noqa: E402  (postprocess_speed pins one thread at import)
 from scripts.model.backends import InferenceNetwork  # noqa: E402
 from scripts.model.weights import load_state_dict_file  # noqa: E402
+from scripts.workflows.evaluate.official_protocol import bundle_command  # noqa: E402
 from scripts.workflows.evaluate.pq import pq_counts  # noqa: E402
 
 SHIPPED = BUNDLE / "models" / "pretrained" / "model_fp16.pt"
@@ -86,22 +87,9 @@ def network_speed(work: Path, repeats: int) -> None:
 
 def run_inference(images: Path, out: Path, backend: str) -> float:
     """The README's tile inference command in a fresh process; the wall-clock seconds of the whole command."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        "['configs/train.json','configs/inference.json']",
-        "--input_dir",
-        str(images),
-        "--output_dir",
-        str(out),
-        "--backend",
-        backend,
-        "--ckpt_dir",
-        str(out.parent / "models"),
-    ]
+    overrides = ["--input_dir", str(images), "--output_dir", str(out), "--backend", backend]
+    overrides += ["--ckpt_dir", str(out.parent / "models")]  # every run shares one ONNX export cache
+    cmd = bundle_command("run", ["train.json", "inference.json"], overrides)
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True)
     if proc.returncode:

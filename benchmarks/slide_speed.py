@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT / "bundle"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from synthetic_folds import cpu_name  # noqa: E402  (postprocess_speed pins one thread at import)
 from scripts.data.pannuke.demo_data import make_tile  # noqa: E402
+from scripts.workflows.evaluate.official_protocol import bundle_command  # noqa: E402
 
 GLASS, TILE = 242, 256
 
@@ -78,7 +79,7 @@ def main() -> None:
     parser.add_argument("--sw_batch_size", type=int, default=8)
     parser.add_argument("--keep", type=Path, default=None, help="write (or reuse) the slide here")
     parser.add_argument("--log", type=Path, default=None, help="the bundle run's output (default: the temp folder)")
-    args, overrides = parser.parse_known_args()  # anything else goes to the bundle, e.g. --roi_size "[512,512]"
+    args, extra = parser.parse_known_args()  # anything else goes to the bundle, e.g. --roi_size "[512,512]"
     work = Path(tempfile.mkdtemp(prefix="slide_speed_"))
     slide = args.keep or work / "slides" / "synthetic.ome.tif"
     slide.parent.mkdir(parents=True, exist_ok=True)
@@ -95,18 +96,7 @@ def main() -> None:
         f"slide: {args.size} x {args.size} px at 0.25 µm/px, {slide.stat().st_size / 1e6:.0f} MB on disk, "
         f"{tissue:.1f} mm² of tissue ({args.tissue_fraction:.0%}), ready in {time.perf_counter() - start:.0f} s"
     )
-    configs = ",".join(
-        repr(str(ROOT / "bundle" / "configs" / c)) for c in ("train.json", "inference.json", "inference_wsi.json")
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        f"[{configs}]",
-        "--bundle_root",
-        str(ROOT / "bundle"),
+    overrides = [
         "--input_dir",
         str(slide),
         "--output_dir",
@@ -127,8 +117,9 @@ def main() -> None:
         str(work / "models"),
         "--overwrite",
         "true",
-        *overrides,
+        *extra,
     ]
+    cmd = bundle_command("run", ["train.json", "inference.json", "inference_wsi.json"], overrides)
     start = time.perf_counter()
     log = args.log or work / "run.log"
     print(f"the run's log: {log}", flush=True)

@@ -82,14 +82,9 @@ def test_an_incomplete_set_from_an_interrupted_run_is_redone(first):
     assert "images_0001: outputs in" in proc.stdout + proc.stderr and "incomplete" in proc.stdout + proc.stderr
 
 
-def test_a_failed_write_leaves_the_outputs_complete_or_absent(tmp_path, monkeypatch):
-    import errno
-    import os
-
+def one_nucleus_tile():
+    """The post-processed item of a 32² tile with one nucleus, as the writer receives it, and its instance map."""
     import numpy as np
-
-    import scripts.workflows.predict.writer as writer_module
-    from scripts.workflows.predict.writer import NucleiOutputsWriterd
 
     inst = np.zeros((32, 32), np.int32)
     inst[4:12, 4:12] = 1
@@ -101,6 +96,19 @@ def test_a_failed_write_leaves_the_outputs_complete_or_absent(tmp_path, monkeypa
         "inst_types": np.array([0, 2], np.uint8),
         "inst_probs": np.array([0.0, 0.9], np.float32),
     }
+    return inst, item
+
+
+def test_a_failed_write_leaves_the_outputs_complete_or_absent(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import numpy as np
+
+    import scripts.workflows.predict.writer as writer_module
+    from scripts.workflows.predict.writer import NucleiOutputsWriterd
+
+    inst, item = one_nucleus_tile()
     writer = NucleiOutputsWriterd(output_dir=str(tmp_path), overwrite=True)
 
     def disk_full(*args, **kwargs):
@@ -141,8 +149,6 @@ def test_a_failed_write_leaves_the_outputs_complete_or_absent(tmp_path, monkeypa
 
 
 def test_a_link_inside_the_output_folder_is_never_written_through(tmp_path):
-    import numpy as np
-
     from scripts.core.errors import InferenceError
     from scripts.workflows.predict.writer import NucleiOutputsWriterd
 
@@ -152,16 +158,7 @@ def test_a_link_inside_the_output_folder_is_never_written_through(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "tile").symlink_to(outside)  # a link where the image's folder goes
-    inst = np.zeros((32, 32), np.int32)
-    inst[4:12, 4:12] = 1
-    item = {
-        "name": "tile",
-        "rgb": np.full((32, 32, 3), 200, np.uint8),
-        "inst_map": inst[None],
-        "type_map": (inst > 0)[None].astype(np.uint8),
-        "inst_types": np.array([0, 2], np.uint8),
-        "inst_probs": np.array([0.0, 0.9], np.float32),
-    }
+    _, item = one_nucleus_tile()
     with pytest.raises(InferenceError, match="tile is a symbolic link out of --output_dir"):
         NucleiOutputsWriterd(output_dir=str(out), overwrite=True)(item)
     assert sorted(p.name for p in outside.iterdir()) == ["tile_nuclei.csv"]

@@ -100,6 +100,15 @@ def leaves(root: PathLike, path: PathLike) -> bool:
     return not path.resolve().is_relative_to(root.resolve())
 
 
+def require_inside(root: PathLike, folder: PathLike, error: type[Exception]) -> None:
+    """Raise `error` (the caller's kind of failure) when writing in `folder` would leave the output folder `root`."""
+    if leaves(root, folder):
+        raise error(
+            f"{folder} is a symbolic link out of --output_dir {root}: nothing is written through it; remove the link "
+            "or choose another --output_dir"
+        )
+
+
 def fsync_folder(folder: PathLike) -> None:
     """Make a rename in `folder` durable (a power cut right after os.replace could otherwise undo it)."""
     try:

@@ -120,14 +120,14 @@ class InferenceNetwork(torch.nn.Module):
         self.chosen: str | None = None
 
     def resolve(self, device: torch.device) -> str:
-        """The backend "auto" stands for on `device`."""
-        if self.backend != "auto":
-            return self.backend
-        if device.type != "cpu":
+        """The backend that runs on `device`: the one asked for, or what "auto" stands for there."""
+        if self.backend == "torch" or (self.backend == "auto" and device.type != "cpu"):
             return "torch"
         try:
             import onnxruntime  # noqa: F401
         except ImportError:
+            if self.backend == "onnxruntime":
+                raise ConfigError("--backend onnxruntime needs ONNX Runtime: pip install onnxruntime") from None
             logger.warning("onnxruntime is not installed: the network runs in PyTorch (pip install onnxruntime)")
             return "torch"
         return "onnxruntime"
@@ -160,8 +160,6 @@ class InferenceNetwork(torch.nn.Module):
         if path.is_file():
             try:
                 session = self._load(path)
-            except ConfigError:
-                raise
             except Exception as err:  # noqa: BLE001 - a damaged protobuf fails in many ways
                 logger.warning(f"{path}: cached ONNX export unusable ({_first_line(err)}); exporting it again")
                 path.unlink(missing_ok=True)
@@ -181,10 +179,7 @@ class InferenceNetwork(torch.nn.Module):
 
     def _load(self, path: Path) -> Any:
         """A session on `path` that computes what the PyTorch network computes on a probe input."""
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise ConfigError("--backend onnxruntime needs ONNX Runtime: pip install onnxruntime") from None
+        import onnxruntime as ort  # resolve() made sure it is there
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads if self.threads > 0 else _default_threads()

@@ -78,14 +78,13 @@ def region_measures(inst: np.ndarray) -> dict[str, np.ndarray]:
     def per_label(weights: np.ndarray | None = None, at: np.ndarray = owner) -> np.ndarray:
         return np.bincount(at, weights, size)[labels].astype(np.float64)
 
-    area = per_label()
-    mean_r, mean_c = per_label(rows) / np.maximum(area, 1), per_label(cols) / np.maximum(area, 1)
+    area = per_label()  # at least 1: the labels are those of the pixels
+    mean_r, mean_c = per_label(rows) / area, per_label(cols) / area
     # central second moments: each pixel's offset from its own nucleus' centroid (no large-number cancellation)
     centre_r, centre_c = np.zeros(size), np.zeros(size)
     centre_r[labels], centre_c[labels] = mean_r, mean_c
     dr, dc = rows - centre_r[owner], cols - centre_c[owner]
-    area_1 = np.maximum(area, 1)
-    var_r, var_c, cov = per_label(dr * dr) / area_1, per_label(dc * dc) / area_1, per_label(dr * dc) / area_1
+    var_r, var_c, cov = per_label(dr * dr) / area, per_label(dc * dc) / area, per_label(dr * dc) / area
     half_sum, root = (var_r + var_c) / 2, np.sqrt(((var_r - var_c) / 2) ** 2 + cov**2)
     major, minor = np.clip(half_sum + root, 0, None), np.clip(half_sum - root, 0, None)
     ratio = np.divide(minor, major, out=np.ones_like(major), where=major > 0)

@@ -34,7 +34,7 @@ from scripts.core.classes import PANNUKE, NucleusClasses
 from scripts.model.postprocess import as_plane
 from scripts.core.errors import InferenceError
 from scripts.core.flags import as_bool
-from scripts.core.atomic import leaves, require_writable
+from scripts.core.atomic import require_inside, require_writable
 from scripts.workflows.predict.nuclei_writers import overlay_png, write_geojson, write_label_nifti, write_label_tiff
 from scripts.workflows.predict.nucleus_record import image_nuclei, write_nuclei_csv
 
@@ -131,11 +131,7 @@ class NucleiOutputsWriterd(MapTransform):
             raise FileExistsError(f"{name}: outputs exist in {self.output_dir / name}; pass --overwrite true")
         paths = self.paths(name)
         folder = paths["instances"].parent
-        if leaves(self.output_dir, folder):
-            raise InferenceError(
-                f"{folder} is a symbolic link out of --output_dir {self.output_dir}: nothing was written through it; "
-                "remove the link or choose another --output_dir"
-            )
+        require_inside(self.output_dir, folder, InferenceError)
         folder.parent.mkdir(parents=True, exist_ok=True)
         # staging folders left by a killed run (a failed one removes its own)
         for stale in folder.parent.glob(f".{glob.escape(name)}.partial-*"):

@@ -23,7 +23,7 @@ from scripts.core.flags import as_bool
 from scripts.core.distributed import is_distributed
 from scripts.core.errors import DataError
 from scripts.workflows.predict.nucleus_record import CSV_HEADER
-from scripts.core.atomic import atomic_write, leaves, require_writable
+from scripts.core.atomic import atomic_write, require_inside, require_writable
 from scripts.workflows.slides.progress import SlideProgress
 from scripts.workflows.slides.reader import Slide, find_slides, open_slide, slide_name
 from scripts.workflows.slides.tissue import mask_from_file, tissue_mask
@@ -123,11 +123,7 @@ class SlidePlanner:
             try:
                 if name in names:
                     raise DataError(f"{path}: same name as {names[name]}, so their outputs would mix; rename one")
-                if leaves(self.output_dir, plan.folder):
-                    raise DataError(
-                        f"{plan.folder} is a symbolic link out of --output_dir {self.output_dir}: nothing is written "
-                        "through it; remove the link or choose another --output_dir"
-                    )
+                require_inside(self.output_dir, plan.folder, DataError)
                 names[name] = path
                 self._plan(plan, number, mpp, target_mpp, mask_dir, overwrite)
             except Exception as err:  # noqa: BLE001 - one unreadable slide never stops the others
