@@ -58,12 +58,12 @@ def test_every_tile_read_and_post_processed_trims_the_heap(monkeypatch, tmp_path
     from slide_fixtures import write_slide
 
     from scripts.core.classes import PANNUKE
-    from scripts.workflows.slides import tiles, writer
+    from scripts.workflows.slides import tile_nuclei, tiles
     from scripts.workflows.slides.plan import SlidePlanner
 
     calls = []
     monkeypatch.setattr(tiles, "trim_heap", lambda: calls.append("read"))
-    monkeypatch.setattr(writer, "trim_heap", lambda: calls.append("post-process"))
+    monkeypatch.setattr(tile_nuclei, "trim_heap", lambda: calls.append("post-process"))
     write_slide(tmp_path / "s.ome.tif", size=(512, 512), tissue=(0, 0, 512, 512))
     planner = SlidePlanner(tmp_path / "s.ome.tif", tmp_path / "out", tile_size=256, margin=16)
     item = tiles.SlideTiles(planner)[0]
@@ -74,6 +74,8 @@ def test_every_tile_read_and_post_processed_trims_the_heap(monkeypatch, tmp_path
             return np.zeros(pred.shape[1:], np.int32), np.zeros(1, int), np.zeros(1)
 
     tile = planner.plans[0].tiles[0]
-    table, outlines = writer.tile_job(NoNuclei(), np.zeros((8, 288, 288), np.float32), tile, PANNUKE, 1, 0.25, 1)
+    table, outlines = tile_nuclei.tile_nuclei(
+        NoNuclei(), np.zeros((8, 288, 288), np.float32), tile, PANNUKE, 1, 0.25, 1
+    )
     assert len(table["nucleus_id"]) == 0 and outlines == []
     assert calls == ["read", "post-process"]
