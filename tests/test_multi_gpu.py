@@ -186,7 +186,7 @@ def test_side_effect_handlers_run_on_rank_zero_only(train):
 
 
 def test_overlays_name_what_they_change():
-    overlays = ("multi_gpu_train.json", "multi_gpu_evaluate.json", "evaluate.json", "train_fast.json")
+    overlays = ("multi_gpu_train.json", "multi_gpu_evaluate.json", "evaluate.json", "train_fast.json", "demo.json")
     for name in (*overlays, "inference_wsi.json", "multi_gpu_inference.json"):
         keys = json.loads((BUNDLE_ROOT / "configs" / name).read_text())
         positional = [k for k in keys if any(part.isdigit() for part in k.split("#"))]

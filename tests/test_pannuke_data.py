@@ -33,11 +33,33 @@ def test_every_fold_is_value_checked_up_front(tmp_path):
         PanNuke(root, tmp_path / "cache", [1, 2, 3])
 
 
-def test_demo_data_when_no_dataset_dir(tmp_path, caplog):
-    pannuke = PanNuke("", tmp_path / "cache", [1, 2, 3], demo_dir=tmp_path / "demo")
-    assert (tmp_path / "demo" / "DEMO_DATA_IS_SYNTHETIC.txt").is_file()
+def demo_config(tmp_path, *overlays: str):
+    from monai.bundle import ConfigParser
+
+    from conftest import BUNDLE_ROOT
+
+    parser = ConfigParser()
+    parser.read_config([str(BUNDLE_ROOT / "configs" / name) for name in ("train.json", *overlays)])
+    parser["bundle_root"], parser["cache_dir"] = str(tmp_path), str(tmp_path / "cache")
+    return parser
+
+
+def test_demo_json_trains_on_synthetic_data_written_on_first_use(tmp_path, caplog):
+    parser = demo_config(tmp_path, "demo.json")
+    pannuke = parser.get_parsed_content("pannuke")
+    assert (tmp_path / "demo_data" / "DEMO_DATA_IS_SYNTHETIC.txt").is_file()
     assert "SYNTHETIC demo data" in caplog.text
     assert sorted(pannuke.caches) == [1, 2, 3]
+    assert parser.get_parsed_content("ckpt_dir") == f"{tmp_path}/models/demo"  # never the real training's folder
+
+
+def test_train_json_without_a_dataset_says_how_to_give_one(tmp_path):
+    with pytest.raises(RuntimeError) as failed:  # MONAI's "Failed to instantiate", raised from the bundle's error
+        demo_config(tmp_path).get_parsed_content("pannuke")
+    assert isinstance(failed.value.__cause__, DataError)
+    assert "pass --dataset_dir /path/to/pannuke" in str(failed.value.__cause__)
+    assert "or add configs/demo.json" in str(failed.value.__cause__)
+    assert not (tmp_path / "demo_data").exists()
 
 
 def test_fold_not_prepared(tmp_path):

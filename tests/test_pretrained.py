@@ -121,7 +121,7 @@ def test_fresh_bundle_segments_with_the_shipped_model_and_training_leaves_it_unt
     assert "using the shipped pretrained model" in log
     features = json.loads((tmp_path / "out" / "tile" / "tile_nuclei.geojson").read_text())["features"]
     assert len(features) >= 5  # the synthetic tile has 22 nuclei
-    run_in(bundle, "training", "--config_file", "configs/train.json", "--epochs", "1")  # the README's demo
+    run_in(bundle, "training", "--config_file", "['configs/train.json','configs/demo.json']", "--epochs", "1")  # README
     assert (bundle / "models" / "demo" / "model.pt").is_file()  # a model of synthetic tiles, kept apart
     assert sha256(shipped) == before
     assert sorted(p.name for p in shipped.parent.iterdir()) == ["README.md", "model_fp16.pt"]

@@ -13,7 +13,7 @@ mlflow = pytest.importorskip("mlflow")
 def test_tracking_mlflow_logs_parameters_metrics_and_the_model(tmp_path):
     proc = run_bundle(
         "training",
-        ["train.json"],
+        ["train.json", "demo.json"],
         tmp_path,
         "--tracking",
         "mlflow",
@@ -44,5 +44,7 @@ def test_tracking_mlflow_logs_parameters_metrics_and_the_model(tmp_path):
 
 
 def test_without_tracking_nothing_is_logged(tmp_path):
-    run_bundle("training", ["train.json"], tmp_path, "--epochs", "1", "--features", "[8, 8, 16, 32, 64, 8]")
+    run_bundle(
+        "training", ["train.json", "demo.json"], tmp_path, "--epochs", "1", "--features", "[8, 8, 16, 32, 64, 8]"
+    )
     assert not (tmp_path / "eval" / "mlruns.db").exists()

@@ -21,7 +21,6 @@ from scripts.core.atomic import require_writable
 from scripts.core.classes import CLASSES_FILE, PANNUKE, NucleusClasses, read_dataset_classes
 from scripts.core.distributed import in_rank_order
 from scripts.core.errors import DataError
-from scripts.data.pannuke.demo_data import ensure_demo_dataset
 from scripts.data.pannuke.cache import ensure_fold_cache, open_fold_cache
 from scripts.data.pannuke.files import FoldFiles, fold_exists, locate_folds
 
@@ -38,15 +37,14 @@ def as_fold_list(folds: int | str | Sequence) -> list[int]:
 
 
 class PanNuke:
-    """Checked, cached PanNuke folds under `dataset_dir` (synthetic demo data when `dataset_dir` is empty).
+    """Checked, cached PanNuke folds under `dataset_dir`.
 
     `classes` are the folds' nucleus types: PanNuke's five, or a lab's own from `classes.json` beside the folds.
 
     Args:
-        dataset_dir: the folder holding the folds (`@dataset_dir`); "" writes and uses the demo data.
+        dataset_dir: the folder holding the folds (`@dataset_dir`; configs/demo.json sets it to the demo data).
         cache_dir: where fold caches go (`@cache_dir`).
         folds: every fold the run touches (`@run_folds`).
-        demo_dir: where the demo data is written when `dataset_dir` is "".
         optional_folds: folds used only if they exist (training: the test fold, which a lab's folder converted with
             `--split 0.8,0.2,0` does not have); a missing one is logged and left out.
     """
@@ -56,13 +54,13 @@ class PanNuke:
         dataset_dir: str | os.PathLike | None,
         cache_dir: str | os.PathLike,
         folds: int | str | Sequence[int] = (1, 2, 3),
-        demo_dir: str | os.PathLike | None = None,
         optional_folds: int | str | Sequence[int] = (),
     ) -> None:
         if not dataset_dir:
-            if demo_dir is None:
-                raise DataError("dataset_dir is empty and no demo_dir was given: pass --dataset_dir /path/to/pannuke")
-            dataset_dir = in_rank_order(lambda: ensure_demo_dataset(demo_dir))
+            raise DataError(
+                "no dataset given: pass --dataset_dir /path/to/pannuke (the folder holding the folds), or add "
+                "configs/demo.json to the config files to train on synthetic demo data"
+            )
         self.dataset_dir = Path(dataset_dir)
         self.cache_dir = require_writable(cache_dir, "cache_dir")  # a file there: one line, not an OSError later
         self.classes: NucleusClasses = read_dataset_classes(self.dataset_dir)

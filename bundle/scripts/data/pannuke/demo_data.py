@@ -19,6 +19,7 @@ from scipy import ndimage
 from skimage.color import rgb_from_hed
 from skimage.draw import ellipse
 
+from scripts.core.distributed import in_rank_order
 from scripts.data.pannuke.files import LAYOUTS, fold_paths
 from scripts.data.pannuke.format import NUM_TYPES, TILE_SIZE
 
@@ -118,11 +119,17 @@ def ensure_demo_dataset(root: str | os.PathLike) -> Path:
         logger.warning(f"generating the synthetic demo dataset in {root}")
         write_demo_dataset(root)
     logger.warning(
-        "No dataset_dir given: using SYNTHETIC demo data (%s). To train on PanNuke, download it and run with "
-        "--dataset_dir /path/to/pannuke (the folder holding 'Fold 1', 'Fold 2', 'Fold 3' or 'Part 1'..'Part 3').",
+        "configs/demo.json: using SYNTHETIC demo data (%s). To train on PanNuke, download it and run train.json "
+        "without demo.json, with --dataset_dir /path/to/pannuke (the folder holding 'Fold 1'..'Fold 3' or "
+        "'Part 1'..'Part 3').",
         root,
     )
     return root
+
+
+def demo_dataset(root: str | os.PathLike) -> str:
+    """configs/demo.json's `dataset_dir`: the demo data in `root`, written on first use (by rank 0 first)."""
+    return str(in_rank_order(lambda: ensure_demo_dataset(root)))
 
 
 def main() -> None:
