@@ -4,25 +4,21 @@
   - reports an image the dataset could not read (the dataset hands over an "error" record instead of raising),
   - skips an image whose outputs already exist, unless the writer may overwrite, before spending network time on it;
     an incomplete set (an interrupted run) is not a result: it is redone, and the log says so,
-  - runs the evaluator's iteration through its public parts (prepare_batch, mode, inferer, network; the
-    FORWARD_COMPLETED and MODEL_COMPLETED events that run MONAI's decollation and post-processing, writing included)
-    and turns any exception in it into a failed image, so the rest of the folder is still processed.
+  - runs MONAI's own evaluator iteration (`SupervisedEvaluator._iteration`: the network on the batch, then the
+    events on which MONAI decollates the batch and runs the post-processing, writing included) and turns any
+    exception in it into a failed image, so the rest of the folder is still processed. Calling MONAI's iteration,
+    rather than a copy of it, keeps AMP, compile and prepare_batch behaving as MONAI's evaluator does.
 As a handler it logs a summary when the run completes and writes it to `<output_dir>/inference_summary.csv`;
 `raise_if_failed()` (the config's last run step) then exits with status 1 when any image failed, for scripts.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from dataclasses import astuple, dataclass, fields
 
-import torch
 from ignite.engine import Engine, Events
-from monai.engines import SupervisedEvaluator
-from monai.engines.utils import IterationEvents
-from monai.utils import CommonKeys as Keys
 
 from scripts.workflows.predict.writer import NucleiOutputsWriterd
 from scripts.core.atomic import write_csv_rows
@@ -40,19 +36,6 @@ class ImageOutcome:
     nuclei: int | None = None
     seconds: float | None = None
     detail: str = ""
-
-
-def evaluator_iteration(engine: SupervisedEvaluator, batch: dict) -> dict | list:
-    """One SupervisedEvaluator step from its public attributes and events: the network's prediction on the batch,
-    then MODEL_COMPLETED, on which MONAI decollates the batch and runs the configured post-processing."""
-    inputs, targets = engine.prepare_batch(batch, engine.state.device, engine.non_blocking, **engine.to_kwargs)[:2]
-    engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
-    autocast = torch.autocast("cuda", **engine.amp_kwargs) if engine.amp else contextlib.nullcontext()
-    with engine.mode(engine.network), autocast:
-        engine.state.output[Keys.PRED] = engine.inferer(inputs, engine.network)
-    engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-    engine.fire_event(IterationEvents.MODEL_COMPLETED)
-    return engine.state.output
 
 
 def root_cause(error: BaseException) -> str:
@@ -90,7 +73,7 @@ class PerImageGuard:
             logger.warning(f"{name}: outputs in {existing[0].parent} are incomplete ({missing}): redoing the image")
         start = time.perf_counter()
         try:
-            output = evaluator_iteration(engine, batch)
+            output = engine._iteration(engine, batch)  # the one MONAI runs without an iteration_update
         except Exception as e:  # noqa: BLE001 - any failure of one image is reported; the others still run
             logger.debug("traceback for %s", source, exc_info=True)
             return self._record(ImageOutcome(name, source, "failed", detail=f"{source}: {root_cause(e)}"))
