@@ -45,8 +45,8 @@ AJI_EPS = 1.0e-6
 _DENSE_PAIRS_MAX = 1 << 20
 # fewest images a worker process gets, so that start-up and result passing stay small next to the scoring itself
 MIN_CHUNK = 32
-# forked workers inherit the fold's maps without pickling, which would cost about as much as scoring them (~1 ms a
-# tile); where fork does not exist, chunks of maps are pickled to the workers instead
+# forked workers inherit the fold's maps without pickling, which would cost about as much as scoring them; where
+# fork does not exist, chunks of maps are pickled to the workers instead
 _FORK_OK = "fork" in multiprocessing.get_all_start_methods()
 
 BINARY_KEYS: tuple[str, ...] = ("bPQ", "bDQ", "bSQ", "Dice", "AJI")
