@@ -123,3 +123,25 @@ def test_fortran_ordered_arrays_are_read_not_refused(tmp_path):
     header = read_npy_header(files.images)
     assert header.fortran_order
     np.testing.assert_array_equal(read_tiles(files.images, header, 1, 3), images[1:3])
+
+
+def test_an_unreadable_fold_folder_is_one_line_naming_it(tmp_path, monkeypatch):
+    """As root every folder is readable, so the refusal pathlib gives another account is simulated."""
+    import pathlib
+
+    from scripts.data.pannuke.datasets import PanNuke
+
+    write_demo_dataset(tmp_path / "data", tiles_per_fold=(1, 1, 1))
+    real_stat = pathlib.Path.stat
+
+    def stat(self, *args, **kwargs):
+        if "Fold 2" in self.parts and self.name != "Fold 2":  # Fold 2 itself is listed, its contents not
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "stat", stat)
+    with pytest.raises(DataError, match=r"Fold 2/.*cannot be read \(Permission denied\).*chmod -R u\+rX"):
+        locate_folds(tmp_path / "data", [1, 2])
+    with pytest.raises(DataError, match="cannot be read"):
+        PanNuke(tmp_path / "data", tmp_path / "cache", [1, 2])
+    assert sorted(locate_folds(tmp_path / "data", [1, 3])) == [1, 3]  # the readable folds are still found

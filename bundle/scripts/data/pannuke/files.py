@@ -101,7 +101,13 @@ def fold_folder(root: str | os.PathLike, fold: int, layout: str = "official") ->
 
 def fold_exists(root: str | os.PathLike, fold: int) -> bool:
     """Whether any file of the fold is there, in either layout (an incomplete fold exists, and is refused later)."""
-    return any(fold_folder(root, fold, layout).exists() for layout in LAYOUTS)
+    try:
+        return any(fold_folder(root, fold, layout).exists() for layout in LAYOUTS)
+    except PermissionError as e:
+        raise DataError(
+            f"{root}: cannot be read ({e.strerror}): the dataset folder is not readable by this account. Give it "
+            f"read access, e.g. chmod -R u+rX '{root}', or copy the dataset somewhere you own."
+        ) from e
 
 
 def fold_paths_inside(folder: str | os.PathLike, fold: int, layout: str = "official") -> dict[str, Path]:
@@ -110,9 +116,21 @@ def fold_paths_inside(folder: str | os.PathLike, fold: int, layout: str = "offic
     return {key: Path(folder) / path.relative_to(top) for key, path in fold_paths("", fold, layout).items()}
 
 
+def is_file(path: Path, dataset_dir: Path) -> bool:
+    """`path.is_file()`, with a folder on the way that this account may not read as one line, not a traceback
+    (pathlib raises PermissionError there instead of answering)."""
+    try:
+        return path.is_file()
+    except PermissionError as e:
+        raise DataError(
+            f"{path}: cannot be read ({e.strerror}): a folder of the dataset is not readable by this account. Give it "
+            f"read access, e.g. chmod -R u+rX '{dataset_dir}', or copy the dataset somewhere you own."
+        ) from e
+
+
 def find_fold(dataset_dir: Path, fold: int) -> FoldFiles:
     """Locate one fold in either layout; the error lists every path tried."""
-    present = [layout for layout in LAYOUTS if fold_paths(dataset_dir, fold, layout)["images"].is_file()]
+    present = [layout for layout in LAYOUTS if is_file(fold_paths(dataset_dir, fold, layout)["images"], dataset_dir)]
     if len(present) > 1:
         logger.warning(
             f"fold {fold} exists in both layouts in {dataset_dir} ({' and '.join(present)}); using the {present[0]} "
@@ -121,8 +139,8 @@ def find_fold(dataset_dir: Path, fold: int) -> FoldFiles:
     tried = []
     for layout in LAYOUTS:
         paths = fold_paths(dataset_dir, fold, layout)
-        if paths["images"].is_file() or paths["masks"].is_file():
-            missing = [str(p) for p in paths.values() if not p.is_file()]
+        if is_file(paths["images"], dataset_dir) or is_file(paths["masks"], dataset_dir):
+            missing = [str(p) for p in paths.values() if not is_file(p, dataset_dir)]
             if missing:
                 raise DataError(
                     f"fold {fold} ({layout} layout) in {dataset_dir} is incomplete, missing: {', '.join(missing)}. "
