@@ -13,7 +13,7 @@ from PIL import Image
 from scipy import ndimage
 
 from scripts.core.classes import PANNUKE
-from scripts.core.qupath import outline_polygon
+from scripts.core.qupath import label_outlines, outline_polygon
 from scripts.workflows.predict.nuclei_writers import (
     overlay_image,
     overlay_png,
@@ -101,6 +101,27 @@ def test_outline_area_matches_pixels_and_is_counter_clockwise(sample) -> None:
         if n:
             biggest = ndimage.binary_fill_holes(labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1)
             assert _shoelace(outline_polygon(blob)) == biggest.sum()
+
+
+def test_label_outlines_are_outline_polygon_of_each_id_on_any_label_map() -> None:
+    """The whole-map tracer gives exactly the per-mask rings, on touching nuclei and on every shape the per-mask
+    path has to clean first (pieces, holes, pixels touching at a corner only), for all ids or a subset."""
+    rng = np.random.default_rng(5)
+    for trial in range(200):
+        shape = tuple(rng.integers(4, 40, 2))
+        if trial % 2:
+            labels = ndimage.label(rng.random(shape) < 0.55)[0]  # separate blobs, many with holes and pinches
+        else:
+            labels = rng.integers(0, 5, shape) * (rng.random(shape) < 0.9)  # touching ids in several pieces
+        ids = np.unique(labels)[1:]
+        boxes = ndimage.find_objects(labels)
+        expected = {
+            i: outline_polygon(labels[boxes[i - 1]] == i, (boxes[i - 1][1].start + 3, boxes[i - 1][0].start + 4))
+            for i in ids.tolist()
+        }
+        assert label_outlines(labels, ids, (3, 4)) == [expected[i] for i in ids.tolist()]
+        subset = ids[rng.random(len(ids)) < 0.5]
+        assert label_outlines(labels, subset, (3, 4)) == [expected[i] for i in subset.tolist()]
 
 
 def test_geojson_rejects_bad_types(sample) -> None:

@@ -14,69 +14,75 @@ from scipy import ndimage
 from scripts.core.classes import PANNUKE, NucleusClasses
 
 
+_CROSS = ndimage.generate_binary_structure(2, 1)
+
+
 def _largest_part(mask: np.ndarray) -> np.ndarray:
-    """Keep the biggest 4-connected piece and fill its holes: QuPath detections are one simple polygon each."""
-    labels, n = ndimage.label(mask)
+    """Keep the biggest 4-connected piece and fill its holes: QuPath detections are one simple polygon each.
+
+    A hole is a 4-connected piece of the rest that does not reach the mask's border (as `binary_fill_holes`
+    defines it); labelling the rest once finds them without that function's repeated dilations.
+    """
+    labels, n = ndimage.label(mask, _CROSS)
     if n > 1:
         sizes = np.bincount(labels.ravel())[1:]
         mask = labels == (int(np.argmax(sizes)) + 1)
-    return ndimage.binary_fill_holes(mask)
+    rest, pieces = ndimage.label(~mask, _CROSS)
+    if pieces == 0:
+        return mask
+    open_pieces = np.unique(np.concatenate([rest[0], rest[-1], rest[:, 0], rest[:, -1]]))
+    enclosed = np.ones(pieces + 1, dtype=bool)
+    enclosed[open_pieces] = False
+    enclosed[0] = False
+    return mask | enclosed[rest]
 
 
-def _boundary_edges(mask: np.ndarray) -> dict[tuple[int, int], list[tuple[int, int]]]:
-    """Unit pixel-edge segments between mask and non-mask, oriented with the mask on the walker's right on screen.
+# The four pixel sides as (row step to the neighbour, col step, start vertex (dx, dy), end vertex (dx, dy)), oriented
+# with the mask on the walker's right on screen: that makes the ring's shoelace area positive in (x, y) numbers,
+# i.e. counter-clockwise in the y-up sense RFC 7946 asks of exterior rings.
+_SIDES = (
+    (-1, 0, (0, 0), (1, 0)),  # background above: top edge, left to right
+    (0, 1, (1, 0), (1, 1)),  # background right: right edge, downwards
+    (1, 0, (1, 1), (0, 1)),  # background below: bottom edge, right to left
+    (0, -1, (0, 1), (0, 0)),  # background left: left edge, upwards
+)
 
-    That orientation makes the traced ring's shoelace area positive in (x, y) numbers, i.e. counter-clockwise in the
-    y-up sense RFC 7946 asks of exterior rings.  Keys are start vertices (x, y); values the end vertices.
-    """
+
+def _outer_ring(mask: np.ndarray) -> np.ndarray:
+    """The outer boundary of a mask as (K, 2) corner vertices (x, y), from its top-left vertex along the unit pixel
+    edges between mask and non-mask; at a pinch point (two pixels touching at a corner) the walk turns right, so
+    diagonal touches stay apart. Edges are found and linked in whole-array steps; only the walk is a loop."""
     padded = np.pad(mask, 1)
     inner = padded[1:-1, 1:-1]
-    edges: dict[tuple[int, int], list[tuple[int, int]]] = {}
-    sides = (
-        (padded[:-2, 1:-1], (0, 0), (1, 0)),  # background above: top edge, left to right
-        (padded[1:-1, 2:], (1, 0), (1, 1)),  # background right: right edge, downwards
-        (padded[2:, 1:-1], (1, 1), (0, 1)),  # background below: bottom edge, right to left
-        (padded[1:-1, :-2], (0, 1), (0, 0)),  # background left: left edge, upwards
-    )
-    for neighbour, (sx, sy), (ex, ey) in sides:
-        rows, cols = np.nonzero(inner & ~neighbour)
-        for r, c in zip(rows.tolist(), cols.tolist(), strict=True):
-            edges.setdefault((c + sx, r + sy), []).append((c + ex, r + ey))
-    return edges
-
-
-def _trace_ring(edges: dict[tuple[int, int], list[tuple[int, int]]]) -> list[tuple[int, int]]:
-    """Walk the outer boundary from its top-left vertex; at a pinch point turn right so diagonal touches stay apart."""
-    start = min(edges, key=lambda v: (v[1], v[0]))
-    ring = [start]
-    here, heading = start, None
-    while True:
-        options = edges[here]
-        if len(options) == 1 or heading is None:
-            nxt = options.pop(0)
-        else:  # pinch point: prefer the right turn (screen coordinates), which hugs the current pixel
-            right = (-heading[1], heading[0])
-            pick = next((i for i, e in enumerate(options) if (e[0] - here[0], e[1] - here[1]) == right), 0)
-            nxt = options.pop(pick)
-        if not options:
-            del edges[here]
-        heading = (nxt[0] - here[0], nxt[1] - here[1])
-        if nxt == start:
-            break
-        ring.append(nxt)
-        here = nxt
-    return ring
-
-
-def _drop_collinear(ring: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Keep only corners, so a staircase outline costs one vertex per turn, then close the ring."""
-    n = len(ring)
-    corners = []
-    for i in range(n):
-        prev, cur, nxt = ring[i - 1], ring[i], ring[(i + 1) % n]
-        if (cur[0] - prev[0], cur[1] - prev[1]) != (nxt[0] - cur[0], nxt[1] - cur[1]):
-            corners.append(cur)
-    return [*corners, corners[0]]
+    height, width = mask.shape
+    starts, ends = [], []
+    for dr, dc, (sx, sy), (ex, ey) in _SIDES:
+        rows, cols = np.nonzero(inner & ~padded[1 + dr : 1 + dr + height, 1 + dc : 1 + dc + width])
+        starts.append(np.stack([cols + sx, rows + sy], axis=1))
+        ends.append(np.stack([cols + ex, rows + ey], axis=1))
+    start, end = np.concatenate(starts), np.concatenate(ends)
+    step = end - start
+    key = start[:, 1] * (width + 1) + start[:, 0]
+    end_key = end[:, 1] * (width + 1) + end[:, 0]
+    order = np.argsort(key, kind="stable")
+    first = np.searchsorted(key[order], end_key)  # the first edge leaving each edge's end vertex
+    after = order[first]
+    pinch = np.flatnonzero((first + 1 < len(key)) & (key[order[np.minimum(first + 1, len(key) - 1)]] == end_key))
+    if len(pinch):  # two edges leave that vertex: take the one that turns right from this edge's heading
+        other = order[first[pinch] + 1]
+        right = np.stack([-step[pinch, 1], step[pinch, 0]], axis=1)
+        takes_other = np.all(step[other] == right, axis=1) & ~np.all(step[after[pinch]] == right, axis=1)
+        after[pinch[takes_other]] = other[takes_other]
+    nxt = after.tolist()
+    here = int(order[0])  # the top-left vertex (smallest y, then x) starts exactly one edge: the top one
+    ring = [here]
+    here = nxt[here]
+    while here != ring[0]:
+        ring.append(here)
+        here = nxt[here]
+    path = np.asarray(ring)
+    corner = np.any(step[path] != step[np.roll(path, 1)], axis=1)  # one vertex per turn of a staircase
+    return start[path[corner]]
 
 
 def outline_polygon(mask: np.ndarray, offset_xy: tuple[int, int] = (0, 0)) -> list[list[int]]:
@@ -84,9 +90,80 @@ def outline_polygon(mask: np.ndarray, offset_xy: tuple[int, int] = (0, 0)) -> li
     part = _largest_part(np.asarray(mask, dtype=bool))
     if not part.any():
         raise ValueError("outline_polygon got an empty mask")
-    ring = _drop_collinear(_trace_ring(_boundary_edges(part)))
-    ox, oy = offset_xy
-    return [[x + ox, y + oy] for x, y in ring]
+    ring = (_outer_ring(part) + np.asarray(offset_xy)).tolist()
+    return [*ring, ring[0]]
+
+
+def label_outlines(labels: np.ndarray, ids: np.ndarray, offset_xy: tuple[int, int] = (0, 0)) -> list[list[list[int]]]:
+    """`outline_polygon` of every id in a label map, in whole-array steps: the same rings, many times faster.
+
+    Edges of all ids are found and linked at once; the walk along each ring is one loop over all edges. An id whose
+    mask `outline_polygon` would first change (several pieces, a hole, two of its pixels touching at a corner only)
+    takes that function's path, so every ring is exactly what it would return.
+    """
+    labels = np.asarray(labels)
+    ids = np.asarray(ids, dtype=np.int64).ravel()
+    if len(ids) == 0:
+        return []
+    height, width = labels.shape
+    wanted = np.zeros(int(max(labels.max(initial=0), ids.max())) + 1, dtype=bool)
+    wanted[ids] = True
+    padded = np.pad(labels, 1)
+    inner = padded[1:-1, 1:-1]
+    owners, starts, ends = [], [], []
+    for dr, dc, (sx, sy), (ex, ey) in _SIDES:
+        rows, cols = np.nonzero(wanted[inner] & (inner != padded[1 + dr : 1 + dr + height, 1 + dc : 1 + dc + width]))
+        owners.append(inner[rows, cols].astype(np.int64))
+        starts.append(np.stack([cols + sx, rows + sy], axis=1))
+        ends.append(np.stack([cols + ex, rows + ey], axis=1))
+    owner, start, end = np.concatenate(owners), np.concatenate(starts), np.concatenate(ends)
+    step = end - start
+    plane = (height + 1) * (width + 1)
+    key = owner * plane + start[:, 1] * (width + 1) + start[:, 0]
+    end_key = owner * plane + end[:, 1] * (width + 1) + end[:, 0]
+    order = np.argsort(key, kind="stable")
+    sorted_key = key[order]
+    after = order[np.searchsorted(sorted_key, end_key)]
+    edges_of = np.bincount(owner, minlength=len(wanted))
+    special = edges_of == 0  # an id that is not in the map: outline_polygon's error
+    special[owner[order[1:][sorted_key[1:] == sorted_key[:-1]]]] = True  # a corner two of its pixels share
+    # walk each id's ring from its top-left vertex (its first edge in key order); an id left with edges is special
+    firsts = order[np.flatnonzero(np.r_[True, owner[order[1:]] != owner[order[:-1]]])]
+    firsts = firsts[~special[owner[firsts]]]  # with no shared corner, each edge has one successor: rings close
+    nxt = after.tolist()
+    path: list[int] = []
+    ring_of = np.zeros(len(wanted), dtype=np.int64)
+    bounds = [0]
+    for first in firsts.tolist():
+        path.append(first)
+        here = nxt[first]
+        while here != first:
+            path.append(here)
+            here = nxt[here]
+        bounds.append(len(path))
+    path_arr = np.asarray(path, dtype=np.int64)
+    ring_owner = owner[firsts]
+    ring_edges = np.diff(bounds)
+    special[ring_owner[ring_edges != edges_of[ring_owner]]] = True  # more rings than one: a hole or another piece
+    ring_of[ring_owner] = np.arange(len(firsts))
+    position = np.arange(len(path_arr)) - 1
+    position[bounds[:-1]] = np.asarray(bounds[1:]) - 1  # a ring's first edge follows its last
+    corner = np.any(step[path_arr] != step[path_arr[position]], axis=1)
+    corner_ring = np.repeat(np.arange(len(firsts)), ring_edges)[corner]
+    points = (start[path_arr[corner]] + np.asarray(offset_xy)).tolist()
+    cuts = np.searchsorted(corner_ring, np.arange(len(firsts) + 1)).tolist()
+    boxes = ndimage.find_objects(labels.astype(np.intp, copy=False)) if special[ids].any() else []
+    rings = []
+    for nucleus_id in ids.tolist():
+        if special[nucleus_id]:
+            rows, cols = boxes[nucleus_id - 1]
+            offset = (cols.start + offset_xy[0], rows.start + offset_xy[1])
+            rings.append(outline_polygon(labels[rows, cols] == nucleus_id, offset))
+            continue
+        k = int(ring_of[nucleus_id])
+        ring = points[cuts[k] : cuts[k + 1]]
+        rings.append([*ring, ring[0]])
+    return rings
 
 
 def qupath_classification(type_id: int, classes: NucleusClasses = PANNUKE) -> dict:

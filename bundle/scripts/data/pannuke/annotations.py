@@ -232,19 +232,15 @@ def annotations_geojson(
         names: class name per instance id (None = unclassified).
         colours: optional RGB per class name, written as QuPath's `classification.color`.
     """
-    from scripts.core.qupath import outline_polygon  # noqa: PLC0415 - only this writer needs the tracer
-
-    from scipy import ndimage  # noqa: PLC0415
+    from scripts.core.qupath import label_outlines  # noqa: PLC0415 - only this writer needs the tracer
 
     features = []
-    boxes = ndimage.find_objects(np.asarray(inst, dtype=np.intp))
-    for ident in np.unique(inst[inst > 0]).tolist():
+    ids = np.unique(inst[inst > 0])
+    for ident, ring in zip(ids.tolist(), label_outlines(inst, ids), strict=True):
         props: dict[str, Any] = {"objectType": "annotation"}
         name = names.get(ident)
         if name is not None:
             props["classification"] = {"name": name, **({"color": list(colours[name])} if colours else {})}
-        rows, cols = boxes[ident - 1]
-        ring = outline_polygon(inst[rows, cols] == ident, offset_xy=(cols.start, rows.start))
         geometry = {"type": "Polygon", "coordinates": [ring]}
         features.append({"type": "Feature", "geometry": geometry, "properties": props})
     return {"type": "FeatureCollection", "features": features}

@@ -25,12 +25,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from scripts.core.classes import NucleusClasses
 from scripts.core.atomic import spreadsheet_safe, write_text
 from scripts.workflows.predict.nuclei_writers import check_inst, check_per_instance
-from scripts.core.qupath import outline_polygon, qupath_detection, simplify_rings
+from scripts.core.qupath import label_outlines, qupath_detection, simplify_rings
 
 NUCLEUS_COLUMNS = (
     "nucleus_id",
@@ -168,12 +167,7 @@ def nucleus_outlines(
     inst: np.ndarray, ids: np.ndarray, origin: Sequence[int] = (0, 0), scale: float = 1.0, tolerance: float = 0.0
 ) -> list[list]:
     """Each id's closed pixel-edge outline in input pixels, simplified to within `tolerance` model pixels."""
-    boxes = ndimage.find_objects(inst.astype(np.intp, copy=False)) if len(ids) else []
-    rings = []
-    for nucleus_id in np.asarray(ids).tolist():
-        rows, cols = boxes[nucleus_id - 1]
-        rings.append(outline_polygon(inst[rows, cols] == nucleus_id, (cols.start + origin[0], rows.start + origin[1])))
-    rings = simplify_rings(rings, tolerance)
+    rings = simplify_rings(label_outlines(inst, ids, (int(origin[0]), int(origin[1]))), tolerance)
     return rings if scale == 1 else [[[round(x * scale, 2), round(y * scale, 2)] for x, y in ring] for ring in rings]
 
 
