@@ -65,6 +65,25 @@ def test_json_is_strict_nan_becomes_null_and_numbers_are_plain(tmp_path):
     assert "NaN" not in (tmp_path / "s.json").read_text()
 
 
+def test_json_of_finite_values_is_the_same_text_by_either_path():
+    """Finite values skip the json_safe pass; the text must be what that pass gives."""
+    from pathlib import Path
+
+    from scripts.core.atomic import json_safe
+
+    value = {
+        "features": [{"id": np.int64(7), "ring": np.arange(6).reshape(3, 2), "p": np.float32(0.25), "ok": np.bool_(1)}],
+        "where": Path("/a/b"),
+        "pair": (1, 2.5),
+        3: torch.tensor(2),
+    }
+    for indent in (None, 2):
+        assert json_text(value, indent) == json.dumps(
+            json_safe(value), indent=indent, separators=None if indent else (",", ":"), allow_nan=False
+        )
+    assert json.loads(json_text({np.int64(1): 1.0})) == {"1": 1.0}  # a key json.dumps refuses: the exact path
+
+
 def test_csv_rows(tmp_path):
     write_csv_rows(tmp_path / "t.csv", ["a", "b"], [[1, "x"], [2, "y"]])
     assert (tmp_path / "t.csv").read_text() == "a,b\n1,x\n2,y\n"

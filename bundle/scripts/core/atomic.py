@@ -187,7 +187,23 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def _plain(value: Any) -> Any:
+    """json.dumps' `default`: numpy / torch values as Python ones, paths as text."""
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
 def json_text(value: Any, indent: int | None = 2) -> str:
-    """The one JSON encoding of the bundle's outputs: strict JSON that any reader loads (no NaN tokens)."""
+    """The one JSON encoding of the bundle's outputs: strict JSON that any reader loads (no NaN tokens).
+
+    Encoded directly when every number is finite and every key plain (a nucleus GeoJSON: one pass instead of two);
+    otherwise through `json_safe`, which writes NaN and infinities as null.
+    """
     separators = (",", ":") if indent is None else None
-    return json.dumps(json_safe(value), indent=indent, separators=separators, allow_nan=False)
+    try:
+        return json.dumps(value, indent=indent, separators=separators, allow_nan=False, default=_plain)
+    except (TypeError, ValueError):  # NaN, infinity, or a key json.dumps does not take as it is
+        return json.dumps(json_safe(value), indent=indent, separators=separators, allow_nan=False)
