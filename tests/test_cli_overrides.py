@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import BUNDLE_ROOT
 from scripts.core.flags import check_overrides
@@ -55,6 +56,14 @@ def test_in_process_workflows_are_not_checked_against_this_process_argv():
         ("positive_numbers", "learning_rate", "1e-3x"),
         ("positive_numbers", "mpp", 0.0),
         ("positive_numbers", "learning_rate", float("nan")),
+        ("non_negative_numbers", "polygon_tolerance", -1),
+        ("fractions", "sw_overlap", 1.5),
+        ("fractions", "sw_overlap", "abc"),
+        ("sizes", "roi_size", [0, 0]),
+        ("sizes", "roi_size", [256]),
+        ("sizes", "roi_size", "256"),
+        ("devices", "stitch_device", "gpu"),
+        ("devices", "device", "cpux"),
     ],
 )
 def test_values_that_cannot_work_are_one_line_naming_the_option(kind, name, value):
@@ -63,6 +72,49 @@ def test_values_that_cannot_work_are_one_line_naming_the_option(kind, name, valu
     with pytest.raises(ConfigError, match=f"^--{name} must be "):
         check_values(**{kind: {name: value}})
     check_values(positive_ints={"epochs": 3}, non_negative_ints={"num_workers": 0}, positive_numbers={"mpp": None})
+    check_values(
+        non_negative_numbers={"polygon_tolerance": 0},
+        fractions={"sw_overlap": 0.25},
+        sizes={"roi_size": [256, 256]},
+        devices={"device": "cpu", "stitch_device": torch.device("cpu")},
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_cuda_where_there_is_no_gpu_is_refused():
+    from scripts.core.flags import check_values
+
+    with pytest.raises(ConfigError, match="^--device cuda: no CUDA GPU is visible on this machine; use cpu$"):
+        check_values(devices={"device": "cuda"})
+
+
+def test_inference_with_an_impossible_window_stops_before_any_work(tmp_path):
+    """The values the inferer would only fail on image by image (every image reported failed) stop the run first,
+    here, under torchrun's overlay and in evaluation alike."""
+    from monai.bundle import ConfigWorkflow
+
+    from scripts.core.errors import bundle_error_in
+
+    cases = [
+        (["train.json", "inference.json"], {"roi_size": [0, 0]}, "--roi_size must be two whole numbers"),
+        (["train.json", "inference.json"], {"sw_overlap": 1.5}, "--sw_overlap must be a number from 0"),
+        (["train.json", "inference.json", "multi_gpu_inference.json"], {"stitch_device": "gpu"}, "--stitch_device"),
+        (["train.json", "evaluate.json"], {"device": "gpu"}, "--device must be a torch device"),
+    ]
+    for configs, override, message in cases:
+        flow = ConfigWorkflow(
+            config_file=[str(CONFIGS / c) for c in configs],
+            workflow_type="infer",
+            bundle_root=str(BUNDLE_ROOT),
+            input_dir=str(tmp_path),
+            output_dir=str(tmp_path / "out"),
+            ckpt_dir=str(tmp_path / "models"),
+            **override,
+        )
+        with pytest.raises(Exception) as err:
+            flow.initialize()
+        assert message in str(bundle_error_in(err.value)), (configs, override)
+        assert not (tmp_path / "out").exists()
 
 
 def test_a_training_with_zero_epochs_stops_before_any_work(tmp_path):

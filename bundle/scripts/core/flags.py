@@ -114,6 +114,10 @@ def check_values(
     positive_ints: dict[str, Any] | None = None,
     non_negative_ints: dict[str, Any] | None = None,
     positive_numbers: dict[str, Any] | None = None,
+    non_negative_numbers: dict[str, Any] | None = None,
+    fractions: dict[str, Any] | None = None,
+    sizes: dict[str, Any] | None = None,
+    devices: dict[str, Any] | None = None,
 ) -> None:
     """Refuse option values that cannot work, before any work, each in one line naming the option.
 
@@ -122,16 +126,52 @@ def check_values(
         non_negative_ints: options that must be whole numbers of at least 0 (worker counts).
         positive_numbers: options that must be numbers above 0 (learning rate, µm per pixel); None is allowed
             (not set).
+        non_negative_numbers: options that must be numbers of at least 0 (a polygon tolerance).
+        fractions: options that must be numbers from 0 up to, not including, 1 (a window overlap).
+        sizes: options that must be a list of two whole numbers of at least 1 (a window size).
+        devices: options that must name a torch device this machine has (`cpu`, `cuda`, `cuda:1`).
     """
     for name, value in (positive_ints or {}).items():
         _whole(name, value, 1)
     for name, value in (non_negative_ints or {}).items():
         _whole(name, value, 0)
     for name, value in (positive_numbers or {}).items():
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0 or value != value:
+        if value is not None and not (_number(value) and value > 0):
             raise ConfigError(f"--{name} must be a number above 0, got {value!r}")
+    for name, value in (non_negative_numbers or {}).items():
+        if not (_number(value) and value >= 0):
+            raise ConfigError(f"--{name} must be a number of at least 0, got {value!r}")
+    for name, value in (fractions or {}).items():
+        if not (_number(value) and 0 <= value < 1):
+            raise ConfigError(f"--{name} must be a number from 0 up to (not including) 1, got {value!r}")
+    for name, value in (sizes or {}).items():
+        if not (isinstance(value, list | tuple) and len(value) == 2 and all(_positive_whole(v) for v in value)):
+            raise ConfigError(f'--{name} must be two whole numbers of at least 1, e.g. "[256, 256]", got {value!r}')
+    for name, value in (devices or {}).items():
+        _device(name, value)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == value
+
+
+def _positive_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _device(name: str, value: Any) -> None:
+    """A device torch can parse and this machine has (torch imported here: the converter imports this module)."""
+    import torch  # noqa: PLC0415
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"--{name} must be a torch device such as cpu or cuda, got {value!r}") from e
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--{name} {value}: no CUDA GPU is visible on this machine; use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--{name} {value}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
 
 
 def _fold_numbers(value: Any) -> set[int]:
