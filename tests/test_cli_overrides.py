@@ -64,6 +64,8 @@ def test_in_process_workflows_are_not_checked_against_this_process_argv():
         ("sizes", "roi_size", "256"),
         ("devices", "stitch_device", "gpu"),
         ("devices", "device", "cpux"),
+        ("unet_features", "features", [16, 16]),
+        ("unet_features", "features", [16, 16, 32, 64, 128, 0]),
     ],
 )
 def test_values_that_cannot_work_are_one_line_naming_the_option(kind, name, value):
@@ -100,6 +102,7 @@ def test_inference_with_an_impossible_window_stops_before_any_work(tmp_path):
         (["train.json", "inference.json"], {"sw_overlap": 1.5}, "--sw_overlap must be a number from 0"),
         (["train.json", "inference.json", "multi_gpu_inference.json"], {"stitch_device": "gpu"}, "--stitch_device"),
         (["train.json", "evaluate.json"], {"device": "gpu"}, "--device must be a torch device"),
+        (["train.json", "inference.json"], {"features": [16, 16]}, "--features must be six whole numbers"),
     ]
     for configs, override, message in cases:
         flow = ConfigWorkflow(

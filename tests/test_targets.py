@@ -142,7 +142,7 @@ def test_targets_transform_matches_the_cached_label_map_and_the_batched_version(
     np.testing.assert_array_equal(hv[0].numpy(), types)
     batch = {"inst": item["inst"][None].float(), "type": item["type"][None].float()}
     torch.testing.assert_close(BatchNucleiTargets(target="hv")(batch)["label"][0], hv)
-    with pytest.raises(ValueError, match="target must be one of"):
+    with pytest.raises(ValueError, match="--target must be one of hv, boundary"):
         NucleiTargetsd(target="polygons")
 
 

@@ -118,6 +118,7 @@ def check_values(
     fractions: dict[str, Any] | None = None,
     sizes: dict[str, Any] | None = None,
     devices: dict[str, Any] | None = None,
+    unet_features: dict[str, Any] | None = None,
 ) -> None:
     """Refuse option values that cannot work, before any work, each in one line naming the option.
 
@@ -130,6 +131,7 @@ def check_values(
         fractions: options that must be numbers from 0 up to, not including, 1 (a window overlap).
         sizes: options that must be a list of two whole numbers of at least 1 (a window size).
         devices: options that must name a torch device this machine has (`cpu`, `cuda`, `cuda:1`).
+        unet_features: options that must be BasicUNet's six widths, whole numbers of at least 1.
     """
     for name, value in (positive_ints or {}).items():
         _whole(name, value, 1)
@@ -149,6 +151,11 @@ def check_values(
             raise ConfigError(f'--{name} must be two whole numbers of at least 1, e.g. "[256, 256]", got {value!r}')
     for name, value in (devices or {}).items():
         _device(name, value)
+    for name, value in (unet_features or {}).items():
+        if not (isinstance(value, list | tuple) and len(value) == 6 and all(_positive_whole(v) for v in value)):
+            raise ConfigError(
+                f'--{name} must be six whole numbers of at least 1, e.g. "[16,16,32,64,128,16]", got {value!r}'
+            )
 
 
 def _number(value: Any) -> bool:

@@ -19,6 +19,7 @@ from monai.config import KeysCollection
 from monai.losses import DiceCELoss
 from monai.transforms import MapTransform
 
+from scripts.core.errors import ConfigError
 from scripts.data.pannuke.cache import open_fold_cache
 from scripts.data.pannuke.datasets import PanNuke, as_fold_list
 from scripts.data.pannuke.format import HV_CHANNELS, NUM_TYPES
@@ -125,7 +126,10 @@ def loss_class_weights(
     """
     type_weights = [1.0] * num_types if type_weights is None else list(type_weights)
     if len(type_weights) != num_types:
-        raise ValueError(f"type_weights needs one weight per type ({num_types}), got {list(type_weights)}")
+        raise ConfigError(
+            f"--type_weights needs one weight per nucleus type ({num_types}), got {list(type_weights)}; leave it "
+            "unset for weights balanced on the training nuclei"
+        )
     weights = [1.0, *map(float, type_weights)]
     return weights + [float(boundary_weight)] if check_target(target) == "boundary" else weights
 

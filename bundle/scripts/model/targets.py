@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from monai.transforms import MapTransform
 from skimage.segmentation import find_boundaries
 
+from scripts.core.errors import ConfigError
 from scripts.data.pannuke.format import HV_CHANNELS, NUM_TYPES
 
 
@@ -60,7 +61,7 @@ def output_channels(target: str, num_types: int = NUM_TYPES) -> int:
 
 def check_target(target: str) -> str:
     if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+        raise ConfigError(f"--target must be one of {', '.join(TARGETS)}; got {target!r}")
     return target
 
 
