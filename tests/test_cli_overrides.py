@@ -57,6 +57,8 @@ def test_in_process_workflows_are_not_checked_against_this_process_argv():
         ("positive_numbers", "mpp", 0.0),
         ("positive_numbers", "learning_rate", float("nan")),
         ("non_negative_numbers", "polygon_tolerance", -1),
+        ("non_negative_numbers", "hv_mse_weight", "abc"),
+        ("non_negative_ints", "seed", "abc"),
         ("fractions", "sw_overlap", 1.5),
         ("fractions", "sw_overlap", "abc"),
         ("sizes", "roi_size", [0, 0]),
@@ -103,6 +105,8 @@ def test_inference_with_an_impossible_window_stops_before_any_work(tmp_path):
         (["train.json", "inference.json", "multi_gpu_inference.json"], {"stitch_device": "gpu"}, "--stitch_device"),
         (["train.json", "evaluate.json"], {"device": "gpu"}, "--device must be a torch device"),
         (["train.json", "inference.json"], {"features": [16, 16]}, "--features must be six whole numbers"),
+        (["train.json"], {"boundary_weight": -1}, "--boundary_weight must be a number of at least 0"),
+        (["train.json"], {"seed": "abc"}, "--seed must be a whole number of at least 0"),
     ]
     for configs, override, message in cases:
         flow = ConfigWorkflow(
