@@ -10,6 +10,7 @@ from scripts.core.flags import check_overrides
 from scripts.core.errors import ConfigError
 
 CONFIGS = BUNDLE_ROOT / "configs"
+WSI = ["train.json", "inference.json", "inference_wsi.json"]
 
 
 def argv(configs: list[str], *options: str) -> list[str]:
@@ -107,6 +108,8 @@ def test_inference_with_an_impossible_window_stops_before_any_work(tmp_path):
         (["train.json", "inference.json"], {"features": [16, 16]}, "--features must be six whole numbers"),
         (["train.json"], {"boundary_weight": -1}, "--boundary_weight must be a number of at least 0"),
         (["train.json"], {"seed": "abc"}, "--seed must be a whole number of at least 0"),
+        (WSI, {"postprocess_workers": "abc"}, "--postprocess_workers must be a whole number of at least 0"),
+        (WSI, {"tile_margin": -1}, "--tile_margin must be a whole number of at least 0"),
     ]
     for configs, override, message in cases:
         flow = ConfigWorkflow(

@@ -180,6 +180,27 @@ def test_a_users_tissue_mask_replaces_the_automatic_one(tmp_path):
     assert [t.core[:2] for t in planner.plans[0].tiles] == [(1024, 1024)]
 
 
+def test_a_mask_folder_that_is_not_there_or_lacks_a_slides_mask_is_said(tmp_path, caplog):
+    from scripts.core.errors import ConfigError
+
+    write_slide(tmp_path / "slides" / "s.ome.tif")
+    with pytest.raises(ConfigError, match="--tissue_mask_dir .*/masks is not a folder"):
+        SlidePlanner(tmp_path / "slides", tmp_path / "out", tile_size=512, mask_dir=tmp_path / "masks")
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "masks").mkdir()
+    (plan,) = SlidePlanner(tmp_path / "slides", tmp_path / "out", tile_size=512, mask_dir=tmp_path / "masks").plans
+    assert plan.tiles and "s: no tissue mask" in caplog.text and "finding tissue on the thumbnail" in caplog.text
+
+
+@pytest.mark.parametrize("margin", [-1, 513])
+def test_a_margin_outside_zero_to_the_tile_size_is_refused(tmp_path, margin):
+    from scripts.core.errors import ConfigError
+
+    write_slide(tmp_path / "slides" / "s.ome.tif")
+    with pytest.raises(ConfigError, match=f"--tile_margin must be from 0 to --tile_size \\(512\\).*got {margin}"):
+        SlidePlanner(tmp_path / "slides", tmp_path / "out", tile_size=512, margin=margin)
+
+
 def test_progress_made_on_another_grid_is_not_reused(tmp_path):
     write_slide(tmp_path / "slides" / "s.ome.tif", tissue=(256, 256, 768, 768))
     first = SlidePlanner(tmp_path / "slides", tmp_path / "out", tile_size=512)

@@ -21,7 +21,7 @@ from PIL import Image, ImageDraw
 
 from scripts.core.flags import as_bool
 from scripts.core.distributed import is_distributed
-from scripts.core.errors import DataError
+from scripts.core.errors import ConfigError, DataError
 from scripts.workflows.predict.nucleus_record import CSV_HEADER
 from scripts.core.atomic import atomic_write, require_inside, require_writable
 from scripts.workflows.slides.progress import SlideProgress
@@ -111,8 +111,17 @@ class SlidePlanner:
         mask_dir: str | os.PathLike | None = None,
         overwrite: bool = False,
     ) -> None:
-        self.output_dir = require_writable(output_dir, "output_dir")
         self.tile_size, self.margin = int(tile_size), int(margin)
+        if not 0 <= self.margin <= self.tile_size:
+            raise ConfigError(
+                f"--tile_margin must be from 0 to --tile_size ({self.tile_size}) model pixels of context, got {margin}"
+            )
+        if mask_dir and not Path(mask_dir).is_dir():
+            raise ConfigError(
+                f"--tissue_mask_dir {mask_dir} is not a folder: pass the folder holding <slide>.png masks, or leave "
+                "it unset to find tissue on each slide's thumbnail"
+            )
+        self.output_dir = require_writable(output_dir, "output_dir")
         overwrite = as_bool(overwrite, "overwrite")
         mpp = None if mpp in (None, "", 0, "null", "None") else float(mpp)
         self.plans: list[SlidePlan] = []
@@ -148,6 +157,8 @@ class SlidePlanner:
         logger.info(slide.describe())
         thumb, factor = slide.thumbnail()
         mask_path = Path(mask_dir) / f"{plan.name}.png" if mask_dir else None
+        if mask_path and not mask_path.is_file():
+            logger.warning(f"{plan.name}: no tissue mask {mask_path}; finding tissue on the thumbnail instead")
         mask = mask_from_file(mask_path, thumb.shape[:2]) if mask_path and mask_path.is_file() else tissue_mask(thumb)
         plan.tissue_mm2 = float(mask.sum()) * (factor * target_mpp / 1000.0) ** 2
         plan.tiles = tile_grid(mask, factor, slide.model_size, self.tile_size, self.margin)
