@@ -48,63 +48,11 @@ _SIDES = (
 )
 
 
-def _outer_ring(mask: np.ndarray) -> np.ndarray:
-    """The outer boundary of a mask as (K, 2) corner vertices (x, y), from its top-left vertex along the unit pixel
-    edges between mask and non-mask; at a pinch point (two pixels touching at a corner) the walk turns right, so
-    diagonal touches stay apart. Edges are found and linked in whole-array steps; only the walk is a loop."""
-    padded = np.pad(mask, 1)
-    inner = padded[1:-1, 1:-1]
-    height, width = mask.shape
-    starts, ends = [], []
-    for dr, dc, (sx, sy), (ex, ey) in _SIDES:
-        rows, cols = np.nonzero(inner & ~padded[1 + dr : 1 + dr + height, 1 + dc : 1 + dc + width])
-        starts.append(np.stack([cols + sx, rows + sy], axis=1))
-        ends.append(np.stack([cols + ex, rows + ey], axis=1))
-    start, end = np.concatenate(starts), np.concatenate(ends)
-    step = end - start
-    key = start[:, 1] * (width + 1) + start[:, 0]
-    end_key = end[:, 1] * (width + 1) + end[:, 0]
-    order = np.argsort(key, kind="stable")
-    first = np.searchsorted(key[order], end_key)  # the first edge leaving each edge's end vertex
-    after = order[first]
-    pinch = np.flatnonzero((first + 1 < len(key)) & (key[order[np.minimum(first + 1, len(key) - 1)]] == end_key))
-    if len(pinch):  # two edges leave that vertex: take the one that turns right from this edge's heading
-        other = order[first[pinch] + 1]
-        right = np.stack([-step[pinch, 1], step[pinch, 0]], axis=1)
-        takes_other = np.all(step[other] == right, axis=1) & ~np.all(step[after[pinch]] == right, axis=1)
-        after[pinch[takes_other]] = other[takes_other]
-    nxt = after.tolist()
-    here = int(order[0])  # the top-left vertex (smallest y, then x) starts exactly one edge: the top one
-    ring = [here]
-    here = nxt[here]
-    while here != ring[0]:
-        ring.append(here)
-        here = nxt[here]
-    path = np.asarray(ring)
-    corner = np.any(step[path] != step[np.roll(path, 1)], axis=1)  # one vertex per turn of a staircase
-    return start[path[corner]]
-
-
-def outline_polygon(mask: np.ndarray, offset_xy: tuple[int, int] = (0, 0)) -> list[list[int]]:
-    """Closed pixel-edge outline [[x, y], ...] (first == last) of a binary mask's largest part, holes filled."""
-    part = _largest_part(np.asarray(mask, dtype=bool))
-    if not part.any():
-        raise ValueError("outline_polygon got an empty mask")
-    ring = (_outer_ring(part) + np.asarray(offset_xy)).tolist()
-    return [*ring, ring[0]]
-
-
-def label_outlines(labels: np.ndarray, ids: np.ndarray, offset_xy: tuple[int, int] = (0, 0)) -> list[list[list[int]]]:
-    """`outline_polygon` of every id in a label map, in whole-array steps: the same rings, many times faster.
-
-    Edges of all ids are found and linked at once; the walk along each ring is one loop over all edges. An id whose
-    mask `outline_polygon` would first change (several pieces, a hole, two of its pixels touching at a corner only)
-    takes that function's path, so every ring is exactly what it would return.
-    """
-    labels = np.asarray(labels)
-    ids = np.asarray(ids, dtype=np.int64).ravel()
-    if len(ids) == 0:
-        return []
+def _traced_rings(labels: np.ndarray, ids: np.ndarray, offset_xy: tuple[int, int]) -> list[list | None]:
+    """Each id's outer ring [[x, y], ...] (first == last) along the unit pixel edges between it and anything else,
+    from its top-left vertex; None for an id that has no edge, two pixels meeting at a corner only, or more than one
+    ring (a hole or another piece), which `outline_polygon` must clean first. Edges of all ids are found and linked
+    in whole-array steps; the walk along the rings is one loop over their edges."""
     height, width = labels.shape
     wanted = np.zeros(int(max(labels.max(initial=0), ids.max())) + 1, dtype=bool)
     wanted[ids] = True
@@ -125,14 +73,13 @@ def label_outlines(labels: np.ndarray, ids: np.ndarray, offset_xy: tuple[int, in
     sorted_key = key[order]
     after = order[np.searchsorted(sorted_key, end_key)]
     edges_of = np.bincount(owner, minlength=len(wanted))
-    special = edges_of == 0  # an id that is not in the map: outline_polygon's error
+    special = edges_of == 0  # an id that is not in the map
     special[owner[order[1:][sorted_key[1:] == sorted_key[:-1]]]] = True  # a corner two of its pixels share
     # walk each id's ring from its top-left vertex (its first edge in key order); an id left with edges is special
     firsts = order[np.flatnonzero(np.r_[True, owner[order[1:]] != owner[order[:-1]]])]
     firsts = firsts[~special[owner[firsts]]]  # with no shared corner, each edge has one successor: rings close
     nxt = after.tolist()
     path: list[int] = []
-    ring_of = np.zeros(len(wanted), dtype=np.int64)
     bounds = [0]
     for first in firsts.tolist():
         path.append(first)
@@ -145,24 +92,48 @@ def label_outlines(labels: np.ndarray, ids: np.ndarray, offset_xy: tuple[int, in
     ring_owner = owner[firsts]
     ring_edges = np.diff(bounds)
     special[ring_owner[ring_edges != edges_of[ring_owner]]] = True  # more rings than one: a hole or another piece
+    ring_of = np.zeros(len(wanted), dtype=np.int64)
     ring_of[ring_owner] = np.arange(len(firsts))
     position = np.arange(len(path_arr)) - 1
     position[bounds[:-1]] = np.asarray(bounds[1:]) - 1  # a ring's first edge follows its last
-    corner = np.any(step[path_arr] != step[path_arr[position]], axis=1)
+    corner = np.any(step[path_arr] != step[path_arr[position]], axis=1)  # one vertex per turn of a staircase
     corner_ring = np.repeat(np.arange(len(firsts)), ring_edges)[corner]
     points = (start[path_arr[corner]] + np.asarray(offset_xy)).tolist()
     cuts = np.searchsorted(corner_ring, np.arange(len(firsts) + 1)).tolist()
-    boxes = ndimage.find_objects(labels.astype(np.intp, copy=False)) if special[ids].any() else []
-    rings = []
+    rings: list[list | None] = []
     for nucleus_id in ids.tolist():
-        if special[nucleus_id]:
-            rows, cols = boxes[nucleus_id - 1]
-            offset = (cols.start + offset_xy[0], rows.start + offset_xy[1])
-            rings.append(outline_polygon(labels[rows, cols] == nucleus_id, offset))
-            continue
         k = int(ring_of[nucleus_id])
-        ring = points[cuts[k] : cuts[k + 1]]
-        rings.append([*ring, ring[0]])
+        rings.append(None if special[nucleus_id] else [*points[cuts[k] : cuts[k + 1]], points[cuts[k]]])
+    return rings
+
+
+def outline_polygon(mask: np.ndarray, offset_xy: tuple[int, int] = (0, 0)) -> list[list[int]]:
+    """Closed pixel-edge outline [[x, y], ...] (first == last) of a binary mask's largest part, holes filled."""
+    part = _largest_part(np.asarray(mask, dtype=bool))
+    if not part.any():
+        raise ValueError("outline_polygon got an empty mask")
+    # one 4-connected piece without holes has one ring, and no two of its pixels meet at a corner only (they would
+    # enclose a hole), so it is always traced
+    (ring,) = _traced_rings(part.astype(np.uint8), np.array([1]), offset_xy)
+    return ring
+
+
+def label_outlines(labels: np.ndarray, ids: np.ndarray, offset_xy: tuple[int, int] = (0, 0)) -> list[list[list[int]]]:
+    """`outline_polygon` of every id in a label map, in whole-array steps: the same rings, many times faster.
+
+    An id whose mask `outline_polygon` would first change (several pieces, a hole, two of its pixels touching at a
+    corner only) takes that function's path, so every ring is exactly what it would return.
+    """
+    labels = np.asarray(labels)
+    ids = np.asarray(ids, dtype=np.int64).ravel()
+    if len(ids) == 0:
+        return []
+    rings = _traced_rings(labels, ids, offset_xy)
+    todo = [i for i, ring in enumerate(rings) if ring is None]
+    boxes = ndimage.find_objects(labels.astype(np.intp, copy=False)) if todo else []
+    for i in todo:
+        rows, cols = boxes[int(ids[i]) - 1]
+        rings[i] = outline_polygon(labels[rows, cols] == ids[i], (cols.start + offset_xy[0], rows.start + offset_xy[1]))
     return rings
 
 
