@@ -104,10 +104,7 @@ def fold_exists(root: str | os.PathLike, fold: int) -> bool:
     try:
         return any(fold_folder(root, fold, layout).exists() for layout in LAYOUTS)
     except PermissionError as e:
-        raise DataError(
-            f"{root}: cannot be read ({e.strerror}): the dataset folder is not readable by this account. Give it "
-            f"read access, e.g. chmod -R u+rX '{root}', or copy the dataset somewhere you own."
-        ) from e
+        raise unreadable(Path(root), root, e) from e
 
 
 def fold_paths_inside(folder: str | os.PathLike, fold: int, layout: str = "official") -> dict[str, Path]:
@@ -116,16 +113,21 @@ def fold_paths_inside(folder: str | os.PathLike, fold: int, layout: str = "offic
     return {key: Path(folder) / path.relative_to(top) for key, path in fold_paths("", fold, layout).items()}
 
 
+def unreadable(path: Path, dataset_dir: str | os.PathLike, error: PermissionError) -> DataError:
+    """The one-line refusal for a dataset path behind a folder this account may not read (pathlib raises
+    PermissionError there instead of answering)."""
+    return DataError(
+        f"{path}: cannot be read ({error.strerror}): a folder of the dataset is not readable by this account. Give it "
+        f"read access, e.g. chmod -R u+rX '{dataset_dir}', or copy the dataset somewhere you own."
+    )
+
+
 def is_file(path: Path, dataset_dir: Path) -> bool:
-    """`path.is_file()`, with a folder on the way that this account may not read as one line, not a traceback
-    (pathlib raises PermissionError there instead of answering)."""
+    """`path.is_file()`, with an unreadable folder on the way as one line, not a traceback."""
     try:
         return path.is_file()
     except PermissionError as e:
-        raise DataError(
-            f"{path}: cannot be read ({e.strerror}): a folder of the dataset is not readable by this account. Give it "
-            f"read access, e.g. chmod -R u+rX '{dataset_dir}', or copy the dataset somewhere you own."
-        ) from e
+        raise unreadable(path, dataset_dir, e) from e
 
 
 def find_fold(dataset_dir: Path, fold: int) -> FoldFiles:
