@@ -147,23 +147,26 @@ def check_values(
         if not (_number(value) and 0 <= value < 1):
             raise ConfigError(f"--{name} must be a number from 0 up to (not including) 1, got {value!r}")
     for name, value in (sizes or {}).items():
-        if not (isinstance(value, list | tuple) and len(value) == 2 and all(_positive_whole(v) for v in value)):
-            raise ConfigError(f'--{name} must be two whole numbers of at least 1, e.g. "[256, 256]", got {value!r}')
+        _whole_list(name, value, "two", "[256, 256]")
     for name, value in (devices or {}).items():
         _device(name, value)
     for name, value in (unet_features or {}).items():
-        if not (isinstance(value, list | tuple) and len(value) == 6 and all(_positive_whole(v) for v in value)):
-            raise ConfigError(
-                f'--{name} must be six whole numbers of at least 1, e.g. "[16,16,32,64,128,16]", got {value!r}'
-            )
+        _whole_list(name, value, "six", "[16,16,32,64,128,16]")
 
 
 def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value == value
 
 
-def _positive_whole(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+def _is_whole(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _whole_list(name: str, value: Any, count: str, example: str) -> None:
+    """A list of `count` ("two", "six") whole numbers of at least 1, such as `example`."""
+    length = {"two": 2, "six": 6}[count]
+    if not (isinstance(value, list | tuple) and len(value) == length and all(_is_whole(v, 1) for v in value)):
+        raise ConfigError(f'--{name} must be {count} whole numbers of at least 1, e.g. "{example}", got {value!r}')
 
 
 def _device(name: str, value: Any) -> None:
@@ -209,6 +212,5 @@ def check_folds(train_folds: Any, val_fold: Any, test_fold: Any, allow_overlap: 
 
 
 def _whole(name: str, value: Any, least: int) -> None:
-    whole = isinstance(value, int) and not isinstance(value, bool)
-    if not whole or value < least:
+    if not _is_whole(value, least):
         raise ConfigError(f"--{name} must be a whole number of at least {least}, got {value!r}")
