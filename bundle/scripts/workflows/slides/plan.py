@@ -157,9 +157,12 @@ class SlidePlanner:
         logger.info(slide.describe())
         thumb, factor = slide.thumbnail()
         mask_path = Path(mask_dir) / f"{plan.name}.png" if mask_dir else None
-        if mask_path and not mask_path.is_file():
-            logger.warning(f"{plan.name}: no tissue mask {mask_path}; finding tissue on the thumbnail instead")
-        mask = mask_from_file(mask_path, thumb.shape[:2]) if mask_path and mask_path.is_file() else tissue_mask(thumb)
+        if mask_path and mask_path.is_file():
+            mask = mask_from_file(mask_path, thumb.shape[:2])
+        else:
+            if mask_path:
+                logger.warning(f"{plan.name}: no tissue mask {mask_path}; finding tissue on the thumbnail instead")
+            mask = tissue_mask(thumb)
         plan.tissue_mm2 = float(mask.sum()) * (factor * target_mpp / 1000.0) ** 2
         plan.tiles = tile_grid(mask, factor, slide.model_size, self.tile_size, self.margin)
         grid = {"tile_size": self.tile_size, "margin": self.margin, "mpp": slide.mpp, "model_mpp": slide.target_mpp}
