@@ -1,10 +1,11 @@
 """A real scanner's slide through the README's whole-slide command, checked against tile inference on its pixels.
 
     .venv/bin/python benchmarks/real_slide_check.py SLIDE [SLIDE ...] [--mpp 0.5] [--work /tmp/real_slides]
-    .venv/bin/python benchmarks/real_slide_check.py --field IMAGE.png [--mpp 0.25]
+    .venv/bin/python benchmarks/real_slide_check.py --field IMAGE.png [IMAGE.png ...] [--mpp 0.25] [--tile_size 512]
 
-`--field` turns one real H&E image (e.g. a 1000² MoNuSeg field at 40x) into a pyramidal OME-TIFF slide at `--mpp`
-µm/px first, so the same pixels go through both workflows.
+`--field` turns real H&E images (e.g. 1000² MoNuSeg fields at 40x) into pyramidal OME-TIFF slides at `--mpp` µm/px
+first, so the same pixels go through both workflows.  A field no larger than one tile's window is one window, the
+whole image; `--tile_size 512` cuts it into tiles, so the seams between tiles are checked on real tissue too.
 
 Each slide runs through configs/inference_wsi.json exactly as the README says.  The same slide is then read whole at
 the model's 0.25 µm/px by the bundle's own reader (so a 20x slide is upsampled the same way), saved as a PNG and run
@@ -106,8 +107,9 @@ def in_cores(points: np.ndarray, cores: list[tuple[int, int, int, int]]) -> np.n
     return inside
 
 
-def check(path: Path, work: Path, mpp: float | None) -> None:
+def check(path: Path, work: Path, mpp: float | None, tile_size: int | None) -> None:
     extra = ["--mpp", str(mpp)] if mpp is not None else []
+    extra += ["--tile_size", str(tile_size)] if tile_size is not None else []
     out = work / "slide_out"
     seconds = bundle(WSI, "--input_dir", str(path), "--output_dir", str(out), "--overwrite", "true", *extra)
     stem = slide_name(find_slides(path)[0])  # a DICOM slide is named after its folder
@@ -140,7 +142,8 @@ def check(path: Path, work: Path, mpp: float | None) -> None:
     seconds = bundle(TILES, "--input_dir", str(png.parent), *common)
     tile_header, tile_xy = csv_centroids(tile_out / stem / f"{stem}_nuclei.csv", 1.0)
     slide_header, slide_xy = csv_centroids(out / stem / f"{stem}_nuclei.csv", slide.scale)
-    planner = SlidePlanner(path, work / "plan", mpp=mpp, overwrite=True)  # the run's defaults: the same tiles
+    grid = {"tile_size": tile_size} if tile_size is not None else {}
+    planner = SlidePlanner(path, work / "plan", mpp=mpp, overwrite=True, **grid)  # the run's tiles
     cores = [t.core for t in planner.plans[0].tiles]
     tile_xy, slide_xy = tile_xy[in_cores(tile_xy, cores)], slide_xy[in_cores(slide_xy, cores)]
     tile_count, slide_count = len(tile_xy), len(slide_xy)
@@ -163,21 +166,20 @@ def check(path: Path, work: Path, mpp: float | None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("slides", nargs="*", type=Path)
-    parser.add_argument("--field", type=Path, help="a real H&E image to write as a slide and check")
+    parser.add_argument("--field", type=Path, nargs="*", default=[], help="real H&E images to check as slides")
     parser.add_argument("--compression", default="jpeg", choices=("jpeg", "zlib"), help="of the --field slide")
     parser.add_argument("--mpp", type=float, default=None, help="µm/px for slides that do not record it")
+    parser.add_argument("--tile_size", type=int, default=None, help="the slide workflow's tile core (default 1024)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/real_slides"))
     args = parser.parse_args()
     import torch
 
     print(f"machine: CPU ({cpu_name()}), torch {torch.__version__}")
-    if args.field is not None:
-        mpp = 0.25 if args.mpp is None else args.mpp
-        args.slides.append(
-            field_as_slide(args.field, args.work / "field" / f"{args.field.stem}.ome.tif", mpp, args.compression)
-        )
+    mpp = 0.25 if args.mpp is None else args.mpp
+    for field in args.field:
+        args.slides.append(field_as_slide(field, args.work / "field" / f"{field.stem}.ome.tif", mpp, args.compression))
     for path in args.slides:
-        check(path.resolve(), args.work / path.stem, args.mpp)
+        check(path.resolve(), args.work / path.stem, args.mpp, args.tile_size)
 
 
 if __name__ == "__main__":

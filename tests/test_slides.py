@@ -222,8 +222,25 @@ def test_implausible_scales_and_name_clashes_are_refused(tmp_path):
     assert not plans[0].error and "same name as" in plans[1].error
 
 
-def test_every_window_has_one_size_so_edge_tiles_batch():
-    mask = np.ones((10, 10), bool)
-    tiles = tile_grid(mask, 100.0, (1000, 1000), 384, 32)
+def test_windows_stay_inside_the_slide_and_have_one_size_so_edge_tiles_batch():
+    tiles = tile_grid(np.ones((10, 10), bool), 100.0, (1000, 1000), 384, 32)
     assert {t.window[2:] for t in tiles} == {(448, 448)}
     assert {t.core[2] for t in tiles} == {384, 232}  # the last column's core is clipped, not its window
+    for t in tiles:
+        (x, y, w, h), (cx, cy, cw, ch) = t.window, t.core
+        assert 0 <= x <= cx and cx + cw <= x + w <= 1000 and 0 <= y <= cy and cy + ch <= y + h <= 1000
+    assert {t.window[:2] for t in tiles} == {(a, b) for a in (0, 352, 552) for b in (0, 352, 552)}  # edges shifted in
+    narrow = tile_grid(np.ones((10, 10), bool), 100.0, (1000, 300), 384, 32)
+    assert {(t.window[1], t.window[3]) for t in narrow} == {(0, 300)}  # narrower than a window: the whole height
+
+
+def test_a_batch_never_mixes_window_sizes():
+    from types import SimpleNamespace
+
+    from scripts.workflows.slides.plan import Tile
+    from scripts.workflows.slides.tiles import WindowBatches
+
+    sizes = [(448, 448)] * 3 + [(448, 300)] * 2 + [(448, 448)]
+    data = [(0, Tile(i, (0, 0, 1, 1), (0, 0, *size))) for i, size in enumerate(sizes)]
+    batches = WindowBatches(SimpleNamespace(data=data), batch_size=2)
+    assert list(batches) == [[0, 1], [2], [3, 4], [5]] and len(batches) == 4

@@ -4,6 +4,10 @@ The grid lives in model pixels (0.25 µm/px).  Every tile has a core (`tile_size
 without overlap) and a window (the core plus `margin` on each side) that the network sees.  A nucleus is kept only by
 the tile whose core holds its centroid, so a nucleus cut by a tile edge comes out once, whole, from the tile that sees
 all of it (margins are wider than a nucleus).  Tiles whose core has no tissue in the low-resolution mask are never read.
+
+A window never leaves the slide: at the slide's edge it is shifted inwards (its core keeps its place), and on a slide
+narrower than a window it is the slide's whole width.  The network then sees a slide's edge exactly as tile inference
+sees an image's edge, never as invented white glass, so an image and the same pixels as a slide give the same nuclei.
 """
 
 from __future__ import annotations
@@ -81,9 +85,19 @@ def tile_grid(
             c1 = max(c0 + 1, int(np.ceil((x + w) / model_px_per_mask_px)))
             if not mask[r0:r1, c0:c1].any():
                 continue
-            window = (x - margin, y - margin, tile + 2 * margin, tile + 2 * margin)  # one size: tiles batch together
-            tiles.append(Tile(len(tiles), (x, y, w, h), window))
+            (wx, ww), (wy, wh) = window_span(x, width, tile, margin), window_span(y, height, tile, margin)
+            tiles.append(Tile(len(tiles), (x, y, w, h), (wx, wy, ww, wh)))
     return tiles
+
+
+def window_span(start: int, extent: int, tile: int, margin: int) -> tuple[int, int]:
+    """(start, length) along one axis of the window around the core starting at `start`: `margin` on each side,
+    shifted inwards where that would leave the slide's `extent`, the whole extent where the slide is narrower than a
+    window.  Every window of one slide has one size, so its tiles batch together."""
+    length = tile + 2 * margin
+    if extent <= length:
+        return 0, extent
+    return min(max(start - margin, 0), extent - length), length
 
 
 class SlidePlanner:

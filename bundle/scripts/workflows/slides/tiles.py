@@ -1,17 +1,19 @@
 """The tiles of every planned slide as a MONAI dataset: DataLoader workers read them in the background.
 
-Each item is one tile's window (core + margin) in model pixels, padded with white where it runs off the slide so
-that tiles batch together; a window that cannot be read becomes an error record for its slide instead of an
-exception.  Each worker opens every slide once, lazily, with the reader that planned it (and that reader alone).
+Each item is one tile's window (core + margin, inside the slide) in model pixels; a window that cannot be read
+becomes an error record for its slide instead of an exception.  Each worker opens every slide once, lazily, with the
+reader that planned it (and that reader alone).  `WindowBatches` batches consecutive tiles whose windows have one size
+(a slide narrower than a window has narrower ones).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from monai.data import Dataset
 from monai.transforms import apply_transform
+from torch.utils.data import Sampler
 
 from scripts.data.images import WHITE
 from scripts.workflows.slides.memory import trim_heap
@@ -47,14 +49,9 @@ class SlideTiles(Dataset):
         trim_heap()  # the previous tile's reads and resampling are freed by now: hand their pages back
         slide_index, tile = self.data[index]
         x, y, w, h = tile.window
-        image = np.full((h, w, 3), WHITE, np.uint8)
-        error = ""
+        image, error = np.full((h, w, 3), WHITE, np.uint8), ""
         try:
-            slide = self._slide(slide_index)
-            mw, mh = slide.model_size
-            x0, y0, x1, y1 = max(0, x), max(0, y), min(mw, x + w), min(mh, y + h)
-            if x1 > x0 and y1 > y0:
-                image[y0 - y : y1 - y, x0 - x : x1 - x] = slide.read(x0, y0, x1 - x0, y1 - y0)
+            image = self._slide(slide_index).read(x, y, w, h)
         except Exception as err:  # noqa: BLE001 - a corrupt region fails its slide, never the run
             error = f"{self.sources[slide_index][0]}: tile at ({x}, {y}) cannot be read ({type(err).__name__}: {err})"
         item = {"image": image, "slide": slide_index, "tile": tile.index, "error": error}
@@ -64,3 +61,30 @@ class SlideTiles(Dataset):
         state = self.__dict__.copy()
         state["_open"] = {}  # slide handles are opened in each worker, never pickled
         return state
+
+
+class WindowBatches(Sampler):
+    """The tiles of `SlideTiles` in order, in batches of up to `batch_size`, a new batch wherever the window size
+    changes (a DataLoader's `batch_sampler`: tensors of one batch must have one size).
+
+    Args:
+        dataset: the run's `SlideTiles` (`@dataset`).
+        batch_size: tiles the network takes at once (`@tiles_per_batch`).
+    """
+
+    def __init__(self, dataset: SlideTiles, batch_size: int) -> None:
+        self.sizes = [tile.window[2:] for _, tile in dataset.data]
+        self.batch_size = int(batch_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batch: list[int] = []
+        for index, size in enumerate(self.sizes):
+            if batch and (len(batch) == self.batch_size or size != self.sizes[batch[0]]):
+                yield batch
+                batch = []
+            batch.append(index)
+        if batch:
+            yield batch
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
