@@ -129,7 +129,8 @@ def check_values(
             (not set).
         non_negative_numbers: options that must be numbers of at least 0 (a polygon tolerance).
         fractions: options that must be numbers from 0 up to, not including, 1 (a window overlap).
-        sizes: options that must be a list of two whole numbers of at least 1 (a window size).
+        sizes: options that must be a list of two whole multiples of 16 (a window size: BasicUNet halves it four
+            times, and the ONNX export cannot pad an odd half as PyTorch does).
         devices: options that must name a torch device this machine has (`cpu`, `cuda`, `cuda:1`).
         unet_features: options that must be BasicUNet's six widths, whole numbers of at least 1.
     """
@@ -147,7 +148,13 @@ def check_values(
         if not (_number(value) and 0 <= value < 1):
             raise ConfigError(f"--{name} must be a number from 0 up to (not including) 1, got {value!r}")
     for name, value in (sizes or {}).items():
-        _whole_list(name, value, "two", "[256, 256]")
+        if not (
+            isinstance(value, list | tuple) and len(value) == 2 and all(_is_whole(v, 16) and v % 16 == 0 for v in value)
+        ):
+            raise ConfigError(
+                f"--{name} must be two whole numbers, multiples of 16 (the network halves a window four times), e.g. "
+                f'"[256, 256]", got {value!r}'
+            )
     for name, value in (devices or {}).items():
         _device(name, value)
     for name, value in (unet_features or {}).items():
