@@ -1,11 +1,12 @@
-"""Inference throughput in 256x256 tiles per second: network only, sliding window, post-processing + writing, whole run.
+"""Inference throughput in 256x256 tiles per second: network only, tiled network, post-processing + writing, whole run.
 
     .venv/bin/python benchmarks/inference_pipeline_speed.py [--device cpu|cuda] [--sw_batch_size 4]
         [--image_size 1024] [--images 2] [--checkpoint bundle/models/model.pt]
 
 1. network:        the bundle's network_def on batches of sw_batch_size tiles (no overlap, no stitching).
-2. sliding window: the configured SlidingWindowInferer (overlap, Gaussian blending, stitching on the CPU) on
-                   image_size^2 images; tiles/s counts image area / 256^2, so the overlap's cost shows.
+2. tiled:          the configured inferer (tiles of 1024 with 64 px of context, one network call per window,
+                   stitched on the CPU) on image_size^2 images; tiles/s counts image area / 256^2, so the
+                   margins' cost shows.
 3. post + write:   NucleiInstancesd and every output file, on network-like probability maps of image_size^2 with
                    PanNuke-like nucleus density (benchmarks/postprocess_speed.py), independent of the weights.
 4. whole run:      the bundle's inference evaluator over --images generated PNGs: read, infer, post-process, write.
@@ -147,14 +148,14 @@ def main() -> None:
     inferer = bundle_parser(args).get_parsed_content("inferer")
     image = torch.from_numpy(he_image(args.image_size, 0)).permute(2, 0, 1)[None].float().div(255).to(args.device)
 
-    def sliding_window() -> None:
+    def tiled() -> None:
         with torch.no_grad(), autocast():
             inferer(image, network)
 
-    seconds = timed(sliding_window, args.repeats, args.device)
+    seconds = timed(tiled, args.repeats, args.device)
     print(
-        f"2. sliding window:    {tiles_per_image / seconds:7.2f} tiles/s  ({seconds:.2f} s per "
-        f"{args.image_size}^2 image, overlap {inferer.overlap})"
+        f"2. tiled network:     {tiles_per_image / seconds:7.2f} tiles/s  ({seconds:.2f} s per "
+        f"{args.image_size}^2 image, tiles of {inferer.tile_size} with {inferer.margin} px of context)"
     )
 
     probs, nuclei = network_like_image_probs(args.image_size, 1)

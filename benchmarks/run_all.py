@@ -74,7 +74,7 @@ def benchmarks(device: str, fold_tiles: int, threads: int | None) -> list[Benchm
             (
                 *("--device", device, "--size", "50000" if gpu else "8000"),
                 *("--tissue_fraction", "0.05" if gpu else "0.1"),
-                *(("--num_workers", "12", "--tiles_per_batch", "8", "--sw_batch_size", "64") if gpu else ()),
+                *(("--num_workers", "12", "--tiles_per_batch", "8") if gpu else ()),
             ),
             (
                 ("256²-tiles/s", r"([\d.]+) tiles of 256²/s"),

@@ -76,10 +76,9 @@ def main() -> None:
     parser.add_argument("--backend", default="auto", help="the network backend: auto, torch or onnxruntime")
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--tiles_per_batch", type=int, default=2)
-    parser.add_argument("--sw_batch_size", type=int, default=8)
     parser.add_argument("--keep", type=Path, default=None, help="write (or reuse) the slide here")
     parser.add_argument("--log", type=Path, default=None, help="the bundle run's output (default: the temp folder)")
-    args, extra = parser.parse_known_args()  # anything else goes to the bundle, e.g. --roi_size "[512,512]"
+    args, extra = parser.parse_known_args()  # anything else goes to the bundle, e.g. --tile_margin 32
     work = Path(tempfile.mkdtemp(prefix="slide_speed_"))
     slide = args.keep or work / "slides" / "synthetic.ome.tif"
     slide.parent.mkdir(parents=True, exist_ok=True)
@@ -107,8 +106,6 @@ def main() -> None:
         str(args.num_workers),
         "--tiles_per_batch",
         str(args.tiles_per_batch),
-        "--sw_batch_size",
-        str(args.sw_batch_size),
         "--amp",
         str(args.device.startswith("cuda")),
         "--backend",

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser
-from monai.inferers import SlidingWindowInferer
 
 from conftest import BUNDLE_ROOT
 from scripts.core.errors import ConfigError, ModelError
 from scripts.data.pannuke.demo_data import make_tile
 from scripts.model.backends import InferenceNetwork
+from scripts.model.tiled import TiledInferer
 from scripts.model.tta import with_tta
 from scripts.model.weights import load_state_dict_file
 
@@ -76,7 +76,7 @@ def test_auto_picks_onnxruntime_on_a_cpu(shipped, tile, tmp_path):
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
 def test_tta_works_on_every_backend(shipped, tile, tmp_path, backend):
-    inferer = SlidingWindowInferer(roi_size=(128, 128), sw_batch_size=2, overlap=0.25, mode="gaussian")
+    inferer = TiledInferer(96, 16, batch_size=2)  # several windows per image, two per network call
     tta = with_tta(inferer, target="hv", tta=True)
     reference = run_inferer(tta, tile, shipped)
     wrapped = InferenceNetwork(shipped, backend, str(tmp_path)).eval()

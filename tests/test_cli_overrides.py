@@ -24,13 +24,14 @@ def argv(configs: list[str], *options: str) -> list[str]:
         (["train.json"], "--epoch", "--epochs"),
         (["train.json"], "--optimiser#lr", "--optimizer"),  # a new key is fine only under an existing component
         (["train.json", "inference.json"], "--outputdir", "--output_dir"),
-        (["train.json", "inference.json"], "--tile_size", "--roi_size"),  # a slide option, without inference_wsi.json
+        (["train.json", "inference.json"], "--tiles_per_batch", ""),  # a slide option without inference_wsi.json
     ],
 )
 def test_a_misspelt_or_misplaced_option_is_refused(configs, option, suggestion):
     with pytest.raises(ConfigError, match=f"unknown option {option}: no id of that name") as err:
         check_overrides(argv(configs, option, "1"))
-    assert f"did you mean {suggestion}?" in str(err.value) and ", ".join(configs) in str(err.value)
+    assert ", ".join(configs) in str(err.value)
+    assert (f"did you mean {suggestion}?" in str(err.value)) if suggestion else "did you mean" not in str(err.value)
 
 
 def test_every_documented_kind_of_option_passes():
@@ -60,12 +61,6 @@ def test_in_process_workflows_are_not_checked_against_this_process_argv():
         ("non_negative_numbers", "polygon_tolerance", -1),
         ("non_negative_numbers", "hv_mse_weight", "abc"),
         ("non_negative_ints", "seed", "abc"),
-        ("fractions", "sw_overlap", 1.5),
-        ("fractions", "sw_overlap", "abc"),
-        ("sizes", "roi_size", [0, 0]),
-        ("sizes", "roi_size", [256]),
-        ("sizes", "roi_size", "256"),
-        ("sizes", "roi_size", [1000, 1000]),  # ONNX Runtime fails on a window that is not a multiple of 16
         ("devices", "stitch_device", "gpu"),
         ("devices", "device", "cpux"),
         ("unet_features", "features", [16, 16]),
@@ -80,8 +75,6 @@ def test_values_that_cannot_work_are_one_line_naming_the_option(kind, name, valu
     check_values(positive_ints={"epochs": 3}, non_negative_ints={"num_workers": 0}, positive_numbers={"mpp": None})
     check_values(
         non_negative_numbers={"polygon_tolerance": 0},
-        fractions={"sw_overlap": 0.25},
-        sizes={"roi_size": [256, 256]},
         devices={"device": "cpu", "stitch_device": torch.device("cpu")},
     )
 
@@ -102,8 +95,8 @@ def test_inference_with_an_impossible_window_stops_before_any_work(tmp_path):
     from scripts.core.errors import bundle_error_in
 
     cases = [
-        (["train.json", "inference.json"], {"roi_size": [0, 0]}, "--roi_size must be two whole numbers"),
-        (["train.json", "inference.json"], {"sw_overlap": 1.5}, "--sw_overlap must be a number from 0"),
+        (["train.json", "inference.json"], {"tile_size": 0}, "--tile_size must be a whole number of at least 1"),
+        (["train.json", "inference.json"], {"tile_margin": 2000}, "--tile_margin must be from 0 to --tile_size"),
         (["train.json", "inference.json", "multi_gpu_inference.json"], {"stitch_device": "gpu"}, "--stitch_device"),
         (["train.json", "evaluate.json"], {"device": "gpu"}, "--device must be a torch device"),
         (["train.json", "inference.json"], {"features": [16, 16]}, "--features must be six whole numbers"),

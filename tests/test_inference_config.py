@@ -1,10 +1,10 @@
-"""The inference config's own pieces, in-process: preprocessing, nuclei on window seams, one image failing.
+"""The inference config's own pieces, in-process: preprocessing, nuclei on tile seams, one image failing.
 
-Post-processing runs once on the whole stitched softmax, never per window, so a nucleus that straddles a window
-seam must come out as one instance.  The stand-in network has a receptive field and zero padding, so a window
-edge really does corrupt its output there, as a trained network's would; the overlapping, Gaussian-weighted
-windows of the configured SlidingWindowInferer are what hide that.  A naive per-tile run of the same network is
-checked to split the seam nuclei, so the test can tell the difference.
+Post-processing runs once on the whole stitched softmax, never per tile, so a nucleus that straddles a tile seam
+must come out as one instance.  The stand-in network has a receptive field and zero padding, so a window edge
+really does corrupt its output there, as a trained network's would; the margin of context around each tile's core
+(the configured TiledInferer, here with 256-px tiles) is what hides that.  A naive per-tile run of the same network
+is checked to split the seam nuclei, so the test can tell the difference.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from skimage.draw import disk
 from conftest import BUNDLE_ROOT
 from scripts.data.pannuke.format import NUM_CLASSES
 
-ROI = 256
-# (row, col) centres: on the x = 256 seam, on the y = 256 seam, on a 4-window corner, on the x = 192 window start,
-# and one away from every seam as a control
+ROI = 256  # the tile size of these tests
+# (row, col) centres: on the x = 256 seam, on the y = 256 seam, on a 4-tile corner, on the x = 192 start of the
+# second column's window, and one away from every seam as a control
 CENTRES = [(100, 256), (256, 330), (256, 256), (420, 192), (400, 90)]
 RADIUS = 11
 
@@ -31,6 +31,7 @@ def bundle_parser() -> ConfigParser:
     parser.read_config([str(BUNDLE_ROOT / "configs" / f) for f in ("train.json", "inference.json")])
     parser["bundle_root"] = str(BUNDLE_ROOT)
     parser["target"] = "boundary"  # the stand-in network below predicts the 7 boundary-target classes
+    parser["tile_size"], parser["tile_margin"] = ROI, 32  # four tiles on the 512² test image
     return parser
 
 
@@ -75,7 +76,7 @@ def test_preprocessing_matches_training(parser):
     np.testing.assert_array_equal(np.asarray(infer["rgb"]), image)  # the untouched copy the overlay is drawn on
 
 
-def test_nucleus_on_a_window_seam_is_one_instance(parser):
+def test_nucleus_on_a_tile_seam_is_one_instance(parser):
     inferer = parser.get_parsed_content("inferer")
     instances = parser.get_parsed_content("instances")
     image, gt = seam_image()
@@ -103,7 +104,7 @@ def test_per_tile_post_processing_would_split_them(parser):
 
 
 def test_stitched_classes_match_a_whole_image_pass(parser):
-    """Away from the seams' corrupted window edges, blending must give what one pass over the whole image gives."""
+    """Each tile's core, away from its window's corrupted edges, must give what one pass over the whole image gives."""
     inferer = parser.get_parsed_content("inferer")
     image, _ = seam_image()
     with torch.no_grad():

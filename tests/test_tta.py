@@ -56,7 +56,7 @@ def test_with_tta_switch():
         FlipRotateInferer(base, "hv", 3)
 
 
-def test_tta_wraps_the_sliding_window_inferer_of_inference_json():
+def test_tta_wraps_the_tiled_inferer_of_inference_json():
     from monai.bundle import ConfigParser
 
     from conftest import BUNDLE_ROOT
@@ -64,10 +64,10 @@ def test_tta_wraps_the_sliding_window_inferer_of_inference_json():
     parser = ConfigParser()
     parser.read_config([str(BUNDLE_ROOT / "configs" / c) for c in ("train.json", "inference.json")])
     parser["tta"] = "true"
-    parser["roi_size"] = [32, 32]
+    parser["tile_size"], parser["tile_margin"] = 32, 8  # several tiles, and windows of 48 px padded to the stride
     inferer = parser.get_parsed_content("inferer")
     assert isinstance(inferer, FlipRotateInferer)
-    x = torch.rand(1, 3, 40, 72)  # not square, not a multiple of the window: rotations swap height and width
+    x = torch.rand(1, 3, 40, 72)  # not square, not a multiple of the tile: rotations swap height and width
     pixelwise = lambda t: torch.cat([t, t[:, :1].expand(-1, 5, -1, -1)], dim=1)  # noqa: E731  8 channels
     out = inferer(x, pixelwise)
     assert out.shape == (1, 8, 40, 72)

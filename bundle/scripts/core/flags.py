@@ -115,8 +115,6 @@ def check_values(
     non_negative_ints: dict[str, Any] | None = None,
     positive_numbers: dict[str, Any] | None = None,
     non_negative_numbers: dict[str, Any] | None = None,
-    fractions: dict[str, Any] | None = None,
-    sizes: dict[str, Any] | None = None,
     devices: dict[str, Any] | None = None,
     unet_features: dict[str, Any] | None = None,
 ) -> None:
@@ -128,9 +126,6 @@ def check_values(
         positive_numbers: options that must be numbers above 0 (learning rate, µm per pixel); None is allowed
             (not set).
         non_negative_numbers: options that must be numbers of at least 0 (a polygon tolerance).
-        fractions: options that must be numbers from 0 up to, not including, 1 (a window overlap).
-        sizes: options that must be a list of two whole multiples of 16 (a window size: BasicUNet halves it four
-            times, and the ONNX export cannot pad an odd half as PyTorch does).
         devices: options that must name a torch device this machine has (`cpu`, `cuda`, `cuda:1`).
         unet_features: options that must be BasicUNet's six widths, whole numbers of at least 1.
     """
@@ -144,17 +139,6 @@ def check_values(
     for name, value in (non_negative_numbers or {}).items():
         if not (_number(value) and value >= 0):
             raise ConfigError(f"--{name} must be a number of at least 0, got {value!r}")
-    for name, value in (fractions or {}).items():
-        if not (_number(value) and 0 <= value < 1):
-            raise ConfigError(f"--{name} must be a number from 0 up to (not including) 1, got {value!r}")
-    for name, value in (sizes or {}).items():
-        if not (
-            isinstance(value, list | tuple) and len(value) == 2 and all(_is_whole(v, 16) and v % 16 == 0 for v in value)
-        ):
-            raise ConfigError(
-                f"--{name} must be two whole numbers, multiples of 16 (the network halves a window four times), e.g. "
-                f'"[256, 256]", got {value!r}'
-            )
     for name, value in (devices or {}).items():
         _device(name, value)
     for name, value in (unet_features or {}).items():
@@ -170,8 +154,8 @@ def _is_whole(value: Any, least: int) -> bool:
 
 
 def _whole_list(name: str, value: Any, count: str, example: str) -> None:
-    """A list of `count` ("two", "six") whole numbers of at least 1, such as `example`."""
-    length = {"two": 2, "six": 6}[count]
+    """A list of `count` ("six") whole numbers of at least 1, such as `example`."""
+    length = {"six": 6}[count]
     if not (isinstance(value, list | tuple) and len(value) == length and all(_is_whole(v, 1) for v in value)):
         raise ConfigError(f'--{name} must be {count} whole numbers of at least 1, e.g. "{example}", got {value!r}')
 

@@ -5,9 +5,9 @@ without overlap) and a window (the core plus `margin` on each side) that the net
 the tile whose core holds its centroid, so a nucleus cut by a tile edge comes out once, whole, from the tile that sees
 all of it (margins are wider than a nucleus).  Tiles whose core has no tissue in the low-resolution mask are never read.
 
-A window never leaves the slide: at the slide's edge it is shifted inwards (its core keeps its place), and on a slide
-narrower than a window it is the slide's whole width.  The network then sees a slide's edge exactly as tile inference
-sees an image's edge, never as invented white glass, so an image and the same pixels as a slide give the same nuclei.
+Windows are laid as tile inference lays them on an image (`scripts/model/tiled.py`): never past the slide's edge,
+shifted inwards there, the slide's whole width where it is narrower than a window; each goes through the network
+whole.  So a field saved as an image and the same pixels as a slide reach the network identically.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw
 from scripts.core.flags import as_bool
 from scripts.core.distributed import is_distributed
 from scripts.core.errors import ConfigError, DataError
+from scripts.model.tiled import check_tiles, window_span
 from scripts.workflows.predict.nucleus_record import CSV_HEADER
 from scripts.core.atomic import atomic_write, require_inside, require_writable
 from scripts.workflows.slides.progress import SlideProgress
@@ -90,16 +91,6 @@ def tile_grid(
     return tiles
 
 
-def window_span(start: int, extent: int, tile: int, margin: int) -> tuple[int, int]:
-    """(start, length) along one axis of the window around the core starting at `start`: `margin` on each side,
-    shifted inwards where that would leave the slide's `extent`, the whole extent where the slide is narrower than a
-    window.  Every window of one slide has one size, so its tiles batch together."""
-    length = tile + 2 * margin
-    if extent <= length:
-        return 0, extent
-    return min(max(start - margin, 0), extent - length), length
-
-
 class SlidePlanner:
     """Plans for every slide of `input_dir`; a slide that cannot be read is planned as failed, the others go on.
 
@@ -125,11 +116,8 @@ class SlidePlanner:
         mask_dir: str | os.PathLike | None = None,
         overwrite: bool = False,
     ) -> None:
+        check_tiles(tile_size, margin)
         self.tile_size, self.margin = int(tile_size), int(margin)
-        if not 0 <= self.margin <= self.tile_size:
-            raise ConfigError(
-                f"--tile_margin must be from 0 to --tile_size ({self.tile_size}) model pixels of context, got {margin}"
-            )
         if mask_dir and not Path(mask_dir).is_dir():
             raise ConfigError(
                 f"--tissue_mask_dir {mask_dir} is not a folder: pass the folder holding <slide>.png masks, or leave "
