@@ -1,7 +1,7 @@
 """Whole-slide throughput and memory: a synthetic 40x pyramidal slide through configs/inference_wsi.json.
 
     .venv/bin/python benchmarks/slide_speed.py [--size 50000] [--tissue_fraction 0.05] [--device cpu|cuda]
-        [--num_workers 2] [--tiles_per_batch 2] [--keep /path/to/slide.tif]
+        [--num_workers 2] [--tiles_per_batch 1] [--keep /path/to/slide.tif]
 
 The slide is written with tifffile (BigTIFF, 256² JPEG tiles, 3 pyramid levels, 0.25 µm/px): glass everywhere but a
 centred block holding `tissue_fraction` of the area, made of the demo generator's H&E-like tiles.  The bundle's
@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backend", default="auto", help="the network backend: auto, torch or onnxruntime")
     parser.add_argument("--num_workers", type=int, default=2)
-    parser.add_argument("--tiles_per_batch", type=int, default=2)
+    parser.add_argument("--tiles_per_batch", type=int, default=1)
     parser.add_argument("--keep", type=Path, default=None, help="write (or reuse) the slide here")
     parser.add_argument("--log", type=Path, default=None, help="the bundle run's output (default: the temp folder)")
     args, extra = parser.parse_known_args()  # anything else goes to the bundle, e.g. --tile_margin 32
