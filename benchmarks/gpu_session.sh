@@ -43,7 +43,7 @@ print(" ".join(f"{n}={v}" for n, v in versions.items()))
 assert tuple(int(x) for x in versions["skimage"].split(".")[:2]) >= (0, 26), "scikit-image older than 0.26"
 PY
 if [[ "$DEVICE" == cuda* ]]; then
-    SLIDE=(--size 50000 --tissue_fraction 0.05 --num_workers 12 --tiles_per_batch 8 --sw_batch_size 64)
+    SLIDE=(--size 50000 --tissue_fraction 0.05 --num_workers 12 --tiles_per_batch 8)
 else  # a check of this script on a CPU: a small slide
     SLIDE=(--size 4000 --tissue_fraction 0.1)
 fi
