@@ -169,7 +169,9 @@ class SlidePlanner:
         plan.tiles = tile_grid(mask, factor, slide.model_size, self.tile_size, self.margin)
         grid = {"tile_size": self.tile_size, "margin": self.margin, "mpp": slide.mpp, "model_mpp": slide.target_mpp}
         grid["columns"] = CSV_HEADER.strip()  # progress written with other CSV columns is redone, not appended to
-        grid["cores"] = hashlib.sha256(json.dumps([t.core for t in plan.tiles]).encode()).hexdigest()[:16]
+        # cores and windows: progress written with other windows (an earlier version) is redone, not appended to
+        tiles = [(t.core, t.window) for t in plan.tiles]
+        grid["tiles"] = hashlib.sha256(json.dumps(tiles).encode()).hexdigest()[:16]
         if overwrite or not progress.same_grid(grid):
             progress.reset()
         progress.write_grid(grid)
