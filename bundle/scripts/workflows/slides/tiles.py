@@ -49,10 +49,11 @@ class SlideTiles(Dataset):
         trim_heap()  # the previous tile's reads and resampling are freed by now: hand their pages back
         slide_index, tile = self.data[index]
         x, y, w, h = tile.window
-        image, error = np.full((h, w, 3), WHITE, np.uint8), ""
+        error = ""
         try:
             image = self._slide(slide_index).read(x, y, w, h)
         except Exception as err:  # noqa: BLE001 - a corrupt region fails its slide, never the run
+            image = np.full((h, w, 3), WHITE, np.uint8)  # a stand-in of the window's size, so the batch still forms
             error = f"{self.sources[slide_index][0]}: tile at ({x}, {y}) cannot be read ({type(err).__name__}: {err})"
         item = {"image": image, "slide": slide_index, "tile": tile.index, "error": error}
         return apply_transform(self.transform, item) if self.transform is not None else item
