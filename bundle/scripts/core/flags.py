@@ -142,7 +142,10 @@ def check_values(
     for name, value in (devices or {}).items():
         _device(name, value)
     for name, value in (unet_features or {}).items():
-        _whole_list(name, value, "six", "[16,16,32,64,128,16]")
+        if not (isinstance(value, list | tuple) and len(value) == 6 and all(_is_whole(v, 1) for v in value)):
+            raise ConfigError(
+                f'--{name} must be six whole numbers of at least 1, e.g. "[16,16,32,64,128,16]", got {value!r}'
+            )
 
 
 def _number(value: Any) -> bool:
@@ -151,13 +154,6 @@ def _number(value: Any) -> bool:
 
 def _is_whole(value: Any, least: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
-
-
-def _whole_list(name: str, value: Any, count: str, example: str) -> None:
-    """A list of `count` ("six") whole numbers of at least 1, such as `example`."""
-    length = {"six": 6}[count]
-    if not (isinstance(value, list | tuple) and len(value) == length and all(_is_whole(v, 1) for v in value)):
-        raise ConfigError(f'--{name} must be {count} whole numbers of at least 1, e.g. "{example}", got {value!r}')
 
 
 def _device(name: str, value: Any) -> None:
