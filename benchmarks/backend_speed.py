@@ -1,7 +1,7 @@
 """CPU inference per network backend: the README's tile inference end to end on real images, then the network alone.
 
     python benchmarks/backend_speed.py [--images ../shared/data/monuseg_train/images] [--count 14]
-        [--backends torch auto torch auto] [--work /tmp/backend_speed] [--repeats 3] [--skip_network]
+        [--backends torch onnxruntime auto ...] [--work /tmp/backend_speed] [--repeats 3] [--skip_network]
 
 1. end to end: the README's inference command (`configs/train.json` + `configs/inference.json`, shipped model) on
    the last --count real 1000² MoNuSeg images, once per --backends entry (alternating), each in a fresh process.
@@ -12,9 +12,10 @@
    compares backends; it is not a score of the model.
 2. network: tiles of 256² per second of the network with the shipped weights, on batches of 4 x 256² (the sliding
    window's default) and on one 1024² window: eager PyTorch in contiguous memory (the path before the backends),
-   PyTorch in channels-last memory (`--backend torch`), ONNX Runtime (`--backend onnxruntime`, what `auto` picks on
-   a CPU); interleaved, best of --repeats, with the largest difference of each from eager PyTorch.  It runs after
-   step 1, so that this process's own thread pools never compete with the inference runs.
+   PyTorch in channels-last memory (`--backend torch`), OpenVINO (`--backend openvino`, what `auto` picks on a CPU)
+   and ONNX Runtime (`--backend onnxruntime`); interleaved, best of --repeats, with the largest difference of each
+   from eager PyTorch.  It runs after step 1, so that this process's own thread pools never compete with the
+   inference runs.
 """
 
 from __future__ import annotations
@@ -61,12 +62,13 @@ def network_speed(work: Path, repeats: int) -> None:
     ways = {
         "pytorch, contiguous": plain,
         "pytorch, channels_last (--backend torch)": InferenceNetwork(shipped_network(), "torch").eval(),
+        "openvino (--backend openvino)": InferenceNetwork(shipped_network(), "openvino", str(work)).eval(),
         "onnxruntime (--backend onnxruntime)": InferenceNetwork(shipped_network(), "onnxruntime", str(work)).eval(),
     }
     start = time.perf_counter()
     with torch.no_grad():
-        ways["onnxruntime (--backend onnxruntime)"](torch.rand(1, 3, 64, 64))
-    print(f"\nONNX export and check: {time.perf_counter() - start:.1f} s")
+        ways["openvino (--backend openvino)"](torch.rand(1, 3, 64, 64))
+    print(f"\nONNX export, OpenVINO compile and check: {time.perf_counter() - start:.1f} s")
     for shape in ((4, 3, 256, 256), (1, 3, 1024, 1024)):
         x = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
         tiles = shape[0] * shape[2] * shape[3] / 256**2
@@ -120,7 +122,7 @@ def end_to_end(images_dir: Path, count: int, backends: list[str], work: Path) ->
             (images / path.name).symlink_to(path.resolve())
     names = [p.stem for p in chosen]
     print(f"\nend to end: the README's tile inference on {len(names)} images of {images_dir} ({names[0]}, ...)")
-    warm = work / "warmup-image"  # one image through ONNX Runtime first: its export is cached, as after a first run
+    warm = work / "warmup-image"  # one image through a CPU runtime first: its export is cached, as after a first run
     warm.mkdir(exist_ok=True)
     if not (warm / chosen[0].name).exists():
         (warm / chosen[0].name).symlink_to(chosen[0].resolve())
@@ -145,7 +147,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=Path, default=SHARED / "monuseg_train" / "images")
     parser.add_argument("--count", type=int, default=14)
-    parser.add_argument("--backends", nargs="+", default=["torch", "auto", "torch", "auto"])
+    parser.add_argument("--backends", nargs="+", default=["torch", "onnxruntime", "auto"] * 2)
     parser.add_argument("--work", type=Path, default=Path("/tmp/backend_speed"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip_network", action="store_true")

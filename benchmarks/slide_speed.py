@@ -73,7 +73,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=50000, help="slide side in level-0 pixels")
     parser.add_argument("--tissue_fraction", type=float, default=0.05)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--backend", default="auto", help="the network backend: auto, torch or onnxruntime")
+    parser.add_argument("--backend", default="auto", help="the network backend: auto, torch, openvino or onnxruntime")
     parser.add_argument("--num_workers", type=int, default=2)
     parser.add_argument("--tiles_per_batch", type=int, default=1)
     parser.add_argument("--keep", type=Path, default=None, help="write (or reuse) the slide here")

@@ -1,5 +1,6 @@
-"""The inference backends: ONNX Runtime computes what PyTorch computes (shipped model, TTA, any class count), its
-export is cached under the weights' hash, refreshed when they change and rebuilt when the cached file is damaged."""
+"""The inference backends: OpenVINO and ONNX Runtime compute what PyTorch computes (shipped model, TTA, any class
+count), their export is cached under the weights' hash, refreshed when they change and rebuilt when the cached file is
+damaged."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ from monai.bundle import ConfigParser
 from conftest import BUNDLE_ROOT
 from scripts.core.errors import ConfigError, ModelError
 from scripts.data.pannuke.demo_data import make_tile
-from scripts.model.backends import InferenceNetwork
+from scripts.model.backends import CPU_RUNTIMES, InferenceNetwork
 from scripts.model.tiled import TiledInferer
 from scripts.model.tta import with_tta
 from scripts.model.weights import load_state_dict_file
 
 pytest.importorskip("onnxruntime")
+pytest.importorskip("openvino")
 
 SHIPPED = BUNDLE_ROOT / "models" / "pretrained" / "model_fp16.pt"
 ATOL = 1e-4  # float32 kernels of two libraries; observed differences are ~1e-5 on logits of magnitude ~10
@@ -51,9 +53,10 @@ def run(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return net(x)
 
 
-def test_onnxruntime_computes_what_pytorch_computes_on_the_shipped_model(shipped, tile, tmp_path):
+@pytest.mark.parametrize("runtime", CPU_RUNTIMES)
+def test_each_cpu_runtime_computes_what_pytorch_computes_on_the_shipped_model(shipped, tile, tmp_path, runtime):
     reference = run(shipped, tile)
-    ort = InferenceNetwork(shipped, "onnxruntime", str(tmp_path)).eval()
+    ort = InferenceNetwork(shipped, runtime, str(tmp_path)).eval()
     torch.testing.assert_close(run(ort, tile), reference, atol=ATOL, rtol=0)
     other = torch.rand(3, 3, 320, 192)  # another batch size and a non-square window: the export's sizes are dynamic
     torch.testing.assert_close(run(ort, other), run(shipped, other), atol=ATOL, rtol=0)
@@ -67,14 +70,24 @@ def test_pytorch_backend_in_channels_last_memory_gives_the_same_numbers(shipped,
     torch.testing.assert_close(run(fast, tile), reference, atol=1e-5, rtol=1e-5)
 
 
-def test_auto_picks_onnxruntime_on_a_cpu(shipped, tile, tmp_path):
+def test_auto_picks_openvino_on_a_cpu_then_onnxruntime_then_pytorch(shipped, tile, tmp_path, monkeypatch, caplog):
     auto = InferenceNetwork(shipped, "auto", str(tmp_path)).eval()
     run(auto, tile[..., :64, :64])
-    assert auto.chosen == "onnxruntime"
+    assert auto.chosen == "openvino"
     assert auto.resolve(torch.device("cuda")) == "torch"
+    missing: set[str] = set()
+    monkeypatch.setattr("scripts.model.backends._installed", lambda runtime: runtime not in missing)
+    missing.add("openvino")
+    assert auto.resolve(torch.device("cpu")) == "onnxruntime"
+    missing.add("onnxruntime")
+    with caplog.at_level(logging.WARNING):
+        assert auto.resolve(torch.device("cpu")) == "torch"
+    assert "neither openvino nor onnxruntime is installed" in caplog.text
+    with pytest.raises(ConfigError, match="--backend openvino needs OpenVINO: pip install openvino"):
+        InferenceNetwork(shipped, "openvino").resolve(torch.device("cpu"))
 
 
-@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("backend", ["torch", *CPU_RUNTIMES])
 def test_tta_works_on_every_backend(shipped, tile, tmp_path, backend):
     inferer = TiledInferer(96, 16, batch_size=2)  # several windows per image, two per network call
     tta = with_tta(inferer, target="hv", tta=True)
@@ -88,9 +101,10 @@ def run_inferer(inferer, x, net):
         return inferer(x, net)
 
 
-def test_export_follows_the_class_count_of_the_weights(tmp_path):
+@pytest.mark.parametrize("runtime", CPU_RUNTIMES)
+def test_export_follows_the_class_count_of_the_weights(tmp_path, runtime):
     three = network(num_types=3)
-    out = run(InferenceNetwork(three, "onnxruntime", str(tmp_path)).eval(), torch.rand(1, 3, 64, 96))
+    out = run(InferenceNetwork(three, runtime, str(tmp_path)).eval(), torch.rand(1, 3, 64, 96))
     assert out.shape == run(three, torch.rand(1, 3, 64, 96)).shape == (1, 6, 64, 96)  # background + 3 + HV
 
 
@@ -106,21 +120,22 @@ def test_new_weights_get_a_new_export_and_the_old_one_is_not_used(tmp_path, tile
     assert len(list(tmp_path.glob("network-*.onnx"))) == 2
 
 
-def test_a_damaged_cached_export_is_rebuilt_with_a_log_line(tmp_path, tile, caplog):
+@pytest.mark.parametrize("runtime", CPU_RUNTIMES)
+def test_a_damaged_cached_export_is_rebuilt_with_a_log_line(tmp_path, tile, caplog, runtime):
     net = network(features=[8, 8, 16, 32, 64, 8])
-    run(InferenceNetwork(net, "onnxruntime", str(tmp_path)).eval(), tile)
+    run(InferenceNetwork(net, runtime, str(tmp_path)).eval(), tile)
     (cached,) = tmp_path.glob("network-*.onnx")
     cached.write_bytes(cached.read_bytes()[: cached.stat().st_size // 3])  # a copy cut short
     with caplog.at_level(logging.WARNING):
-        again = InferenceNetwork(net, "onnxruntime", str(tmp_path)).eval()
+        again = InferenceNetwork(net, runtime, str(tmp_path)).eval()
         torch.testing.assert_close(run(again, tile), run(net, tile), atol=ATOL, rtol=0)
     assert f"{cached}: cached ONNX export unusable" in caplog.text
     assert cached.is_file()
 
 
 def test_an_unknown_backend_is_refused():
-    with pytest.raises(ConfigError, match="--backend 'openvino' is not one of auto, torch, onnxruntime"):
-        InferenceNetwork(torch.nn.Identity(), "openvino")
+    with pytest.raises(ConfigError, match="--backend 'openvn' is not one of auto, torch, openvino, onnxruntime"):
+        InferenceNetwork(torch.nn.Identity(), "openvn")
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Where the network runs at inference: PyTorch, or ONNX Runtime on a CPU, behind one `torch.nn.Module`.
+"""Where the network runs at inference: PyTorch, or OpenVINO or ONNX Runtime on a CPU, behind one `torch.nn.Module`.
 
 Inference, slide inference and evaluation hand the evaluator `InferenceNetwork` instead of the bare network.  It
 looks like the network (a module taking and returning (B, C, H, W) tensors), so the sliding-window inferer, TTA and
@@ -6,11 +6,12 @@ the post-processing are the same on every backend.  It reads the network's weigh
 run's weights loader has put them in, so any weights work (shipped, trained, fine-tuned, any class count or width):
 
 - "torch": the PyTorch network, in channels-last memory on a CPU, where the convolutions run faster that way.
-- "onnxruntime": the network exported to ONNX (dynamic batch and spatial sizes) and run by ONNX Runtime's CPU
-  provider.  The export is cached in `cache_dir` under the hash of the weights, so a second run starts at once and
-  new weights get a new export; a cached file that does not load, or does not compute what the PyTorch network
-  computes on a probe input, is exported again (with a log line).
-- "auto": ONNX Runtime on a CPU, PyTorch on CUDA.
+- "openvino", "onnxruntime": the network exported to ONNX (dynamic batch and spatial sizes) and run in float32 by
+  OpenVINO's or ONNX Runtime's CPU runtime.  The export is cached in `cache_dir` under the hash of the weights, so a
+  second run starts at once and new weights get a new export; a cached file that does not load, or does not compute
+  what the PyTorch network computes on a probe input, is exported again (with a log line).  Both runtimes read the
+  same file.
+- "auto": on a CPU the first of `CPU_RUNTIMES` that is installed (PyTorch if neither is), PyTorch on CUDA.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ import copy
 import hashlib
 import logging
 import os
+import importlib.util
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -32,7 +34,9 @@ from scripts.core.errors import ConfigError, ModelError
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "onnxruntime")
+BACKENDS = ("auto", "torch", "openvino", "onnxruntime")
+CPU_RUNTIMES = ("openvino", "onnxruntime")  # what "auto" tries on a CPU, the fastest here first (benchmarks.md)
+RUNTIME_NAMES = {"openvino": "OpenVINO", "onnxruntime": "ONNX Runtime"}  # the pip package is the backend's name
 EXPORT_VERSION = "1"  # part of the cache key: bump when the export's settings change
 KEEP_EXPORTS = 8  # exports kept in the cache folder, most recently used first
 PROBE = (1, 3, 64, 64)  # the input on which a loaded export must match the PyTorch network
@@ -105,9 +109,10 @@ class InferenceNetwork(torch.nn.Module):
 
     Args:
         network: the configured PyTorch network (`@network`); its weights are read at the first forward.
-        backend: "auto", "torch" or "onnxruntime" (`--backend`).
+        backend: "auto", "torch", "openvino" or "onnxruntime" (`--backend`).
         cache_dir: where ONNX exports are kept (`@onnx_cache_dir`).
-        threads: CPU threads for ONNX Runtime; 0: OMP_NUM_THREADS where set, else every core (`--cpu_threads`).
+        threads: CPU threads for OpenVINO or ONNX Runtime; 0: OMP_NUM_THREADS where set, else every core
+            (`--cpu_threads`).
     """
 
     def __init__(self, network: torch.nn.Module, backend: str = "auto", cache_dir: str = "", threads: int = 0):
@@ -116,57 +121,57 @@ class InferenceNetwork(torch.nn.Module):
         self.backend = check_backend(backend)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.threads = int(threads)
-        self.session: Any = None
+        self.run: Callable[[np.ndarray], np.ndarray] | None = None  # the CPU runtime, once loaded
         self.chosen: str | None = None
 
     def resolve(self, device: torch.device) -> str:
         """The backend that runs on `device`: the one asked for, or what "auto" stands for there."""
         if self.backend == "torch" or (self.backend == "auto" and device.type != "cpu"):
             return "torch"
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            if self.backend == "onnxruntime":
-                raise ConfigError("--backend onnxruntime needs ONNX Runtime: pip install onnxruntime") from None
-            logger.warning("onnxruntime is not installed: the network runs in PyTorch (pip install onnxruntime)")
+        if self.backend in CPU_RUNTIMES:
+            if not _installed(self.backend):
+                name = RUNTIME_NAMES[self.backend]
+                raise ConfigError(f"--backend {self.backend} needs {name}: pip install {self.backend}")
+            return self.backend
+        found = next((runtime for runtime in CPU_RUNTIMES if _installed(runtime)), None)
+        if found is None:
+            logger.warning("neither openvino nor onnxruntime is installed: the network runs in PyTorch")
             return "torch"
-        return "onnxruntime"
+        return found
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.chosen is None:
             self.chosen = self.resolve(x.device)
-            if self.chosen == "onnxruntime":
-                self.session = self._session()
+            if self.chosen != "torch":
+                self.run = self._runtime()
             elif x.device.type == "cpu":  # the same numbers, faster convolutions
                 self.network.to(memory_format=torch.channels_last)
             logger.info(f"network backend: {self.chosen}")
-        if self.chosen == "torch":
+        if self.run is None:
             return self._torch(x)
-        image = np.ascontiguousarray(x.detach().float().cpu().numpy())
-        out = self.session.run(None, {self.session.get_inputs()[0].name: image})[0]
-        return torch.from_numpy(out).to(x.device)
+        return torch.from_numpy(self.run(np.ascontiguousarray(x.detach().float().cpu().numpy()))).to(x.device)
 
     def _torch(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
         return self.network(x).contiguous()
 
-    def _session(self) -> Any:
-        """An ONNX Runtime session of the current weights, from the cache or a fresh export."""
+    def _runtime(self) -> Callable[[np.ndarray], np.ndarray]:
+        """The chosen CPU runtime on the current weights' ONNX export, from the cache or a fresh export."""
         self.network.eval()
         key = weights_hash(self.network)[:16]
         folder = self.cache_dir or Path(tempfile.mkdtemp(prefix="nuclei-onnx-"))
         path = folder / f"network-{key}.onnx"
         if path.is_file():
             try:
-                session = self._load(path)
+                run = self._load(path)
             except Exception as err:  # noqa: BLE001 - a damaged protobuf fails in many ways
                 logger.warning(f"{path}: cached ONNX export unusable ({_first_line(err)}); exporting it again")
                 path.unlink(missing_ok=True)
             else:
                 path.touch()
-                return session
-        logger.info(f"exporting the network to ONNX for ONNX Runtime: {path}")
+                return run
+        logger.info(f"exporting the network to ONNX for {RUNTIME_NAMES[str(self.chosen)]}: {path}")
         try:
             export_onnx(self.network, path)
         except OSError as err:
@@ -177,23 +182,47 @@ class InferenceNetwork(torch.nn.Module):
         _prune(folder, keep=path)
         return self._load(path)
 
-    def _load(self, path: Path) -> Any:
-        """A session on `path` that computes what the PyTorch network computes on a probe input."""
-        import onnxruntime as ort  # resolve() made sure it is there
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads if self.threads > 0 else _default_threads()
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    def _load(self, path: Path) -> Callable[[np.ndarray], np.ndarray]:
+        """The chosen runtime on `path`, checked to compute what the PyTorch network computes on a probe input."""
+        threads = self.threads if self.threads > 0 else _default_threads()
+        run = _openvino(path, threads) if self.chosen == "openvino" else _onnxruntime(path, threads)
         probe = torch.rand(*PROBE, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             device = next((t.device for t in self.network.state_dict().values()), torch.device("cpu"))
             expected = self.network(probe.to(device)).float().cpu().numpy()
-        found = session.run(None, {session.get_inputs()[0].name: probe.numpy()})[0]
+        found = run(probe.numpy())
         if found.shape != expected.shape or not np.allclose(found, expected, atol=PROBE_TOLERANCE, rtol=1e-3):
             raise ModelError(f"{path} does not compute what the network computes")
-        return session
+        return run
+
+
+def _installed(runtime: str) -> bool:
+    return importlib.util.find_spec(runtime) is not None
+
+
+def _openvino(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    """OpenVINO's CPU plugin on the export, in float32 (left to itself it may pick bfloat16 on CPUs that have it)."""
+    import openvino as ov
+
+    core = ov.Core()
+    settings = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", settings)
+    request, output = compiled.create_infer_request(), compiled.output(0)
+    # the result is a view of the request's own buffer, overwritten by the next call: copy it out
+    return lambda image: request.infer({0: image})[output].copy()
+
+
+def _onnxruntime(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    """ONNX Runtime's CPU provider on the export."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda image: session.run(None, {name: image})[0]
 
 
 def _default_threads() -> int:
