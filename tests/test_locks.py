@@ -57,9 +57,29 @@ def test_the_same_process_may_take_its_lock_again_and_others_cannot(tmp_path, ot
     assert FolderLock(tmp_path / "y.lock", "y").try_acquire()["pid"] == other_run.pid
 
 
-def test_a_second_inference_into_the_same_output_folder_stops_naming_the_first(tmp_path, other_run):
+@pytest.mark.parametrize(
+    "content",
+    ["[1]", json.dumps({"pid": "abc", "host": socket.gethostname()}), '{"pid": 12', "", "\x00\xff"],
+    ids=["a list", "a pid that is no number", "cut short", "empty", "binary"],
+)
+def test_a_damaged_lock_is_one_line_while_fresh_and_taken_over_once_old(tmp_path, caplog, content):
+    """A lock file holding anything but what a run writes used to end in an AttributeError or ValueError."""
+    path = tmp_path / "z.lock"
+    path.write_text(content)
+    with pytest.raises(ConfigError, match=r"z is in use by another run \(a run whose lock is being written, or a "):
+        FolderLock(path, "z").acquire()
+    os.utime(path, (1e9, 1e9))  # unchanged for years: no run is writing it
+    with caplog.at_level("WARNING"):
+        lock = FolderLock(path, "z").acquire()
+    assert f"removing the damaged lock {path}" in caplog.text
+    assert json.loads(path.read_text())["pid"] == os.getpid()
+    lock.release()
+
+
+@pytest.mark.parametrize("workflow", ["inference", "evaluate"])
+def test_a_second_run_into_the_same_output_folder_stops_naming_the_first(tmp_path, other_run, workflow):
     """Two runs writing one output folder used to mix their files and both report success (tile and slide runs:
-    inference_wsi.json inherits inference.json's initialize)."""
+    inference_wsi.json inherits inference.json's initialize; two evaluations overwrote each other's scores)."""
     from monai.bundle import ConfigWorkflow
 
     from conftest import BUNDLE_ROOT
@@ -69,13 +89,15 @@ def test_a_second_inference_into_the_same_output_folder_stops_naming_the_first(t
     out = tmp_path / "out"
     _hold(out / OUTPUT_LOCK, other_run.pid)
     (tmp_path / "images").mkdir()
+    shipped = str(BUNDLE_ROOT / "models" / "pretrained" / "model_fp16.pt")
+    options = {"input_dir": str(tmp_path / "images")} if workflow == "inference" else {"checkpoint": shipped}
     flow = ConfigWorkflow(
-        config_file=[str(BUNDLE_ROOT / "configs" / c) for c in ("train.json", "inference.json")],
+        config_file=[str(BUNDLE_ROOT / "configs" / c) for c in ("train.json", f"{workflow}.json")],
         workflow_type="infer",
         bundle_root=str(BUNDLE_ROOT),
-        input_dir=str(tmp_path / "images"),
         output_dir=str(out),
         ckpt_dir=str(tmp_path / "models"),
+        **options,
     )
     with pytest.raises(Exception) as err:
         flow.initialize()

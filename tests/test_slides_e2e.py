@@ -176,6 +176,32 @@ def test_two_torchrun_processes_write_what_one_process_writes(tmp_path):
         assert not list((tmp_path / "two_out" / name).glob(".*"))  # the ranks' partial files are merged away
 
 
+def test_torchrun_ranks_stop_together_when_the_output_folder_is_held(tmp_path):
+    """Rank 0 holds the output folder's lock for the job; when another run holds it, every rank stops before any
+    work (the multi-GPU overlay's initialize used to leave the lock out)."""
+    import json as _json
+    import socket
+    import subprocess
+    import sys
+
+    from bundle_launch import launch
+    from scripts.core.locks import OUTPUT_LOCK
+
+    write_slide(tmp_path / "slides" / "s.ome.tif", size=(512, 512), tissue=(128, 128, 384, 384), seed=4)
+    out = tmp_path / "out"
+    out.mkdir()
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        (out / OUTPUT_LOCK).write_text(_json.dumps({"pid": other.pid, "host": socket.gethostname(), "command": "A"}))
+        common = ("--input_dir", str(tmp_path / "slides"), "--num_workers", "0", "--output_dir", str(out))
+        with pytest.raises(AssertionError, match=f"the output folder {out} is in use by another run .pid {other.pid}"):
+            launch("run", [*WSI, "multi_gpu_inference.json"], tmp_path / "two", *common, ranks=2)
+    finally:
+        other.kill()
+        other.wait()
+    assert sorted(p.name for p in out.iterdir()) == [OUTPUT_LOCK]
+
+
 def test_a_pool_of_post_processing_workers_writes_the_same_files(tmp_path):
     write_slide(tmp_path / "slides" / "s.ome.tif", size=(1024, 1024), tissue=(128, 128, 896, 896), seed=3)
     common = ("--input_dir", str(tmp_path / "slides"), "--tile_size", "256", "--num_workers", "0")

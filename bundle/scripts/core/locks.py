@@ -51,11 +51,15 @@ class FolderLock:
     def holder(self) -> dict | None:
         """The lock's content, {} if it cannot be read (being written, or damaged), None if there is no lock."""
         try:
-            return json.loads(self.path.read_text())
+            content = json.loads(self.path.read_text())
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
             return {}
+        # anything but what try_acquire writes (another JSON value, a pid that is not a number) is a damaged lock
+        if not isinstance(content, dict) or not isinstance(content.get("pid"), int):
+            return {}
+        return content
 
     def _stale(self, holder: dict) -> bool:
         if not holder:  # unreadable: stale once it is older than a few seconds (a writer needs microseconds)
@@ -63,7 +67,7 @@ class FolderLock:
                 return time.time() - self.path.stat().st_mtime > 10
             except FileNotFoundError:
                 return True
-        return holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", -1)))
+        return holder.get("host") == socket.gethostname() and not _alive(holder["pid"])
 
     def try_acquire(self) -> dict | None:
         """Take the lock; return None on success, else the holder's description."""
@@ -100,7 +104,10 @@ class FolderLock:
         with open(guard, "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
-                if self.holder() == seen:
+                if self.holder() == seen and not seen:
+                    logger.warning(f"removing the damaged lock {self.path}, unchanged for over 10 s")
+                    self.path.unlink(missing_ok=True)
+                elif self.holder() == seen:
                     logger.warning(f"removing the stale lock {self.path} of a run that is gone ({_describe(seen)})")
                     self.path.unlink(missing_ok=True)
             finally:
@@ -147,14 +154,21 @@ def release_held() -> None:
         HELD.pop().release()
 
 
-def lock_output_folder(folder: str | os.PathLike) -> FolderLock:
+def lock_output_folder(folder: str | os.PathLike) -> FolderLock | None:
     """Hold `<folder>/.outputs.lock` for the rest of this process: a second run writing into the same output folder
-    stops at once, naming this one, instead of mixing its files with this run's.
+    stops at once, naming this one, instead of mixing its files with this run's.  Under torchrun rank 0 holds it for
+    the job (each rank is a process of its own, and would find the others' lock); when rank 0 cannot take it, every
+    rank stops with its message.
 
     Args:
         folder: the run's output folder (`@output_dir`).
     """
-    folder = Path(folder)
+    from scripts.core.distributed import in_rank_order, is_main_rank  # torch: only where a workflow runs
+
+    return in_rank_order(lambda: _lock_output_folder(Path(folder)) if is_main_rank() else None)
+
+
+def _lock_output_folder(folder: Path) -> FolderLock:
     created = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
     require_writable(folder, "output_dir")  # a file or a read-only folder there: one message, not an OSError
     lock = FolderLock(folder / OUTPUT_LOCK, f"the output folder {folder}")
@@ -173,5 +187,5 @@ def _remove_empty(folders: list[Path]) -> None:
 
 def _describe(holder: dict) -> str:
     if not holder:
-        return "a run whose lock is being written"
+        return "a run whose lock is being written, or a damaged lock"
     return f"pid {holder.get('pid')} on {holder.get('host')}, started {holder.get('started')}: {holder.get('command')}"
