@@ -145,6 +145,27 @@ def test_npy_images_are_never_unpickled(tmp_path):
         read(tmp_path / "obj.npy")
 
 
+def test_an_npy_whose_header_does_not_describe_its_data_is_refused(tmp_path):
+    """float64 pixels under a float32 header: numpy reads the first half of the bytes as other numbers, silently."""
+    good = tmp_path / "good.npy"
+    np.save(good, rgb().astype(np.float64))
+    data = good.read_bytes()
+    (tmp_path / "relabelled.npy").write_bytes(data.replace(b"'descr': '<f8'", b"'descr': '<f4'"))
+    for reader in (read, read_labels):
+        with pytest.raises(DataError, match="relabelled.npy: the header promises .* does not describe its data"):
+            reader(tmp_path / "relabelled.npy")
+
+
+@pytest.mark.parametrize("huge", [1e20, 2.0**70, np.iinfo(np.uint64).max])
+def test_label_ids_beyond_what_a_label_map_holds_are_refused_not_wrapped(tmp_path, huge):
+    """A float id of 1e20 used to become a negative int64 and be blamed as a negative value."""
+    labels = np.zeros((8, 8), np.float64 if isinstance(huge, float) else np.uint64)
+    labels[2:4, 2:4] = huge
+    np.save(tmp_path / "ids.npy", labels)
+    with pytest.raises(DataError, match=r"ids.npy: label image has ids >= 2\*\*32"):
+        read_labels(tmp_path / "ids.npy")
+
+
 def test_planar_npy_and_0_255_float_npy_read_like_files(tmp_path):
     np.save(tmp_path / "chw.npy", np.moveaxis(rgb(), -1, 0).astype(np.float64))
     np.testing.assert_array_equal(read(tmp_path / "chw.npy"), rgb())

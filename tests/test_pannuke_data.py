@@ -81,12 +81,17 @@ def test_a_missing_test_fold_is_optional_for_training_only(tmp_path, caplog):
         PanNuke(root, tmp_path / "cache", [3])
 
 
-@pytest.mark.parametrize("huge", [1e20, 2.0**62])
+@pytest.mark.parametrize("huge", [1e20, 2.0**62, np.int64(2**62)])
 def test_instance_ids_too_large_to_relabel_are_refused(tmp_path, huge):
     """A nucleus id of 1e20 or 2**62 is an integer-valued float, but it overflows the relabelling (a nucleus would
-    vanish or the background become one): refused before training, naming the file."""
+    vanish or the background become one): refused before training, naming the file; also held as int64."""
     root = write_dataset(tmp_path / "data")
-    rewrite(root, 1, "masks", lambda m: np.concatenate([np.where(m[..., :1] > 0, huge, 0.0), m[..., 1:]], axis=-1))
+    dtype = np.int64 if isinstance(huge, np.integer) else np.float64
+
+    def huge_ids(m):
+        return np.concatenate([np.where(m[..., :1] > 0, huge, 0).astype(dtype), m[..., 1:].astype(dtype)], axis=-1)
+
+    rewrite(root, 1, "masks", huge_ids)
     with pytest.raises(DataError, match=r"Fold 1/masks/fold1/masks.npy: an instance id of .* is beyond"):
         PanNuke(root, tmp_path / "cache", [1])
 

@@ -81,6 +81,24 @@ def test_export_half_precision_keeps_integer_buffers(tmp_path):
         export_half_precision(tmp_path / "nested.pt", tmp_path / "x.pt")
 
 
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda state: state["1.running_var"].fill_(-1.0), "negative running variance"),
+        (lambda state: state["0.weight"].fill_(float("nan")), "NaN or infinity"),
+        (lambda state: state["0.weight"].mul_(1e6), "beyond float16's range"),
+    ],
+    ids=["impossible statistics", "diverged", "beyond float16"],
+)
+def test_export_half_precision_never_ships_weights_inference_would_refuse_or_infinity(tmp_path, damage, message):
+    state = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4)).state_dict()
+    damage(state)
+    torch.save(state, tmp_path / "model.pt")
+    with pytest.raises(ModelError, match=f"model.pt: .*{message}"):
+        export_half_precision(tmp_path / "model.pt", tmp_path / "half.pt")
+    assert not (tmp_path / "half.pt").exists()
+
+
 def test_trained_weights_are_ignored_by_git():
     if not (BUNDLE_ROOT.parent / ".git").exists():
         pytest.skip("not a git checkout")

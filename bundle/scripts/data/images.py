@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from scripts.core.errors import DataError
+from scripts.data.pannuke.files import load_npy
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -37,7 +38,7 @@ def read_rgb(path: str | os.PathLike, max_pixels: int | None = None) -> np.ndarr
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        return to_rgb8(_load_npy(path), path)
+        return to_rgb8(load_npy(path), path)
     if suffix in TIFF_SUFFIXES:
         return to_rgb8(_read_tiff(path, max_pixels), path)
     return _pillow_rgb(path, max_pixels)
@@ -60,7 +61,7 @@ def read_labels(path: str | os.PathLike, what: str = "label image", key: str | N
         except (OSError, ValueError) as err:
             raise DataError(f"{path}: cannot read {what} ({err})") from err
     elif suffix == ".npy":
-        values = _load_npy(path)
+        values = load_npy(path)
     elif suffix in TIFF_SUFFIXES:
         values = _read_tiff(path, None)
     else:
@@ -69,13 +70,6 @@ def read_labels(path: str | os.PathLike, what: str = "label image", key: str | N
 
 
 # ---------------------------------------------------------------- decoding
-
-
-def _load_npy(path: Path) -> np.ndarray:
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError) as err:  # object arrays raise ValueError instead of unpickling
-        raise DataError(f"{path}: not a readable numeric .npy array ({err}); save it with np.save") from err
 
 
 def _check_size(path: Path, height: int, width: int, max_pixels: int | None) -> None:
@@ -219,9 +213,9 @@ def to_label_map(values: np.ndarray, path: str | os.PathLike, what: str) -> np.n
             raise DataError(f"{path}: {what} has non-integer values; save integer ids")
     elif not (np.issubdtype(values.dtype, np.integer) or values.dtype == np.bool_):
         raise DataError(f"{path}: {what} has unsupported dtype {values.dtype}")
-    values = values.astype(np.int64)
+    # the range is checked before the cast: a float id of 1e20 would become a negative int64, one of 2**70 any number
     if values.size and values.min() < 0:
         raise DataError(f"{path}: {what} has negative values; ids must be >= 0 (0 = background)")
     if values.size and values.max() >= 2**32:
         raise DataError(f"{path}: {what} has ids >= 2**32; relabel it (e.g. skimage.segmentation.relabel_sequential)")
-    return values
+    return values.astype(np.int64)

@@ -63,7 +63,7 @@ from scripts.core.errors import DataError
 from scripts.core.atomic import umask, write_json
 from scripts.data.images import IMAGE_SUFFIXES, WHITE, read_labels, read_rgb
 from scripts.data.pannuke.cache import write_npy_header
-from scripts.data.pannuke.files import FOLDS, fold_folder, fold_paths_inside
+from scripts.data.pannuke.files import FOLDS, fold_folder, fold_paths_inside, load_npy
 from scripts.data.pannuke.annotations import UNCLASSIFIED, AnnotationStats, Nucleus, parse_geojson, rasterise
 from scripts.data.pannuke.format import TILE_SIZE
 
@@ -544,10 +544,10 @@ def check_existing_fold(files: dict[str, Path], num_types: int) -> int:
                 f"--append: {path} is missing, so this is not a complete PanNuke fold; use --overwrite to replace it"
             )
     try:
-        images = np.load(files["images"], mmap_mode="r")
-        masks = np.load(files["masks"], mmap_mode="r")
-        types = np.load(files["types"], allow_pickle=False)
-    except (OSError, ValueError) as err:
+        images = load_npy(files["images"], mmap_mode="r")
+        masks = load_npy(files["masks"], mmap_mode="r")
+        types = load_npy(files["types"])
+    except (OSError, ValueError, DataError) as err:
         raise DataError(
             f"--append: cannot read the existing fold in {files['images'].parents[2]} ({err}); "
             "use --overwrite to replace it"

@@ -89,6 +89,17 @@ def read_npy_header(path: Path) -> NpyHeader:
     return NpyHeader(tuple(shape), dtype, offset, fortran_order)
 
 
+def load_npy(path: Path, mmap_mode: str | None = None) -> np.ndarray:
+    """The array of a .npy file that holds exactly what its header promises (`read_npy_header`), never unpickled:
+    numpy reads only the bytes the header describes, so a file saved as float64 under a float32 header would load
+    as other numbers without a word."""
+    read_npy_header(path)
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:  # object arrays raise ValueError instead of unpickling
+        raise DataError(f"{path}: not a readable numeric .npy array ({err}); save it with np.save") from err
+
+
 def fold_paths(root: str | os.PathLike, fold: int, layout: str = "official") -> dict[str, Path]:
     """Where one fold's images.npy, types.npy and masks.npy lie under `root` in a layout (the one source of them)."""
     return {key: Path(root) / pattern.format(k=fold) for key, pattern in LAYOUTS[layout].items()}

@@ -22,6 +22,7 @@ import torch
 from scripts.core.classes import checkpoint_classes, with_classes
 from scripts.workflows.engine.checkpointing import atomic_save
 from scripts.core.errors import ModelError
+from scripts.model.weights import check_finite
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,14 @@ def export_half_precision(checkpoint: str | os.PathLike, output: str | os.PathLi
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{checkpoint} is not a plain state dict of tensors (save model.state_dict())")
+    check_finite(state, checkpoint)  # what inference would refuse is never shipped
+    limit = torch.finfo(torch.float16).max
+    beyond = [k for k, v in state.items() if v.is_floating_point() and v.numel() and v.abs().max() > limit]
+    if beyond:  # float16 would hold them as infinity
+        raise ModelError(
+            f"{checkpoint}: {len(beyond)} tensors hold values beyond float16's range (first: {beyond[0]}); ship the "
+            "float32 file instead"
+        )
     half = with_classes(
         {k: v.half() if v.is_floating_point() else v for k, v in state.items()}, checkpoint_classes(state, checkpoint)
     )
