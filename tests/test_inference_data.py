@@ -37,6 +37,15 @@ def test_same_stem_gets_the_extension_in_its_name():
     assert unique_names([Path("x/a.png"), Path("x/a.tif"), Path("x/b.png")]) == ["a_png", "a_tif", "b"]
 
 
+@pytest.mark.parametrize("pair", [("a\\b.png", "a_b.png"), ("a.png", "a.PNG")])
+def test_two_images_that_would_write_the_same_outputs_are_refused_naming_both(tmp_path, pair):
+    """Names were made safe after they were made unique, so two images could share one output folder."""
+    for name in pair:
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / name, format="PNG")
+    with pytest.raises(InferenceError, match=f"{tmp_path}/.* and {tmp_path}/.* would both write their outputs as"):
+        find_inputs(tmp_path)
+
+
 def test_empty_folder_says_what_was_looked_for(tmp_path):
     (tmp_path / "readme.txt").write_text("x")
     with pytest.raises(InferenceError, match=r"no images in .*\.png.*readme\.txt"):

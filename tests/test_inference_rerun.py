@@ -164,3 +164,17 @@ def test_a_link_inside_the_output_folder_is_never_written_through(tmp_path):
     assert sorted(p.name for p in outside.iterdir()) == ["tile_nuclei.csv"]
     assert (outside / "tile_nuclei.csv").read_text() == "someone else's file"
     assert sorted(p.name for p in out.iterdir()) == ["tile"]  # no staging folder left beside it
+
+
+def test_a_link_where_the_incomplete_flag_goes_is_never_followed(tmp_path):
+    """The flag marking a move in progress was touched through a link, creating the link's target outside."""
+    from scripts.core.errors import InferenceError
+    from scripts.workflows.predict.writer import INCOMPLETE_FLAG, NucleiOutputsWriterd
+
+    out = tmp_path / "out"
+    (out / "tile").mkdir(parents=True)
+    (out / "tile" / INCOMPLETE_FLAG).symlink_to(tmp_path / "created_outside")
+    _, item = one_nucleus_tile()
+    with pytest.raises(InferenceError, match=f"{INCOMPLETE_FLAG} is a symbolic link out of --output_dir"):
+        NucleiOutputsWriterd(output_dir=str(out), overwrite=True)(item)
+    assert not (tmp_path / "created_outside").exists()

@@ -158,6 +158,21 @@ def test_a_link_where_a_slides_folder_goes_fails_that_slide_only(tmp_path):
     assert not good.error and (tmp_path / "out" / "b" / "b_tissue.png").is_file()
 
 
+@pytest.mark.parametrize("own_file", [".a_nuclei.csv.partial", ".progress.jsonl", ".grid.json", "a_summary.json"])
+def test_a_link_planted_among_a_slides_own_files_fails_that_slide_only(tmp_path, own_file):
+    """Appending to a partial file, cutting it back or reading the journal used to follow a link out of the folder."""
+    write_slide(tmp_path / "slides" / "a.ome.tif")
+    write_slide(tmp_path / "slides" / "b.ome.tif")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("someone else's file")
+    (tmp_path / "out" / "a").mkdir(parents=True)
+    (tmp_path / "out" / "a" / own_file).symlink_to(outside)
+    linked, good = SlidePlanner(tmp_path / "slides", tmp_path / "out", tile_size=512).plans
+    assert f"{own_file} is a symbolic link out of --output_dir" in linked.error and not linked.tiles
+    assert outside.read_text() == "someone else's file"
+    assert not good.error and good.tiles
+
+
 def test_a_tissue_mask_of_another_aspect_ratio_is_refused_not_stretched(tmp_path):
     from PIL import Image
 

@@ -85,10 +85,21 @@ def _folder_images(folder: Path) -> list[InputImage]:
 
 
 def unique_names(paths: Sequence[Path]) -> list[str]:
-    """File stems, with the extension added where two files share a stem (a.png, a.tif -> a_png, a_tif)."""
-    stems = Counter(p.stem for p in paths)
-    names = [p.stem if stems[p.stem] == 1 else f"{p.stem}_{p.suffix.lstrip('.').lower()}" for p in paths]
-    return [safe_name(name) for name in names]
+    """Safe file stems (`safe_name`), with the extension added where two files share one (a.png, a.tif -> a_png,
+    a_tif); an InferenceError naming both files where two would still write the same outputs (a\\b.png and
+    a_b.png, a.png and a.PNG)."""
+    stems = [safe_name(p.stem) for p in paths]
+    shared = Counter(stems)
+    names = [s if shared[s] == 1 else f"{s}_{p.suffix.lstrip('.').lower()}" for s, p in zip(stems, paths, strict=True)]
+    first: dict[str, Path] = {}
+    for name, path in zip(names, paths, strict=True):
+        if name in first:
+            raise InferenceError(
+                f"{path} and {first[name]} would both write their outputs as {name}: rename one, or move it to "
+                "another folder"
+            )
+        first[name] = path
+    return names
 
 
 def _npy_tiles(path: Path) -> list[InputImage]:

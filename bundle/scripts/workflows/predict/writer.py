@@ -149,6 +149,7 @@ class NucleiOutputsWriterd(MapTransform):
                 write_label_nifti(staged["nifti"], inst)
             folder.mkdir(exist_ok=True)
             flag = folder / INCOMPLETE_FLAG
+            require_inside(self.output_dir, flag, InferenceError)  # touch() would create a link's target
             flag.touch()  # a kill between two moves leaves a mixed old/new set: the flag marks it incomplete
             for kind, path in paths.items():  # renames within one file system: no space needed, nothing half-written
                 os.replace(staged[kind], path)

@@ -151,6 +151,8 @@ class SlidePlanner:
     def _plan(self, plan: SlidePlan, number: int, mpp, target_mpp: float, mask_dir, overwrite: bool) -> None:
         rank, world, part = rank_share()
         progress = SlideProgress(plan.folder, plan.name, part)
+        for path in progress.files():  # appending, cutting or reading through a link would reach outside
+            require_inside(self.output_dir, path, DataError)
         if progress.finished() and not overwrite:
             logger.info(f"{plan.name}: finished earlier in {plan.folder}, skipped (--overwrite true redoes it)")
             return

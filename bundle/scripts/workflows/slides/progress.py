@@ -63,6 +63,10 @@ class SlideProgress:
         self.folder.mkdir(parents=True, exist_ok=True)
         write_json(self.grid_file, grid)
 
+    def files(self) -> list[Path]:
+        """Every file of this slide (or rank's part) that is read, appended to, cut or renamed in place."""
+        return [self.geojson, self.csv, self.summary, self.progress, *self.partial.values(), self.grid_file]
+
     def finished(self) -> bool:
         return self.summary.is_file()
 
