@@ -58,6 +58,7 @@ def test_in_process_workflows_are_not_checked_against_this_process_argv():
         ("positive_numbers", "learning_rate", "1e-3x"),
         ("positive_numbers", "mpp", 0.0),
         ("positive_numbers", "learning_rate", float("nan")),
+        ("positive_numbers", "learning_rate", float("inf")),
         ("non_negative_numbers", "polygon_tolerance", -1),
         ("non_negative_numbers", "hv_mse_weight", "abc"),
         ("non_negative_ints", "seed", "abc"),
@@ -119,6 +120,39 @@ def test_inference_with_an_impossible_window_stops_before_any_work(tmp_path):
             flow.initialize()
         assert message in str(bundle_error_in(err.value)), (configs, override)
         assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"type_weights": [1, 2]}, "--type_weights needs one weight of at least 0 per nucleus type (5), got [1, 2]"),
+        ({"type_weights": "[1,1,1,1,x]"}, "--type_weights needs one weight of at least 0 per nucleus type (5)"),
+        ({"target": "hover"}, "--target must be one of"),
+        ({"learning_rate": float("inf")}, "--learning_rate must be a number above 0, got inf"),
+    ],
+)
+def test_a_training_with_impossible_loss_settings_stops_before_building_its_cache(tmp_path, override, message):
+    """Wrong type weights or target used to be found only when the loss was built, after every fold's cache (minutes
+    on PanNuke); the folds' caches must not even be started."""
+    from monai.bundle import ConfigWorkflow
+
+    from pannuke_fixtures import write_dataset
+    from scripts.core.errors import bundle_error_in
+
+    data = write_dataset(tmp_path / "data", tiles=(2, 1, 1))
+    flow = ConfigWorkflow(
+        config_file=str(CONFIGS / "train.json"),
+        workflow_type="train",
+        bundle_root=str(BUNDLE_ROOT),
+        dataset_dir=str(data),
+        ckpt_dir=str(tmp_path / "models"),
+        cache_dir=str(tmp_path / "cache"),
+        **override,
+    )
+    with pytest.raises(Exception) as err:
+        flow.initialize()
+    assert message in str(bundle_error_in(err.value))
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "models").exists()
 
 
 def test_a_training_with_zero_epochs_stops_before_any_work(tmp_path):

@@ -77,7 +77,7 @@ def test_boundary_loss_and_class_weights():
     assert float(loss(perfect_prediction(label, 7), label)) < 0.05
     assert loss_class_weights("hv", [1, 2, 3, 4, 5], 3.0) == [1.0, 1.0, 2.0, 3.0, 4.0, 5.0]
     assert loss_class_weights("boundary", [1.0] * 5, 3.0)[-1] == 3.0
-    with pytest.raises(ValueError, match="--type_weights needs one weight per nucleus type"):
+    with pytest.raises(ValueError, match="--type_weights needs one weight of at least 0 per nucleus type"):
         loss_class_weights("hv", [1.0, 2.0], 1.0)
     with pytest.raises(ValueError, match="class_weights needs 6"):
         NucleiLoss("hv", class_weights=[1.0] * 7)

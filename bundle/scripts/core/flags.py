@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import difflib
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -149,7 +150,8 @@ def check_values(
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and value == value
+    """A finite int or float (NaN and infinity are no learning rate, µm per pixel or tolerance)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _is_whole(value: Any, least: int) -> bool:

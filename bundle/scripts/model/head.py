@@ -9,6 +9,7 @@ the loss, validation metrics, post-processing and test-time augmentation all go 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -112,6 +113,25 @@ def _mean_inside(error: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
     return per_tile.mean()
 
 
+def check_type_weights(type_weights: Sequence[float] | None, num_types: int) -> None:
+    """Refuse type weights that are not one number of at least 0 per type (None: not given, balanced or equal).
+
+    Args:
+        type_weights: `@type_weights`, as the user gave it.
+        num_types: the dataset's nucleus types (`@num_types`).
+    """
+    if type_weights is None:
+        return
+    ok = isinstance(type_weights, list | tuple) and all(
+        isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w) and w >= 0 for w in type_weights
+    )
+    if not ok or len(type_weights) != num_types:
+        raise ConfigError(
+            f"--type_weights needs one weight of at least 0 per nucleus type ({num_types}), got {type_weights!r}; "
+            "leave it unset for weights balanced on the training nuclei"
+        )
+
+
 def loss_class_weights(
     target: str, type_weights: Sequence[float] | None, boundary_weight: float = 1.0, num_types: int = NUM_TYPES
 ) -> list[float]:
@@ -119,19 +139,31 @@ def loss_class_weights(
 
     Args:
         target: "hv" or "boundary".
-        type_weights: one weight per type; None weighs the types equally (evaluate.json does, so that scoring a
-            test fold never needs the training folds the weights are counted on).
+        type_weights: one weight per type (`@loss_type_weights`); None weighs the types equally (evaluate.json
+            does, so that scoring a test fold never needs the training folds the weights are counted on).
         boundary_weight: the outline class's weight (boundary target only).
         num_types: the dataset's nucleus types (`@num_types`).
     """
+    check_type_weights(type_weights, num_types)
     type_weights = [1.0] * num_types if type_weights is None else list(type_weights)
-    if len(type_weights) != num_types:
-        raise ConfigError(
-            f"--type_weights needs one weight per nucleus type ({num_types}), got {list(type_weights)}; leave it "
-            "unset for weights balanced on the training nuclei"
-        )
     weights = [1.0, *map(float, type_weights)]
     return weights + [float(boundary_weight)] if check_target(target) == "boundary" else weights
+
+
+def training_type_weights(
+    given: Sequence[float] | None, pannuke: PanNuke, folds: int | str | Sequence[int]
+) -> list[float]:
+    """The type weights of a training: `--type_weights` where given, else `balanced_type_weights` on its folds.
+
+    Args:
+        given: `@type_weights` (None: not given).
+        pannuke: the run's checked folds (`@pannuke`).
+        folds: the training folds (`@train_folds`).
+    """
+    if given is not None:
+        check_type_weights(given, pannuke.classes.num_types)
+        return [float(w) for w in given]
+    return balanced_type_weights(pannuke, folds)
 
 
 class ClassPredictiond(MapTransform):
