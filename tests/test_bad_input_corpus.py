@@ -88,6 +88,9 @@ def _train(earlier, data, *extra):
         ("truncated_images", ["Fold 1/images/fold1/images.npy", "truncated"]),
         ("missing_fold", ["fold 2 not found"]),
         ("wrong_shape", ["Fold 1/masks/fold1/masks.npy", "expected shape"]),
+        ("header_says_float32", ["Fold 2/masks/fold2/masks.npy", "header does not describe its data"]),
+        ("huge_ids", ["Fold 1/masks/fold1/masks.npy", "an instance id of"]),
+        ("non_utf8_tissue_names", ["Fold 1/images/fold1/types.npy"]),
     ],
 )
 def test_bad_dataset(earlier, tmp_path, damage, names):
@@ -103,6 +106,13 @@ def test_bad_dataset(earlier, tmp_path, damage, names):
         os.truncate(path, path.stat().st_size - 5000)
     elif damage == "missing_fold":
         shutil.rmtree(data / "Fold 2")
+    elif damage == "header_says_float32":  # float64 bytes under a float32 header: read as other numbers
+        path = fold_path(data, 2, "masks")
+        path.write_bytes(path.read_bytes().replace(b"'descr': '<f8'", b"'descr': '<f4'", 1))
+    elif damage == "huge_ids":  # an integer-valued float beyond what relabelling can hold
+        rewrite(data, 1, "masks", lambda m: np.where(m > 0, 1e20, 0.0))
+    elif damage == "non_utf8_tissue_names":
+        np.save(fold_path(data, 1, "types"), np.array([b"Colon\xff", b"Breast"]))
     else:
         rewrite(data, 1, "masks", lambda a: a[..., :5])
     _expect_clean_failure(_train(earlier, data), *names)
@@ -128,6 +138,11 @@ def test_a_pickled_types_file_never_runs_its_code(earlier, tmp_path):
     [
         (("--resume", "maybe"), ["--resume must be true or false"]),
         (("--ckpt_dir", "FILE/models"), ["--ckpt_dir", "cannot be written"]),
+        (("--epoch", "1"), ["unknown option --epoch", "did you mean --epochs?"]),
+        (("--outputdir", "x"), ["unknown option --outputdir", "did you mean --output_dir?"]),
+        (("--type_weights", "[1, 2]"), ["--type_weights needs one weight of at least 0 per nucleus type (5)"]),
+        (("--learning_rate", "inf"), ["--learning_rate must be a number above 0"]),
+        (("--val_fold", "1"), ["tiles the model learnt from", "--allow_fold_overlap"]),
     ],
 )
 def test_bad_training_options(earlier, tmp_path, extra, names):
@@ -159,6 +174,10 @@ def _bad_weights(earlier, tmp_path, kind: str) -> Path:
         state = torch.load(good, weights_only=True)
         next(v for v in state.values() if v.is_floating_point()).fill_(float("nan"))
         torch.save(state, path)
+    elif kind == "negative_variance":  # finite, but every output would be NaN: 0 nuclei reported as success
+        state = torch.load(good, weights_only=True)
+        next(v for k, v in state.items() if k.endswith("running_var")).fill_(-1.0)
+        torch.save(state, path)
     return path
 
 
@@ -169,6 +188,7 @@ def _bad_weights(earlier, tmp_path, kind: str) -> Path:
         ("random", ["model.pt: not a readable PyTorch checkpoint"]),
         ("nan", ["model.pt:", "NaN or infinity"]),
         ("other_width", ["model.pt was not made for this network", "--features"]),
+        ("negative_variance", ["model.pt:", "negative running variance"]),
     ],
 )
 def test_evaluate_refuses_bad_weights(earlier, tmp_path, kind, names):
@@ -227,6 +247,68 @@ def test_one_corrupt_image_fails_alone(earlier, tmp_path):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 1 and "broken.png" in log and "1 of 2 images failed" in log
     assert (out / "tile" / "tile_nuclei.geojson").is_file() and not (out / "broken").exists()
+    _unchanged(earlier)
+
+
+def test_names_a_spreadsheet_or_the_file_system_would_misread_stay_harmless(earlier, tmp_path):
+    """An image named `...png` (stem `..`, passed as the input itself: a folder listing skips hidden files) wrote
+    into the output folder's parent; one named `=1+1.png` reached inference_summary.csv as a formula."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("...png", "=1+1.png"):
+        shutil.copy(earlier[0] / "images" / "tile.png", images / name)
+    for source, out in ((images, tmp_path / "a" / "out"), (images / "...png", tmp_path / "b" / "out")):
+        run_bundle("run", INFERENCE, earlier[0], "--input_dir", str(source), "--output_dir", str(out), *SMALL)
+        assert sorted(p.name for p in out.parent.iterdir()) == ["out"]  # nothing beside the output folder
+    assert (tmp_path / "a" / "out" / "=1+1" / "=1+1_nuclei.geojson").is_file()
+    assert (tmp_path / "b" / "out" / "_.." / "_.._nuclei.csv").is_file()
+    summary = (tmp_path / "a" / "out" / "inference_summary.csv").read_text()
+    assert "\n'=1+1," in summary and "\n=1+1," not in summary
+    _unchanged(earlier)
+
+
+@pytest.mark.parametrize("content", ["[1]", '{"pid": "abc"}'])
+def test_a_damaged_output_lock_is_one_line(earlier, tmp_path, content):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".outputs.lock").write_text(content)
+    proc = run_bundle(
+        "run",
+        INFERENCE,
+        earlier[0],
+        "--input_dir",
+        str(earlier[0] / "images"),
+        "--output_dir",
+        str(out),
+        *SMALL,
+        check=False,
+    )
+    _expect_clean_failure(proc, f"the output folder {out} is in use by another run", "or a damaged lock")
+    _unchanged(earlier)
+
+
+def test_a_link_inside_the_output_folder_is_never_written_through(earlier, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "tile_nuclei.csv").write_text("someone else's file")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tile").symlink_to(outside)
+    proc = run_bundle(
+        "run",
+        INFERENCE,
+        earlier[0],
+        "--input_dir",
+        str(earlier[0] / "images"),
+        "--output_dir",
+        str(out),
+        *SMALL,
+        "--overwrite",
+        "true",
+        check=False,
+    )
+    assert proc.returncode == 1 and "tile is a symbolic link out of --output_dir" in proc.stdout + proc.stderr
+    assert (outside / "tile_nuclei.csv").read_text() == "someone else's file" and len(list(outside.iterdir())) == 1
     _unchanged(earlier)
 
 
