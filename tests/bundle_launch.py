@@ -124,6 +124,17 @@ def _logs_to(stream: io.StringIO):
 
     loggers = [logging.getLogger(), *(v for v in logging.Logger.manager.loggerDict.values() if hasattr(v, "handlers"))]
     consoles = {h for lg in loggers for h in lg.handlers if type(h) is logging.StreamHandler}
+    # and console handlers held by other handlers, such as absl's (imported by openvino), whose close() closes a
+    # stream that is no longer sys.stderr: a run's logging.fileConfig would close pytest's capture stream with it
+    live = (ref() for ref in logging._handlerList)  # type: ignore[attr-defined]
+    consoles |= {
+        h
+        for h in live
+        if isinstance(h, logging.StreamHandler)
+        and vars(h).get("stream") is not None  # not lastResort (stream is sys.stderr's), nor an unopened file
+        and not isinstance(h, logging.FileHandler)
+        and not type(h).__module__.startswith("_pytest")
+    }
     before = {h: h.stream for h in consoles}
     for handler in consoles:
         handler.setStream(stream)
