@@ -17,6 +17,7 @@ run's weights loader has put them in, so any weights work (shipped, trained, fin
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import logging
 import os
@@ -25,6 +26,7 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -202,14 +204,21 @@ def _installed(runtime: str) -> bool:
 
 def _openvino(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
     """OpenVINO's CPU plugin on the export, in float32 (left to itself it may pick bfloat16 on CPUs that have it)."""
-    import openvino as ov
-
-    core = ov.Core()
+    core = _openvino_core()
     settings = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
     compiled = core.compile_model(core.read_model(str(path)), "CPU", settings)
     request, output = compiled.create_infer_request(), compiled.output(0)
     # the result is a view of the request's own buffer, overwritten by the next call: copy it out
     return lambda image: request.infer({0: image})[output].copy()
+
+
+@functools.cache
+def _openvino_core() -> Any:
+    """One OpenVINO Core for the process, as OpenVINO advises: each Core loads the CPU plugin and its thread pool, and
+    a Core dropped while its pool's threads live on can take the process down later."""
+    import openvino as ov
+
+    return ov.Core()
 
 
 def _onnxruntime(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
