@@ -87,6 +87,30 @@ def test_auto_picks_openvino_on_a_cpu_then_onnxruntime_then_pytorch(shipped, til
         InferenceNetwork(shipped, "openvino").resolve(torch.device("cpu"))
 
 
+def test_a_runtime_that_cannot_run_here_gives_way_under_auto_and_is_one_line_when_asked_for(
+    tile, tmp_path, monkeypatch, caplog
+):
+    """An installed runtime that fails on this machine (a native library or CPU its plugin does not support) used
+    to stop auto with a traceback after deleting a good cached export."""
+    net = network(features=[8, 8, 16, 32, 64, 8])
+
+    def broken(path, threads):
+        raise RuntimeError("no CPU plugin for this processor")
+
+    monkeypatch.setattr("scripts.model.backends._openvino", broken)
+    with caplog.at_level(logging.WARNING):
+        auto = InferenceNetwork(net, "auto", str(tmp_path)).eval()
+        torch.testing.assert_close(run(auto, tile), run(net, tile), atol=ATOL, rtol=0)
+    assert auto.chosen == "onnxruntime"
+    assert "OpenVINO cannot run the network here (RuntimeError: no CPU plugin for this processor)" in caplog.text
+    with pytest.raises(ModelError, match="^--backend openvino: OpenVINO cannot run the network here .*--backend auto"):
+        run(InferenceNetwork(net, "openvino", str(tmp_path)).eval(), tile)
+    monkeypatch.setattr("scripts.model.backends._onnxruntime", broken)
+    last = InferenceNetwork(net, "auto", str(tmp_path)).eval()
+    torch.testing.assert_close(run(last, tile), run(net, tile), atol=1e-5, rtol=1e-5)
+    assert last.chosen == "torch"
+
+
 @pytest.mark.parametrize("backend", ["torch", *CPU_RUNTIMES])
 def test_tta_works_on_every_backend(shipped, tile, tmp_path, backend):
     inferer = TiledInferer(96, 16, batch_size=2)  # several windows per image, two per network call

@@ -35,6 +35,8 @@ def test_same_stem_gets_the_extension_in_its_name():
     from pathlib import Path
 
     assert unique_names([Path("x/a.png"), Path("x/a.tif"), Path("x/b.png")]) == ["a_png", "a_tif", "b"]
+    # one folder on a file system that ignores case (macOS, Windows): they get their extensions too
+    assert unique_names([Path("x/A.png"), Path("x/a.tif")]) == ["A_png", "a_tif"]
 
 
 @pytest.mark.parametrize("pair", [("a\\b.png", "a_b.png"), ("a.png", "a.PNG")])

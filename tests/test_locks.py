@@ -59,8 +59,17 @@ def test_the_same_process_may_take_its_lock_again_and_others_cannot(tmp_path, ot
 
 @pytest.mark.parametrize(
     "content",
-    ["[1]", json.dumps({"pid": "abc", "host": socket.gethostname()}), '{"pid": 12', "", "\x00\xff"],
-    ids=["a list", "a pid that is no number", "cut short", "empty", "binary"],
+    [
+        "[1]",
+        json.dumps({"pid": "abc", "host": socket.gethostname()}),
+        json.dumps({"pid": 5}),
+        json.dumps({"pid": 0, "host": socket.gethostname()}),
+        json.dumps({"pid": 2**70, "host": socket.gethostname()}),
+        '{"pid": 12',
+        "",
+        "\x00\xff",
+    ],
+    ids=["a list", "a pid that is no number", "no host", "pid 0", "a pid beyond any", "cut short", "empty", "binary"],
 )
 def test_a_damaged_lock_is_one_line_while_fresh_and_taken_over_once_old(tmp_path, caplog, content):
     """A lock file holding anything but what a run writes used to end in an AttributeError or ValueError."""

@@ -72,7 +72,7 @@ def init_distributed() -> int:
     return dist.get_rank()
 
 
-def in_rank_order(build: Callable[[], T]) -> T:
+def in_rank_order(build: Callable[[], T], what: str = "preparing the data") -> T:
     """Run `build` on rank 0, then on the first rank of each other node, then on all other ranks, in three turns.
 
     Shared files are written once, by rank 0; node-local ones once per node; everyone else only reads.  A failure on
@@ -97,7 +97,7 @@ def in_rank_order(build: Callable[[], T]) -> T:
         failed = [(rank, message) for rank, message in enumerate(messages) if message]
         if failed:
             rank, (expected, message) = failed[0]
-            text = f"rank {rank} failed while preparing the data, so this rank stops too: {message}"
+            text = f"rank {rank} failed while {what}, so this rank stops too: {message}"
             raise DataError(text) if expected else RuntimeError(text)
     return result  # type: ignore[return-value]
 

@@ -56,8 +56,14 @@ class FolderLock:
             return None
         except (OSError, ValueError):
             return {}
-        # anything but what try_acquire writes (another JSON value, a pid that is not a number) is a damaged lock
-        if not isinstance(content, dict) or not isinstance(content.get("pid"), int):
+        # anything but what try_acquire writes (another JSON value, no host, a pid that is no process id) is damaged
+        pid = content.get("pid") if isinstance(content, dict) else None
+        if (
+            not isinstance(pid, int)
+            or isinstance(pid, bool)
+            or not 0 < pid < 2**31
+            or not isinstance(content.get("host"), str)
+        ):
             return {}
         return content
 
@@ -165,7 +171,8 @@ def lock_output_folder(folder: str | os.PathLike) -> FolderLock | None:
     """
     from scripts.core.distributed import in_rank_order, is_main_rank  # torch: only where a workflow runs
 
-    return in_rank_order(lambda: _lock_output_folder(Path(folder)) if is_main_rank() else None)
+    take = lambda: _lock_output_folder(Path(folder)) if is_main_rank() else None  # noqa: E731
+    return in_rank_order(take, what=f"taking the output folder {folder}")
 
 
 def _lock_output_folder(folder: Path) -> FolderLock:

@@ -1,7 +1,7 @@
 """Where the network runs at inference: PyTorch, or OpenVINO or ONNX Runtime on a CPU, behind one `torch.nn.Module`.
 
 Inference, slide inference and evaluation hand the evaluator `InferenceNetwork` instead of the bare network.  It
-looks like the network (a module taking and returning (B, C, H, W) tensors), so the sliding-window inferer, TTA and
+looks like the network (a module taking and returning (B, C, H, W) tensors), so the tiled inferer, TTA and
 the post-processing are the same on every backend.  It reads the network's weights at the first forward, when the
 run's weights loader has put them in, so any weights work (shipped, trained, fine-tuned, any class count or width):
 
@@ -11,7 +11,8 @@ run's weights loader has put them in, so any weights work (shipped, trained, fin
   second run starts at once and new weights get a new export; a cached file that does not load, or does not compute
   what the PyTorch network computes on a probe input, is exported again (with a log line).  Both runtimes read the
   same file.
-- "auto": on a CPU the first of `CPU_RUNTIMES` that is installed (PyTorch if neither is), PyTorch on CUDA.
+- "auto": on a CPU the first of `CPU_RUNTIMES` that imports and runs the network here (PyTorch if neither does,
+  with a warning), PyTorch on CUDA.  A runtime asked for by name that cannot run is one error naming it.
 """
 
 from __future__ import annotations
@@ -145,8 +146,8 @@ class InferenceNetwork(torch.nn.Module):
         if self.chosen is None:
             self.chosen = self.resolve(x.device)
             if self.chosen != "torch":
-                self.run = self._runtime()
-            elif x.device.type == "cpu":  # the same numbers, faster convolutions
+                self.run = self._first_runtime_that_works()
+            if self.chosen == "torch" and x.device.type == "cpu":  # the same numbers, faster convolutions
                 self.network.to(memory_format=torch.channels_last)
             logger.info(f"network backend: {self.chosen}")
         if self.run is None:
@@ -157,6 +158,31 @@ class InferenceNetwork(torch.nn.Module):
         if x.device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last)
         return self.network(x).contiguous()
+
+    def _first_runtime_that_works(self) -> Callable[[np.ndarray], np.ndarray] | None:
+        """The chosen runtime; under "auto", one that fails to run the network here (a broken install, a CPU its
+        plugin does not support) gives way to the next one, and in the end to PyTorch (None), with a warning."""
+        order = [str(self.chosen)]
+        if self.backend == "auto":
+            order += [r for r in CPU_RUNTIMES if r != self.chosen and _installed(r)]
+        for runtime in order:
+            self.chosen = runtime
+            try:
+                return self._runtime()
+            except ModelError as err:
+                if "cannot write the ONNX export" in str(err):  # the folder, not the runtime: say so
+                    raise
+                failure = _first_line(err)
+            except Exception as err:  # noqa: BLE001 - native runtimes fail in many ways
+                failure = f"{type(err).__name__}: {_first_line(err)}"
+            if self.backend != "auto":
+                raise ModelError(
+                    f"--backend {runtime}: {RUNTIME_NAMES[runtime]} cannot run the network here ({failure}); "
+                    "use --backend auto or torch"
+                ) from None
+            logger.warning(f"{RUNTIME_NAMES[runtime]} cannot run the network here ({failure}); trying the next backend")
+        self.chosen = "torch"
+        return None
 
     def _runtime(self) -> Callable[[np.ndarray], np.ndarray]:
         """The chosen CPU runtime on the current weights' ONNX export, from the cache or a fresh export."""
@@ -199,7 +225,14 @@ class InferenceNetwork(torch.nn.Module):
 
 
 def _installed(runtime: str) -> bool:
-    return importlib.util.find_spec(runtime) is not None
+    """Whether `runtime` imports here (a package whose native library fails to load counts as missing)."""
+    if importlib.util.find_spec(runtime) is None:
+        return False
+    try:
+        importlib.import_module(runtime)
+    except Exception:  # noqa: BLE001 - ImportError, OSError from a missing shared library, ...
+        return False
+    return True
 
 
 def _openvino(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:

@@ -87,18 +87,21 @@ def _folder_images(folder: Path) -> list[InputImage]:
 def unique_names(paths: Sequence[Path]) -> list[str]:
     """Safe file stems (`safe_name`), with the extension added where two files share one (a.png, a.tif -> a_png,
     a_tif); an InferenceError naming both files where two would still write the same outputs (a\\b.png and
-    a_b.png, a.png and a.PNG)."""
+    a_b.png, a.png and a.PNG).  Names are compared regardless of case, as macOS and Windows file systems do."""
     stems = [safe_name(p.stem) for p in paths]
-    shared = Counter(stems)
-    names = [s if shared[s] == 1 else f"{s}_{p.suffix.lstrip('.').lower()}" for s, p in zip(stems, paths, strict=True)]
+    shared = Counter(s.casefold() for s in stems)
+    names = [
+        s if shared[s.casefold()] == 1 else f"{s}_{p.suffix.lstrip('.').lower()}"
+        for s, p in zip(stems, paths, strict=True)
+    ]
     first: dict[str, Path] = {}
     for name, path in zip(names, paths, strict=True):
-        if name in first:
+        if name.casefold() in first:
             raise InferenceError(
-                f"{path} and {first[name]} would both write their outputs as {name}: rename one, or move it to "
-                "another folder"
+                f"{path} and {first[name.casefold()]} would both write their outputs as {name}: rename one, or "
+                "move it to another folder"
             )
-        first[name] = path
+        first[name.casefold()] = path
     return names
 
 
