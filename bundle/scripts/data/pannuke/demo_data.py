@@ -19,6 +19,7 @@ from scipy import ndimage
 from skimage.color import rgb_from_hed
 from skimage.draw import ellipse
 
+from scripts.core.atomic import atomic_write, write_text
 from scripts.core.distributed import in_rank_order
 from scripts.data.pannuke.files import LAYOUTS, fold_paths
 from scripts.data.pannuke.format import NUM_TYPES, TILE_SIZE
@@ -103,11 +104,18 @@ def write_demo_dataset(
         paths = fold_paths(root, fold, layout)
         for path in paths.values():
             path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(paths["images"], np.stack([t[0] for t in tiles]))
-        np.save(paths["masks"], np.stack([t[1] for t in tiles]))
-        np.save(paths["types"], np.array([DEMO_TISSUES[i % len(DEMO_TISSUES)] for i in range(n)]))
-    (root / "DEMO_DATA_IS_SYNTHETIC.txt").write_text(
-        "Synthetic PanNuke-format demo data written by scripts/data/pannuke/demo_data.py. Not real tissue.\n"
+        # each file renamed into place whole: under torchrun every rank may write the (identical) files at once,
+        # as the training's option checks read the dataset's classes before the ranks join their process group
+        arrays = {
+            "images": np.stack([t[0] for t in tiles]),
+            "masks": np.stack([t[1] for t in tiles]),
+            "types": np.array([DEMO_TISSUES[i % len(DEMO_TISSUES)] for i in range(n)]),
+        }
+        for key, array in arrays.items():
+            atomic_write(paths[key], lambda tmp, array=array: np.save(tmp, array))
+    write_text(
+        root / "DEMO_DATA_IS_SYNTHETIC.txt",
+        "Synthetic PanNuke-format demo data written by scripts/data/pannuke/demo_data.py. Not real tissue.\n",
     )
     return root
 
