@@ -267,22 +267,18 @@ def test_names_a_spreadsheet_or_the_file_system_would_misread_stay_harmless(earl
     _unchanged(earlier)
 
 
+def _infer(earlier, images: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """The README's tile inference of `images` into `out` with the corpus's small network; never raises."""
+    overrides = ["--input_dir", str(images), "--output_dir", str(out), *SMALL, *extra]
+    return run_bundle("run", INFERENCE, earlier[0], *overrides, check=False)
+
+
 @pytest.mark.parametrize("content", ["[1]", '{"pid": "abc"}'])
 def test_a_damaged_output_lock_is_one_line(earlier, tmp_path, content):
     out = tmp_path / "out"
     out.mkdir()
     (out / ".outputs.lock").write_text(content)
-    proc = run_bundle(
-        "run",
-        INFERENCE,
-        earlier[0],
-        "--input_dir",
-        str(earlier[0] / "images"),
-        "--output_dir",
-        str(out),
-        *SMALL,
-        check=False,
-    )
+    proc = _infer(earlier, earlier[0] / "images", out)
     _expect_clean_failure(proc, f"the output folder {out} is in use by another run", "or a damaged lock")
     _unchanged(earlier)
 
@@ -294,19 +290,7 @@ def test_a_link_inside_the_output_folder_is_never_written_through(earlier, tmp_p
     out = tmp_path / "out"
     out.mkdir()
     (out / "tile").symlink_to(outside)
-    proc = run_bundle(
-        "run",
-        INFERENCE,
-        earlier[0],
-        "--input_dir",
-        str(earlier[0] / "images"),
-        "--output_dir",
-        str(out),
-        *SMALL,
-        "--overwrite",
-        "true",
-        check=False,
-    )
+    proc = _infer(earlier, earlier[0] / "images", out, "--overwrite", "true")
     assert proc.returncode == 1 and "tile is a symbolic link out of --output_dir" in proc.stdout + proc.stderr
     assert (outside / "tile_nuclei.csv").read_text() == "someone else's file" and len(list(outside.iterdir())) == 1
     _unchanged(earlier)

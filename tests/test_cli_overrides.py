@@ -13,6 +13,23 @@ CONFIGS = BUNDLE_ROOT / "configs"
 WSI = ["train.json", "inference.json", "inference_wsi.json"]
 
 
+def initialize_error(configs: list[str], workflow_type: str = "infer", **overrides) -> str:
+    """The message a workflow's initialize stops with (it must stop), as monai.bundle would show it."""
+    from monai.bundle import ConfigWorkflow
+
+    from scripts.core.errors import bundle_error_in
+
+    flow = ConfigWorkflow(
+        config_file=[str(CONFIGS / c) for c in configs],
+        workflow_type=workflow_type,
+        bundle_root=str(BUNDLE_ROOT),
+        **overrides,
+    )
+    with pytest.raises(Exception) as err:
+        flow.initialize()
+    return str(bundle_error_in(err.value))
+
+
 def argv(configs: list[str], *options: str) -> list[str]:
     files = "[" + ",".join(repr(str(CONFIGS / c)) for c in configs) + "]"
     return ["run", "training", "--config_file", files, *options]
@@ -91,10 +108,6 @@ def test_cuda_where_there_is_no_gpu_is_refused():
 def test_inference_with_an_impossible_window_stops_before_any_work(tmp_path):
     """The values the inferer would only fail on image by image (every image reported failed) stop the run first,
     here, under torchrun's overlay and in evaluation alike."""
-    from monai.bundle import ConfigWorkflow
-
-    from scripts.core.errors import bundle_error_in
-
     cases = [
         (["train.json", "inference.json"], {"tile_size": 0}, "--tile_size must be a whole number of at least 1"),
         (["train.json", "inference.json"], {"tile_margin": 2000}, "--tile_margin must be from 0 to --tile_size"),
@@ -107,18 +120,8 @@ def test_inference_with_an_impossible_window_stops_before_any_work(tmp_path):
         (WSI, {"tile_margin": -1}, "--tile_margin must be a whole number of at least 0"),
     ]
     for configs, override, message in cases:
-        flow = ConfigWorkflow(
-            config_file=[str(CONFIGS / c) for c in configs],
-            workflow_type="infer",
-            bundle_root=str(BUNDLE_ROOT),
-            input_dir=str(tmp_path),
-            output_dir=str(tmp_path / "out"),
-            ckpt_dir=str(tmp_path / "models"),
-            **override,
-        )
-        with pytest.raises(Exception) as err:
-            flow.initialize()
-        assert message in str(bundle_error_in(err.value)), (configs, override)
+        where = {"input_dir": str(tmp_path), "output_dir": str(tmp_path / "out"), "ckpt_dir": str(tmp_path / "models")}
+        assert message in initialize_error(configs, **where, **override), (configs, override)
         assert not (tmp_path / "out").exists()
 
 
@@ -134,43 +137,18 @@ def test_inference_with_an_impossible_window_stops_before_any_work(tmp_path):
 def test_a_training_with_impossible_loss_settings_stops_before_building_its_cache(tmp_path, override, message):
     """Wrong type weights or target used to be found only when the loss was built, after every fold's cache (minutes
     on PanNuke); the folds' caches must not even be started."""
-    from monai.bundle import ConfigWorkflow
-
     from pannuke_fixtures import write_dataset
-    from scripts.core.errors import bundle_error_in
 
     data = write_dataset(tmp_path / "data", tiles=(2, 1, 1))
-    flow = ConfigWorkflow(
-        config_file=str(CONFIGS / "train.json"),
-        workflow_type="train",
-        bundle_root=str(BUNDLE_ROOT),
-        dataset_dir=str(data),
-        ckpt_dir=str(tmp_path / "models"),
-        cache_dir=str(tmp_path / "cache"),
-        **override,
-    )
-    with pytest.raises(Exception) as err:
-        flow.initialize()
-    assert message in str(bundle_error_in(err.value))
+    where = {"dataset_dir": str(data), "ckpt_dir": str(tmp_path / "models"), "cache_dir": str(tmp_path / "cache")}
+    assert message in initialize_error(["train.json"], "train", **where, **override)
     assert not (tmp_path / "cache").exists() and not (tmp_path / "models").exists()
 
 
 def test_a_training_with_zero_epochs_stops_before_any_work(tmp_path):
-    from monai.bundle import ConfigWorkflow
-
-    from scripts.core.errors import bundle_error_in
-
-    flow = ConfigWorkflow(
-        config_file=str(CONFIGS / "train.json"),
-        workflow_type="train",
-        bundle_root=str(BUNDLE_ROOT),
-        dataset_dir=str(tmp_path / "absent"),
-        ckpt_dir=str(tmp_path / "models"),
-        epochs=0,
-    )
-    with pytest.raises(Exception) as err:
-        flow.initialize()
-    assert str(bundle_error_in(err.value)) == "--epochs must be a whole number of at least 1, got 0"
+    where = {"dataset_dir": str(tmp_path / "absent"), "ckpt_dir": str(tmp_path / "models")}
+    message = initialize_error(["train.json"], "train", **where, epochs=0)
+    assert message == "--epochs must be a whole number of at least 1, got 0"
     assert not (tmp_path / "models").exists()
 
 
@@ -188,20 +166,8 @@ def test_training_on_the_fold_that_scores_it_is_refused(train, val, test, shared
 
 
 def test_a_training_on_its_test_fold_stops_before_any_work(tmp_path):
-    from monai.bundle import ConfigWorkflow
-
-    from scripts.core.errors import bundle_error_in
-
+    where = {"dataset_dir": str(tmp_path / "absent"), "ckpt_dir": str(tmp_path / "models")}
     for configs in (["train.json"], ["train.json", "multi_gpu_train.json"]):
-        flow = ConfigWorkflow(
-            config_file=[str(CONFIGS / c) for c in configs],
-            workflow_type="train",
-            bundle_root=str(BUNDLE_ROOT),
-            dataset_dir=str(tmp_path / "absent"),
-            ckpt_dir=str(tmp_path / "models"),
-            train_folds=[1, 3],
-        )
-        with pytest.raises(Exception) as err:
-            flow.initialize()
-        assert "--train_folds [1, 3] includes the test fold 3" in str(bundle_error_in(err.value)), configs
+        message = initialize_error(configs, "train", **where, train_folds=[1, 3])
+        assert "--train_folds [1, 3] includes the test fold 3" in message, configs
         assert not (tmp_path / "models").exists()
