@@ -135,10 +135,10 @@ def check_values(
     for name, value in (non_negative_ints or {}).items():
         _whole(name, value, 0)
     for name, value in (positive_numbers or {}).items():
-        if value is not None and not (_number(value) and value > 0):
+        if value is not None and not (is_number(value) and value > 0):
             raise ConfigError(f"--{name} must be a number above 0, got {value!r}")
     for name, value in (non_negative_numbers or {}).items():
-        if not (_number(value) and value >= 0):
+        if not (is_number(value) and value >= 0):
             raise ConfigError(f"--{name} must be a number of at least 0, got {value!r}")
     for name, value in (devices or {}).items():
         _device(name, value)
@@ -149,7 +149,7 @@ def check_values(
             )
 
 
-def _number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     """A finite int or float (NaN and infinity are no learning rate, µm per pixel or tolerance)."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 

@@ -110,11 +110,10 @@ class FolderLock:
         with open(guard, "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
-                if self.holder() == seen and not seen:
-                    logger.warning(f"removing the damaged lock {self.path}, unchanged for over 10 s")
-                    self.path.unlink(missing_ok=True)
-                elif self.holder() == seen:
-                    logger.warning(f"removing the stale lock {self.path} of a run that is gone ({_describe(seen)})")
+                if self.holder() == seen:
+                    damaged = f"removing the damaged lock {self.path}, unchanged for over 10 s"
+                    stale = f"removing the stale lock {self.path} of a run that is gone ({_describe(seen)})"
+                    logger.warning(stale if seen else damaged)
                     self.path.unlink(missing_ok=True)
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)

@@ -9,7 +9,6 @@ the loss, validation metrics, post-processing and test-time augmentation all go 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
@@ -21,6 +20,7 @@ from monai.losses import DiceCELoss
 from monai.transforms import MapTransform
 
 from scripts.core.errors import ConfigError
+from scripts.core.flags import is_number
 from scripts.data.pannuke.cache import open_fold_cache
 from scripts.data.pannuke.datasets import PanNuke, as_fold_list
 from scripts.data.pannuke.format import HV_CHANNELS, NUM_TYPES
@@ -122,9 +122,7 @@ def check_type_weights(type_weights: Sequence[float] | None, num_types: int) -> 
     """
     if type_weights is None:
         return
-    ok = isinstance(type_weights, list | tuple) and all(
-        isinstance(w, int | float) and not isinstance(w, bool) and math.isfinite(w) and w >= 0 for w in type_weights
-    )
+    ok = isinstance(type_weights, list | tuple) and all(is_number(w) and w >= 0 for w in type_weights)
     if not ok or len(type_weights) != num_types:
         raise ConfigError(
             f"--type_weights needs one weight of at least 0 per nucleus type ({num_types}), got {type_weights!r}; "
@@ -152,7 +150,7 @@ def loss_class_weights(
 
 def training_type_weights(
     given: Sequence[float] | None, pannuke: PanNuke, folds: int | str | Sequence[int]
-) -> list[float]:
+) -> Sequence[float]:
     """The type weights of a training: `--type_weights` where given, else `balanced_type_weights` on its folds.
 
     Args:
@@ -160,9 +158,8 @@ def training_type_weights(
         pannuke: the run's checked folds (`@pannuke`).
         folds: the training folds (`@train_folds`).
     """
-    if given is not None:
-        check_type_weights(given, pannuke.classes.num_types)
-        return [float(w) for w in given]
+    if given is not None:  # checked by the option checks, and again by loss_class_weights, which uses them
+        return given
     return balanced_type_weights(pannuke, folds)
 
 
