@@ -249,6 +249,17 @@ def test_windows_stay_inside_the_slide_and_have_one_size_so_edge_tiles_batch():
     assert {(t.window[1], t.window[3]) for t in narrow} == {(0, 300)}  # narrower than a window: the whole height
 
 
+def test_cores_whose_windows_coincide_are_one_tile_as_in_tile_inference():
+    """400 px is narrower than a 448-px window: the cores 0-384 and 384-400 would run the same window twice."""
+    from scripts.model.tiled import tile_spans
+
+    tiles = tile_grid(np.ones((10, 10), bool), 100.0, (1000, 400), 384, 32)
+    assert [t.core[1::2] for t in tiles] == [(0, 400)] * 3  # one row of tiles, each core the whole height
+    assert len({t.window for t in tiles}) == len(tiles)  # no window twice
+    columns = [(x, w, wx, ww) for x, w, wx, ww in tile_spans(1000, 384, 32)]
+    assert [(t.core[0], t.core[2], t.window[0], t.window[2]) for t in tiles] == columns
+
+
 def test_a_batch_never_mixes_window_sizes():
     from types import SimpleNamespace
 

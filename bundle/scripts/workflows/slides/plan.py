@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 from scripts.core.flags import as_bool
 from scripts.core.distributed import is_distributed
 from scripts.core.errors import ConfigError, DataError
-from scripts.model.tiled import check_tiles, window_span
+from scripts.model.tiled import check_tiles, tile_spans
 from scripts.workflows.predict.nucleus_record import CSV_HEADER
 from scripts.core.atomic import atomic_write, require_inside, require_writable
 from scripts.workflows.slides.progress import SlideProgress
@@ -75,19 +75,17 @@ def rank_share() -> tuple[int, int, str]:
 def tile_grid(
     mask: np.ndarray, model_px_per_mask_px: float, size: tuple[int, int], tile: int, margin: int
 ) -> list[Tile]:
-    """Tiles whose core overlaps tissue, in row-major order."""
+    """Tiles whose core overlaps tissue, in row-major order: the cores and windows tile inference uses for an image
+    of the slide's size (`tile_spans`), so neighbouring cores whose windows coincide are one tile."""
     width, height = size
     tiles = []
-    for y in range(0, height, tile):
-        for x in range(0, width, tile):
-            w, h = min(tile, width - x), min(tile, height - y)
+    for y, h, wy, wh in tile_spans(height, tile, margin):
+        for x, w, wx, ww in tile_spans(width, tile, margin):
             r0, c0 = int(y / model_px_per_mask_px), int(x / model_px_per_mask_px)
             r1 = max(r0 + 1, int(np.ceil((y + h) / model_px_per_mask_px)))
             c1 = max(c0 + 1, int(np.ceil((x + w) / model_px_per_mask_px)))
-            if not mask[r0:r1, c0:c1].any():
-                continue
-            (wx, ww), (wy, wh) = window_span(x, width, tile, margin), window_span(y, height, tile, margin)
-            tiles.append(Tile(len(tiles), (x, y, w, h), (wx, wy, ww, wh)))
+            if mask[r0:r1, c0:c1].any():
+                tiles.append(Tile(len(tiles), (x, y, w, h), (wx, wy, ww, wh)))
     return tiles
 
 
