@@ -32,7 +32,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bundle"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from postprocess_speed import cpu_name, gt_tile, network_like_probs  # noqa: E402
+from postprocess_speed import gt_tile, network_like_probs  # noqa: E402
+from synthetic_folds import cpu_name  # noqa: E402
 from scripts.data.pannuke.demo_data import make_tile  # noqa: E402
 from scripts.workflows.predict.writer import NucleiOutputsWriterd  # noqa: E402
 from scripts.data.pannuke.format import TILE_SIZE  # noqa: E402

@@ -35,6 +35,7 @@ from scripts.data.pannuke.format import NUM_CLASSES, NUM_TYPES, TILE_SIZE  # noq
 from scripts.workflows.evaluate.pq import pq_counts  # noqa: E402
 from scripts.model.postprocess import NucleiInstancesd, instances_from_hv, instances_from_probabilities  # noqa: E402
 from scripts.model.targets import hover_maps, label_map  # noqa: E402
+from synthetic_folds import cpu_name  # noqa: E402
 
 BUDGET_MS = 5.0
 
@@ -118,16 +119,6 @@ def time_per_tile(fn, items: list, repeats: int) -> float:
             fn(item)
         best = min(best, (time.perf_counter() - start) / len(items))
     return 1e3 * best
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
