@@ -10,7 +10,7 @@ It converts the public sets in ../shared/data with scripts/data/pannuke/convert.
 Type mapping (../shared/data/README.md): CoNSeP inflammatory -> Inflammatory, spindle -> Connective, epithelial ->
 Neoplastic (adenocarcinoma), other -> Dead (a catch-all: ignore its class score); NuCLS tumor -> Neoplastic,
 non-tumor -> Connective (score NuCLS as binary only); MoNuSeg is untyped: its nuclei go to Neoplastic, which biases
-the type head (documented in bundle/docs/real_data.md).  Tissue names carry the source, so the per-tissue table
+the type head (documented in bundle/docs/benchmarks.md).  Tissue names carry the source, so the per-tissue table
 gives one row per dataset.
 
     python benchmarks/real_data_check.py --work /tmp/realdata --epochs 30 [--reduced] [--tag hv] [bundle overrides]

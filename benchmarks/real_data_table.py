@@ -1,4 +1,4 @@
-"""Print the markdown table of real-data runs (benchmarks/real_data_check.py --tag ...) for bundle/docs/real_data.md.
+"""Print the markdown table of real-data runs (benchmarks/real_data_check.py --tag ...) for bundle/docs/results.md.
 
 One row per tag and per test tissue (CoNSeP, NuCLS) plus the mean over tissues, with bPQ, bDQ, bSQ, Dice, AJI, mPQ,
 the per-class PQ, the training and scoring minutes and the machine, read from <work>/runs/<tag>/result.json.

@@ -38,7 +38,7 @@ from scripts.core.errors import ConfigError, ModelError
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "openvino", "onnxruntime")
-CPU_RUNTIMES = ("openvino", "onnxruntime")  # what "auto" tries on a CPU, the fastest here first (benchmarks.md)
+CPU_RUNTIMES = ("openvino", "onnxruntime")  # what "auto" tries on a CPU, the fastest here first (docs/results.md)
 RUNTIME_NAMES = {"openvino": "OpenVINO", "onnxruntime": "ONNX Runtime"}  # the pip package is the backend's name
 EXPORT_VERSION = "1"  # part of the cache key: bump when the export's settings change
 KEEP_EXPORTS = 8  # exports kept in the cache folder, most recently used first
