@@ -28,12 +28,12 @@ import scipy  # noqa: E402
 import skimage  # noqa: E402
 import torch  # noqa: E402
 from scipy import ndimage as ndi  # noqa: E402
-from skimage.draw import ellipse  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bundle"))
 from scripts.data.pannuke.format import NUM_CLASSES, NUM_TYPES, TILE_SIZE  # noqa: E402
 from scripts.workflows.evaluate.pq import pq_counts  # noqa: E402
 from scripts.model.postprocess import NucleiInstancesd, instances_from_hv, instances_from_probabilities  # noqa: E402
+from scripts.data.synthetic_nuclei import synthetic_nuclei  # noqa: E402
 from scripts.model.targets import hover_maps, label_map  # noqa: E402
 from synthetic_folds import cpu_name  # noqa: E402
 
@@ -41,23 +41,10 @@ BUDGET_MS = 5.0
 
 
 def gt_tile(rng: np.random.Generator, size: int = TILE_SIZE) -> tuple[np.ndarray, np.ndarray]:
-    """Instance and type maps: 30-60 ellipses in clusters, cut along centre bisectors so that neighbours touch."""
-    centres: list[np.ndarray] = []
-    target = rng.integers(30, 61)
-    while len(centres) < target:
-        cluster = rng.uniform(12, size - 12, 2)
-        for _ in range(rng.integers(1, 7)):
-            centre = np.clip(cluster + rng.normal(0, 9, 2), 6, size - 6)
-            if len(centres) < target and all(np.hypot(*(c - centre)) >= 8 for c in centres):
-                centres.append(centre)
-    rows, cols = np.mgrid[:size, :size]
-    nearest = np.argmin([np.hypot(rows - r, cols - c) for r, c in centres], axis=0) + 1
-    inst = np.zeros((size, size), dtype=np.int32)
-    for i, (r, c) in enumerate(centres, start=1):
-        rr, cc = ellipse(r, c, rng.uniform(4, 9), rng.uniform(4, 9), shape=inst.shape, rotation=rng.uniform(0, np.pi))
-        mine = nearest[rr, cc] == i
-        inst[rr[mine], cc[mine]] = i
-    types = rng.integers(1, NUM_TYPES + 1, len(centres) + 1)
+    """Instance map and per-id types: 30-60 touching nuclei in clusters (the project's synthetic-nuclei generator)."""
+    count = int(rng.integers(30, 61))
+    inst = synthetic_nuclei(rng, count, size, radii=(4.0, 9.0), min_distance=8.0, margin=12.0, cluster_spread=9.0)
+    types = rng.integers(1, NUM_TYPES + 1, count + 1)
     types[0] = 0
     return inst, types
 

@@ -28,3 +28,24 @@ def test_demo_is_deterministic_and_has_touching_nuclei():
     # nuclei are darker than the background (hematoxylin)
     nuclei = a_mask[..., 5] == 0
     assert a_img[nuclei].mean() < a_img[~nuclei].mean() - 30
+
+
+def test_synthetic_nuclei_touching_whole_or_overlapping_in_pieces():
+    from scipy import ndimage as ndi
+
+    from scripts.data.synthetic_nuclei import prediction_like, random_types, synthetic_nuclei
+
+    rng = np.random.default_rng(5)
+    touching = synthetic_nuclei(rng, 40, 128, min_distance=8.0, cluster_spread=9.0)
+    assert set(np.unique(touching)) == set(range(41))  # every nucleus placed, ids 1..40
+    assert all(ndi.label(touching == i)[1] == 1 for i in range(1, 41))  # each one whole
+    shared_edges = (touching[:, :-1] != touching[:, 1:]) & (touching[:, :-1] > 0) & (touching[:, 1:] > 0)
+    assert shared_edges.sum() > 40  # clustered: neighbours touch
+    overlapping = synthetic_nuclei(rng, 60, 64, radii=(2.0, 7.0), min_distance=0.0, margin=0.0, touching=False)
+    assert any(ndi.label(overlapping == i)[1] > 1 for i in range(1, 61))  # a later nucleus cut an earlier one
+    types = random_types(rng, touching)
+    assert types[touching == 0].max() == 0 and set(np.unique(types[touching > 0])) <= set(range(1, 6))
+    pred, pred_types = prediction_like(rng, touching, types)
+    kept = set(np.unique(pred)[1:].tolist()) - {99_999}
+    assert kept <= {3 * i + 1 for i in range(1, 41)}  # ids 3 id + 1: not contiguous
+    assert 0.6 * 40 < len(np.unique(pred)) - 1 <= 41 and (pred_types[pred > 0] > 0).all()

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 from monai.metrics import compute_panoptic_quality
-from skimage.draw import ellipse
 
 from scripts.workflows.evaluate import pq as pm
 from scripts.data.pannuke.format import NUM_TYPES, TYPE_NAMES
+from scripts.data.synthetic_nuclei import prediction_like, random_types, synthetic_nuclei
 
 EPS = pm.SQ_EPS
 
@@ -30,37 +30,11 @@ def put(inst, types, rows, cols, inst_id, type_id=1) -> None:
 
 
 def random_tile(rng: np.random.Generator, size: int = 64, n: int = 12) -> tuple[np.ndarray, np.ndarray]:
-    """A tile of overlapping typed ellipse nuclei with arbitrary, non-contiguous ids."""
-    inst, types = blank((size, size))
-    ids = rng.choice(np.arange(1, 10_000), size=n, replace=False)
-    for inst_id in ids:
-        rr, cc = ellipse(
-            rng.uniform(0, size),
-            rng.uniform(0, size),
-            rng.uniform(2, 7),
-            rng.uniform(2, 7),
-            shape=inst.shape,
-            rotation=rng.uniform(0, np.pi),
-        )
-        inst[rr, cc] = inst_id
-        types[rr, cc] = rng.integers(1, NUM_TYPES + 1)
-    return inst, types
-
-
-def perturb(rng: np.random.Generator, inst: np.ndarray, types: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A prediction: nuclei shifted by a few pixels, some dropped, some retyped, one false positive."""
-    pred, ptypes = blank(inst.shape)
-    for inst_id in np.unique(inst)[1:]:
-        if rng.random() < 0.15:
-            continue
-        dy, dx = rng.integers(-2, 3, size=2)
-        rr, cc = np.nonzero(inst == inst_id)
-        rr, cc = np.clip(rr + dy, 0, inst.shape[0] - 1), np.clip(cc + dx, 0, inst.shape[1] - 1)
-        t = types[inst == inst_id][0] if rng.random() < 0.8 else rng.integers(1, NUM_TYPES + 1)
-        pred[rr, cc], ptypes[rr, cc] = inst_id * 3 + 1, t
-    rr, cc = ellipse(inst.shape[0] // 2, inst.shape[1] // 2, 3, 4, shape=inst.shape)
-    pred[rr, cc], ptypes[rr, cc] = 99_999, rng.integers(1, NUM_TYPES + 1)
-    return pred, ptypes
+    """A tile of overlapping typed nuclei (a later one may cut an earlier one in pieces) with arbitrary,
+    non-contiguous ids."""
+    inst = synthetic_nuclei(rng, n, size, radii=(2.0, 7.0), min_distance=0.0, margin=0.0, touching=False)
+    ids = np.concatenate([[0], rng.choice(np.arange(1, 10_000), size=n, replace=False)]).astype(np.int32)
+    return ids[inst], random_types(rng, inst)
 
 
 def reference_pq(true: np.ndarray, pred: np.ndarray) -> tuple[int, int, int, float]:
@@ -230,7 +204,7 @@ def test_non_contiguous_ids_and_no_background():
     assert pm.pq_counts(inst, same)[3:6] == (2, 0, 0)  # no 0 anywhere: both instances still count
     rng = np.random.default_rng(3)
     true, _ = random_tile(rng)
-    pred, _ = perturb(rng, true, np.ones_like(true, np.uint8))
+    pred, _ = prediction_like(rng, true, np.ones_like(true, np.uint8))
     remap = {v: i for i, v in enumerate(np.unique(pred))}
     contiguous = np.vectorize(remap.get)(pred)
     assert pm.pq_counts(true, pred) == pm.pq_counts(true, contiguous)
@@ -262,7 +236,7 @@ def test_shape_mismatch_names_both_shapes():
 def test_matches_brute_force_and_monai_per_image(seed):
     rng = np.random.default_rng(seed)
     true, types = random_tile(rng, n=int(rng.integers(6, 16)))
-    pred, _ = perturb(rng, true, types)
+    pred, _ = prediction_like(rng, true, types)
     dq, sq, pq, tp, fp, fn, iou_sum = pm.pq_counts(true, pred)
     ref_tp, ref_fp, ref_fn, ref_sum = reference_pq(true, pred)
     assert (tp, fp, fn) == (ref_tp, ref_fp, ref_fn) and iou_sum == pytest.approx(ref_sum, abs=1e-12)
@@ -278,7 +252,7 @@ def test_matches_brute_force_and_monai_per_image(seed):
 def test_sparse_and_dense_pair_counting_agree(monkeypatch):
     rng = np.random.default_rng(11)
     true, types = random_tile(rng)
-    pred, ptypes = perturb(rng, true, types)
+    pred, ptypes = prediction_like(rng, true, types)
     dense = pm.score_image(true, types, pred, ptypes)
     monkeypatch.setattr(pm, "_DENSE_PAIRS_MAX", 0)
     assert_rows_equal(pm.score_image(true, types, pred, ptypes), dense)
@@ -331,7 +305,7 @@ def fold(n: int, seed: int = 0):
     maps = [[], [], [], []]
     for i in range(n):
         true, types = random_tile(rng, size=48, n=8) if i else blank((48, 48))
-        pred, ptypes = perturb(rng, true, types)
+        pred, ptypes = prediction_like(rng, true, types)
         for store, item in zip(maps, (true, types, pred, ptypes), strict=True):
             store.append(item)
     return maps

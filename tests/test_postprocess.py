@@ -9,6 +9,7 @@ from monai.data import MetaTensor
 from skimage.draw import ellipse
 
 from scripts.data.pannuke.format import BACKGROUND, BOUNDARY, NUM_CLASSES, NUM_TYPES
+from scripts.data.synthetic_nuclei import synthetic_nuclei
 from scripts.workflows.evaluate.pq import pq_counts
 from scripts.model.postprocess import (
     NucleiInstancesd,
@@ -26,25 +27,8 @@ def one_hot_probs(inst: np.ndarray, types: np.ndarray) -> np.ndarray:
 
 
 def touching_ellipses(seed: int, count: int = 20, size: int = 96) -> np.ndarray:
-    """GT-like instance map: ellipses cut along the bisectors of their centres, so that they touch.
-
-    Each pixel goes to its nearest centre if that centre's ellipse covers it, which keeps every nucleus convex
-    (ellipse intersected with a Voronoi cell); centres at least 9 px apart leave every nucleus an interior.
-    """
-    rng = np.random.default_rng(seed)
-    centres = np.empty((0, 2))
-    while len(centres) < count:
-        centre = rng.uniform(10, size - 10, 2)
-        if len(centres) == 0 or np.hypot(*(centres - centre).T).min() >= 9:
-            centres = np.vstack([centres, centre])
-    rows, cols = np.mgrid[:size, :size]
-    nearest = np.argmin([np.hypot(rows - r, cols - c) for r, c in centres], axis=0) + 1
-    inst = np.zeros((size, size), dtype=np.int32)
-    for i, (r, c) in enumerate(centres, start=1):
-        rr, cc = ellipse(r, c, rng.uniform(5, 9), rng.uniform(5, 9), shape=inst.shape, rotation=rng.uniform(0, np.pi))
-        mine = nearest[rr, cc] == i
-        inst[rr[mine], cc[mine]] = i
-    return inst
+    """GT-like instance map of touching, convex nuclei (the project's one synthetic-nuclei generator)."""
+    return synthetic_nuclei(np.random.default_rng(seed), count, size)
 
 
 def touching_pairs(inst: np.ndarray) -> int:
