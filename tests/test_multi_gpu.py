@@ -191,6 +191,9 @@ def test_overlays_name_what_they_change():
         keys = json.loads((BUNDLE_ROOT / "configs" / name).read_text())
         positional = [k for k in keys if any(part.isdigit() for part in k.split("#"))]
         assert not positional, f"{name} changes list positions: {positional}"
+    for name in ("multi_gpu_train.json", "multi_gpu_evaluate.json", "multi_gpu_inference.json"):
+        keys = json.loads((BUNDLE_ROOT / "configs" / name).read_text())
+        assert "initialize" not in keys and "join_ranks" in keys, f"{name} restates the start-up steps"
 
 
 def test_own_handlers_write_nothing_on_a_secondary_rank(tmp_path):

@@ -15,6 +15,7 @@ then the first rank of every other node (for node-local cache folders), then the
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 from collections.abc import Callable
 from typing import TypeVar
@@ -70,6 +71,22 @@ def init_distributed() -> int:
     else:
         dist.init_process_group(backend="gloo", timeout=COLLECTIVE_TIMEOUT)
     return dist.get_rank()
+
+
+def join_ranks() -> int:
+    """What the multi_gpu_*.json overlays run once the options are checked (named id `join_ranks`; null without
+    torchrun): join the process group, and keep the log of every rank but 0 to warnings and errors, so that one
+    rank speaks for the job.  Returns this process's rank."""
+    rank = init_distributed()
+    logging.getLogger().setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    return rank
+
+
+def leave_ranks() -> None:
+    """The overlays' `finalize`: every rank waits for the others, then leaves the process group."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def in_rank_order(build: Callable[[], T], what: str = "preparing the data") -> T:
