@@ -70,7 +70,7 @@ def _convert(source: Path, out: Path, fold: int, tissue: str, extra: list[str], 
     subprocess.run(cmd + (["--append"] if append else []), check=True)
 
 
-def build_dataset(work: Path, reduced: bool) -> Path:
+def build_dataset(work: Path, reduced: bool, shared: Path = SHARED) -> Path:
     """reduced (for CPU): 6 of the 16 overlapping CoNSeP patches per training image, every third MoNuSeg image."""
     out = work / "pannuke_format"
     if (out / "Fold 3").is_dir():
@@ -79,23 +79,23 @@ def build_dataset(work: Path, reduced: bool) -> Path:
     consep_image = lambda stem: int(stem.split("_")[1])  # noqa: E731  train_<img>_<patch>
     consep_patch = lambda stem: int(stem.split("_")[2])  # noqa: E731
     use_patch = (lambda stem: consep_patch(stem) < 6) if reduced else (lambda stem: True)
-    monuseg = sorted(p.stem for p in (SHARED / "monuseg_train" / "images").iterdir())
+    monuseg = sorted(p.stem for p in (shared / "monuseg_train" / "images").iterdir())
     links = work / "links"
     train_consep = _link_subset(
-        SHARED / "consep/train", links / "c_tr", lambda s: consep_image(s) <= 24 and use_patch(s)
+        shared / "consep/train", links / "c_tr", lambda s: consep_image(s) <= 24 and use_patch(s)
     )
-    val_consep = _link_subset(SHARED / "consep/train", links / "c_va", lambda s: consep_image(s) > 24)
+    val_consep = _link_subset(shared / "consep/train", links / "c_va", lambda s: consep_image(s) > 24)
     train_names = monuseg[:27][:: 3 if reduced else 1]
-    train_monuseg = _link_subset(SHARED / "monuseg_train", links / "m_tr", lambda s: s in train_names)
-    val_monuseg = _link_subset(SHARED / "monuseg_train", links / "m_va", lambda s: s in monuseg[27:])
+    train_monuseg = _link_subset(shared / "monuseg_train", links / "m_tr", lambda s: s in train_names)
+    val_monuseg = _link_subset(shared / "monuseg_train", links / "m_va", lambda s: s in monuseg[27:])
     typed = ["--class_map", CONSEP_CLASSES]
     untyped = ["--default_type", "Neoplastic"]
     _convert(train_consep, out, 1, "Colon (CoNSeP)", typed, append=False)
     _convert(train_monuseg, out, 1, "Mixed (MoNuSeg)", untyped, append=True)
     _convert(val_consep, out, 2, "Colon (CoNSeP)", typed, append=False)
     _convert(val_monuseg, out, 2, "Mixed (MoNuSeg)", untyped, append=True)
-    _convert(SHARED / "consep/test", out, 3, "Colon (CoNSeP)", typed, append=False)
-    _convert(SHARED / "nucls", out, 3, "Breast (NuCLS)", ["--class_map", NUCLS_CLASSES], append=True)
+    _convert(shared / "consep/test", out, 3, "Colon (CoNSeP)", typed, append=False)
+    _convert(shared / "nucls", out, 3, "Breast (NuCLS)", ["--class_map", NUCLS_CLASSES], append=True)
     return out
 
 
@@ -107,14 +107,15 @@ def main() -> int:
     parser.add_argument("--reduced", action="store_true", help="fewer training tiles, for a CPU-only check")
     parser.add_argument("--tag", default="", help="runs/<tag>/ for models and scores (default: models/, eval/)")
     parser.add_argument("--skip_training", action="store_true", help="only score the run's existing models/model.pt")
+    parser.add_argument("--shared", type=Path, default=SHARED, help="the annotated sets (default: ../shared/data)")
     args, extra = parser.parse_known_args()
-    if not SHARED.is_dir():
-        print(f"{SHARED} is absent: nothing to check")
+    if not args.shared.is_dir():
+        print(f"{args.shared} is absent: nothing to check")
         return 1
     sys.path.insert(0, str(BUNDLE))
     from scripts.workflows.evaluate.official_protocol import bundle_command
 
-    data = build_dataset(args.work, args.reduced)
+    data = build_dataset(args.work, args.reduced, args.shared.resolve())  # links point at absolute paths
     run_dir = args.work / "runs" / args.tag if args.tag else args.work
     overrides = [
         "--dataset_dir",
