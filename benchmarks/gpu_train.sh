@@ -48,15 +48,14 @@ export PYTHONUNBUFFERED=1
 { nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"; date -u; } | tee "$OUT/device.txt"
 WORK="${WORK:-/tmp/gpu_train_work}"
 WORKERS=$(( $(nproc) > 12 ? 12 : $(nproc) ))
-timeout -k 20 "$TRAIN_SECONDS" python3 benchmarks/real_data_check.py --shared "$PACK/data" --work "$WORK" \
-    --tag gpu_full --epochs "$EPOCHS" --batch_size 16 --features "[32,32,64,128,256,32]" \
-    --num_workers "$WORKERS" $EXTRA 2>&1 | tee "$OUT/training.log"
+# shellcheck disable=SC2206  # EXTRA is split into options on purpose
+RECIPE=(benchmarks/real_data_check.py --shared "$PACK/data" --work "$WORK" --tag gpu_full --epochs "$EPOCHS"
+    --batch_size 16 --features "[32,32,64,128,256,32]" $EXTRA)
+timeout -k 20 "$TRAIN_SECONDS" python3 "${RECIPE[@]}" --num_workers "$WORKERS" 2>&1 | tee "$OUT/training.log"
 status=${PIPESTATUS[0]}
 RUN="$WORK/runs/gpu_full"
 if [[ $status -ne 0 && -f "$RUN/models/model.pt" ]]; then  # cut by the time limit: score the best epoch so far
-    timeout -k 20 120 python3 benchmarks/real_data_check.py --shared "$PACK/data" --work "$WORK" --tag gpu_full \
-        --skip_training --epochs "$EPOCHS" --batch_size 16 --features "[32,32,64,128,256,32]" $EXTRA 2>&1 | tail -20 \
-        | tee "$OUT/scoring.log"
+    timeout -k 20 120 python3 "${RECIPE[@]}" --skip_training 2>&1 | tail -20 | tee "$OUT/scoring.log"
 fi
 cp "$RUN/models/model.pt" "$RUN/result.json" "$OUT/" 2>/dev/null
 echo "training exit $status (124: stopped by TRAIN_SECONDS)" | tee -a "$OUT/device.txt"
