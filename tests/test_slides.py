@@ -263,7 +263,7 @@ def test_cores_whose_windows_coincide_are_one_tile_as_in_tile_inference():
 def test_a_batch_never_mixes_window_sizes():
     from types import SimpleNamespace
 
-    from scripts.workflows.slides.plan import Tile
+    from scripts.model.tiled import Tile
     from scripts.workflows.slides.tiles import WindowBatches
 
     sizes = [(448, 448)] * 3 + [(448, 300)] * 2 + [(448, 448)]

@@ -1,4 +1,4 @@
-"""scripts/workflows/slides/memory.py: memory freed between tiles goes back to the system instead of staying in glibc's
+"""scripts/core/memory.py: memory freed between tiles goes back to the system instead of staying in glibc's
 heap, and the per-tile steps trim: reading (DataLoader workers), post-processing (here or in a pool's processes), and
 handing a tile to the pool (the main process, when a pool post-processes)."""
 
@@ -20,7 +20,7 @@ PROGRAM = textwrap.dedent(
     import sys
     import numpy as np
     sys.path.insert(0, {bundle!r})
-    from scripts.workflows.slides.memory import trim_heap
+    from scripts.core.memory import trim_heap
 
     def rss_mb():
         with open("/proc/self/status") as f:
@@ -58,7 +58,8 @@ def test_every_tile_read_and_post_processed_trims_the_heap(monkeypatch, tmp_path
     from slide_fixtures import write_slide
 
     from scripts.core.classes import PANNUKE
-    from scripts.workflows.slides import tile_nuclei, tiles
+    from scripts.workflows.predict import tile_nuclei
+    from scripts.workflows.slides import tiles
     from scripts.workflows.slides.plan import SlidePlanner
 
     calls = []

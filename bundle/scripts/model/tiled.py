@@ -14,6 +14,7 @@ the same pixels as a slide reach the network identically.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,6 +26,16 @@ from scripts.core.errors import ConfigError
 # BasicUNet halves its input four times; PyTorch pads an odd half itself, but the ONNX export has that padding fixed
 # for the size it was traced at, so every window is padded to a multiple of 2**4 before the network
 NETWORK_STRIDE = 16
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One tile of an image or slide, in model pixels: the core whose nuclei it keeps and the window the network
+    sees (the core plus its context). An image analysed whole is one tile whose core and window are the image."""
+
+    index: int
+    core: tuple[int, int, int, int]  # x, y, width, height
+    window: tuple[int, int, int, int]
 
 
 def check_tiles(tile_size: int, margin: int) -> None:

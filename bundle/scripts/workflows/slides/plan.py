@@ -26,7 +26,7 @@ from PIL import Image, ImageDraw
 from scripts.core.flags import as_bool
 from scripts.core.distributed import is_distributed
 from scripts.core.errors import ConfigError, DataError
-from scripts.model.tiled import check_tiles, tile_spans
+from scripts.model.tiled import Tile, check_tiles, tile_spans
 from scripts.workflows.predict.nucleus_record import CSV_HEADER
 from scripts.core.atomic import atomic_write, require_inside, require_writable
 from scripts.workflows.slides.progress import SlideProgress
@@ -34,13 +34,6 @@ from scripts.workflows.slides.reader import Slide, find_slides, open_slide, slid
 from scripts.workflows.slides.tissue import mask_from_file, tissue_mask
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Tile:
-    index: int
-    core: tuple[int, int, int, int]  # x, y, width, height in model pixels
-    window: tuple[int, int, int, int]
 
 
 @dataclass

@@ -16,7 +16,7 @@ from monai.transforms import apply_transform
 from torch.utils.data import Sampler
 
 from scripts.data.images import WHITE
-from scripts.workflows.slides.memory import trim_heap
+from scripts.core.memory import trim_heap
 from scripts.workflows.slides.plan import SlidePlan
 from scripts.workflows.slides.reader import Slide, open_slide
 

@@ -18,7 +18,7 @@ from monai.transforms import MapTransform
 
 from scripts.workflows.slides.merge import merge_ranks
 from scripts.workflows.slides.outputs import SlideOutputs
-from scripts.workflows.slides.tile_nuclei import TileNucleiPool
+from scripts.workflows.predict.tile_nuclei import TileNucleiPool
 
 
 class SlideNucleiWriterd(MapTransform):

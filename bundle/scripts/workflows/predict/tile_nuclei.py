@@ -22,8 +22,8 @@ import torch
 from scripts.core.classes import NucleusClasses
 from scripts.model.postprocess import NucleiInstancesd
 from scripts.workflows.predict.nucleus_record import nucleus_outlines, nucleus_table
-from scripts.workflows.slides.memory import trim_heap
-from scripts.workflows.slides.plan import Tile
+from scripts.core.memory import trim_heap
+from scripts.model.tiled import Tile
 
 
 def tile_nuclei(
