@@ -7,8 +7,9 @@
 2. tiled:          the configured inferer (tiles of 1024 with 64 px of context, one network call per window,
                    stitched on the CPU) on image_size^2 images; tiles/s counts image area / 256^2, so the
                    margins' cost shows.
-3. post + write:   NucleiInstancesd and every output file, on network-like probability maps of image_size^2 with
-                   PanNuke-like nucleus density (benchmarks/postprocess_speed.py), independent of the weights.
+3. post + write:   the one writer (NucleiInstancesd, the nucleus record and every output file of an image), on
+                   network-like probability maps of image_size^2 with PanNuke-like nucleus density
+                   (benchmarks/postprocess_speed.py), independent of the weights.
 4. whole run:      the bundle's inference evaluator over --images generated PNGs: read, infer, post-process, write.
                    Its post-processing share depends on how many nuclei the weights find: untrained or random
                    weights find few, so step 3 is the figure to trust for that part.
@@ -35,7 +36,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from postprocess_speed import gt_tile, network_like_probs  # noqa: E402
 from synthetic_folds import cpu_name  # noqa: E402
 from scripts.data.pannuke.demo_data import make_tile  # noqa: E402
-from scripts.workflows.predict.writer import NucleiOutputsWriterd  # noqa: E402
+from scripts.core.classes import PANNUKE  # noqa: E402
+from scripts.workflows.predict.image_outputs import ImageOutputs  # noqa: E402
+from scripts.workflows.predict.tile_nuclei import TileNucleiPool  # noqa: E402
+from scripts.workflows.predict.writer import NucleiWriterd  # noqa: E402
 from scripts.data.pannuke.format import TILE_SIZE  # noqa: E402
 from scripts.model.postprocess import NucleiInstancesd  # noqa: E402
 
@@ -162,11 +166,11 @@ def main() -> None:
     probs, nuclei = network_like_image_probs(args.image_size, 1)
     rgb = he_image(args.image_size, 1)
     with tempfile.TemporaryDirectory() as tmp:
-        writer = NucleiOutputsWriterd(tmp, overwrite=True)
         instances = NucleiInstancesd("pred", softmax=False)
+        writer = NucleiWriterd(TileNucleiPool(instances, PANNUKE), ImageOutputs(tmp, overwrite=True))
 
         def post_and_write() -> None:
-            writer({**instances({"pred": torch.from_numpy(probs)}), "name": "bench", "rgb": rgb})
+            writer({"pred": torch.from_numpy(probs), "name": "bench", "rgb": rgb})
 
         seconds = timed(post_and_write, args.repeats, "cpu")
         print(
@@ -181,16 +185,17 @@ def main() -> None:
         run = bundle_parser(args, input_dir=str(folder), output_dir=str(Path(tmp) / "out"), overwrite=True)
         run["handlers"] = [h for h in run["handlers"] if "WeightsLoader" not in str(h)]
         run["network"] = network  # already loaded above, with or without a checkpoint
-        evaluator = run.get_parsed_content("evaluator")
-        guard = run.get_parsed_content("guard")
+        evaluator, writer = run.get_parsed_content("evaluator"), run.get_parsed_content("writer")
         start = time.perf_counter()
         evaluator.run()
+        writer.complete()
         seconds = time.perf_counter() - start
-        found = sum(o.nuclei or 0 for o in guard.outcomes)
+        outputs = run.get_parsed_content("outputs")
+        found = sum(o.nuclei or 0 for o in outputs.outcomes.values())
         print(
             f"4. whole run:         {args.images * tiles_per_image / seconds:7.2f} tiles/s  "
             f"({seconds / args.images:.2f} s per image, {found / args.images:.0f} nuclei/image found with "
-            f"these weights; {guard.counts()})"
+            f"these weights; {outputs.counts()})"
         )
 
 

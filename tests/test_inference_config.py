@@ -122,28 +122,48 @@ def test_an_image_failing_inside_the_engine_does_not_stop_the_run(tmp_path, capl
     for name in ("a", "b"):
         Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(tmp_path / "images" / f"{name}.png")
     (tmp_path / "out" / "a" / "a_overlay.png").mkdir(parents=True)
-    settings = {
-        "input_dir": str(tmp_path / "images"),
-        "output_dir": str(tmp_path / "out"),
-        "overwrite": True,
-        "num_workers": 0,
-        "device": "cpu",
-        "amp": False,
-        "network": DarknessNet(),
-    }
-    parser = bundle_parser()
-    for key, value in settings.items():
-        parser[key] = value
-    parser["handlers"] = [h for h in parser["handlers"] if "WeightsLoader" not in str(h)]
     with caplog.at_level("INFO"):
-        parser.get_parsed_content("evaluator").run()
-    guard = parser.get_parsed_content("guard")
-    assert [(o.name, o.status) for o in guard.outcomes] == [("a", "failed"), ("b", "done")]
+        outputs = segment_images(tmp_path / "images", tmp_path / "out", overwrite=True)
+    assert [(o.name, o.status) for o in outputs.outcomes.values()] == [("a", "failed"), ("b", "done")]
     assert "a: FAILED" in caplog.text and "IsADirectoryError" in caplog.text and "1 failed" in caplog.text
     assert (tmp_path / "out" / "b" / "b_nuclei.geojson").is_file()
     assert (tmp_path / "out" / "inference_summary.csv").read_text().count("\n") == 3
     with pytest.raises(SystemExit, match="1 of 2 images failed"):
-        guard.raise_if_failed()
+        outputs.raise_if_failed()
+
+
+def segment_images(folder, out, **settings):
+    """Image inference in-process with the darkness network; the run's outputs."""
+    parser = bundle_parser()
+    base = {"input_dir": str(folder), "output_dir": str(out), "num_workers": 0, "device": "cpu", "amp": False}
+    for key, value in {**base, "network": DarknessNet(), **settings}.items():
+        parser[key] = value
+    parser["handlers"] = [h for h in parser["handlers"] if "WeightsLoader" not in str(h)]
+    parser.get_parsed_content("evaluator").run()
+    parser.get_parsed_content("writer").complete()
+    return parser.get_parsed_content("outputs")
+
+
+@pytest.mark.slow
+def test_images_post_processed_in_worker_processes_give_the_same_files(tmp_path):
+    """The one writer runs an image's post-processing in a pool as it does a slide tile's: same files, same order."""
+    from PIL import Image
+
+    image, _ = seam_image()
+    rgb = (image[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    (tmp_path / "images").mkdir()
+    for i, shift in enumerate((0, 40, 80)):  # three images, so results come back from the pool in a queue
+        Image.fromarray(np.roll(rgb, shift, axis=1)).save(tmp_path / "images" / f"field{i}.png")
+    inline = segment_images(tmp_path / "images", tmp_path / "inline", postprocess_workers=0)
+    pooled = segment_images(tmp_path / "images", tmp_path / "pooled", postprocess_workers=1)
+    assert [(o.name, o.status, o.nuclei) for o in pooled.outcomes.values()] == [
+        (o.name, o.status, o.nuclei) for o in inline.outcomes.values()
+    ]
+    assert [o.nuclei for o in inline.outcomes.values()] == [len(CENTRES)] * 3
+    files = sorted(p.relative_to(tmp_path / "inline") for p in (tmp_path / "inline").glob("*/*"))
+    assert len(files) == 3 * 5
+    for name in files:
+        assert (tmp_path / "inline" / name).read_bytes() == (tmp_path / "pooled" / name).read_bytes(), name
 
 
 @pytest.mark.parametrize("tiles_per_batch", [1, 4])

@@ -83,20 +83,24 @@ def test_an_incomplete_set_from_an_interrupted_run_is_redone(first):
 
 
 def one_nucleus_tile():
-    """The post-processed item of a 32² tile with one nucleus, as the writer receives it, and its instance map."""
+    """A 32² tile with one nucleus: its instance map, and a function writing a map's nuclei through `outputs`, as
+    the writer hands a post-processed image to them."""
     import numpy as np
+
+    from scripts.core.classes import PANNUKE
+    from scripts.workflows.predict.nucleus_record import nucleus_outlines, nucleus_table
+    from scripts.workflows.predict.tile_nuclei import TileNuclei
 
     inst = np.zeros((32, 32), np.int32)
     inst[4:12, 4:12] = 1
-    item = {
-        "name": "tile",
-        "rgb": np.full((32, 32, 3), 200, np.uint8),
-        "inst_map": inst[None],
-        "type_map": (inst > 0)[None].astype(np.uint8),
-        "inst_types": np.array([0, 2], np.uint8),
-        "inst_probs": np.array([0.0, 0.9], np.float32),
-    }
-    return inst, item
+
+    def write(outputs, labels=inst):
+        job = outputs.start({"name": "tile", "rgb": np.full((32, 32, 3), 200, np.uint8)})
+        types, probs = np.array([0, 2], np.uint8), np.array([0.0, 0.9], np.float32)
+        table = nucleus_table(labels, types, probs, PANNUKE)
+        outputs.add(job, TileNuclei(table, nucleus_outlines(labels, table["nucleus_id"]), labels))
+
+    return inst, write
 
 
 def test_a_failed_write_leaves_the_outputs_complete_or_absent(tmp_path, monkeypatch):
@@ -105,30 +109,29 @@ def test_a_failed_write_leaves_the_outputs_complete_or_absent(tmp_path, monkeypa
 
     import numpy as np
 
-    import scripts.workflows.predict.writer as writer_module
-    from scripts.workflows.predict.writer import NucleiOutputsWriterd
+    import scripts.workflows.predict.image_outputs as writer_module
+    from scripts.workflows.predict.image_outputs import ImageOutputs
 
-    inst, item = one_nucleus_tile()
-    writer = NucleiOutputsWriterd(output_dir=str(tmp_path), overwrite=True)
+    inst, write = one_nucleus_tile()
+    writer = ImageOutputs(output_dir=str(tmp_path), overwrite=True)
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(writer_module, "overlay_png", disk_full)  # the 5th of 5 files fails
     with pytest.raises(OSError, match="No space"):
-        writer(item)
+        write(writer)
     assert not writer.existing("tile")  # absent: nothing half-done
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tile"] or not any(tmp_path.iterdir())
     assert not list(tmp_path.glob(".tile.partial-*"))  # no staging folder left
     monkeypatch.undo()
-    writer(item)
+    write(writer)
     assert writer.complete("tile")
     first = {p.name: p.read_bytes() for p in writer.existing("tile")}
     monkeypatch.setattr(writer_module, "overlay_png", disk_full)
     moved = np.roll(inst, 9, axis=1)
-    other = {**item, "inst_map": moved[None], "type_map": (moved > 0)[None].astype(np.uint8)}
     with pytest.raises(OSError):
-        writer(other)  # an overwrite with other nuclei that fails keeps the complete set it would have replaced
+        write(writer, moved)  # an overwrite with other nuclei that fails keeps the complete set it would have replaced
     assert {p.name: p.read_bytes() for p in writer.existing("tile")} == first
     # a kill between two moves of an overwrite leaves a mixed set: flagged, so it is not taken for complete
     monkeypatch.undo()
@@ -143,14 +146,14 @@ def test_a_failed_write_leaves_the_outputs_complete_or_absent(tmp_path, monkeypa
 
     monkeypatch.setattr(writer_module.os, "replace", killed_after_two)
     with pytest.raises(KeyboardInterrupt):
-        writer(other)
+        write(writer, moved)
     monkeypatch.undo()
     assert len(moves) == 2 and not writer.missing("tile") and not writer.complete("tile")
 
 
 def test_a_link_inside_the_output_folder_is_never_written_through(tmp_path):
     from scripts.core.errors import InferenceError
-    from scripts.workflows.predict.writer import NucleiOutputsWriterd
+    from scripts.workflows.predict.image_outputs import ImageOutputs
 
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -158,9 +161,9 @@ def test_a_link_inside_the_output_folder_is_never_written_through(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "tile").symlink_to(outside)  # a link where the image's folder goes
-    _, item = one_nucleus_tile()
+    _, write = one_nucleus_tile()
     with pytest.raises(InferenceError, match="tile is a symbolic link out of --output_dir"):
-        NucleiOutputsWriterd(output_dir=str(out), overwrite=True)(item)
+        write(ImageOutputs(output_dir=str(out), overwrite=True))
     assert sorted(p.name for p in outside.iterdir()) == ["tile_nuclei.csv"]
     assert (outside / "tile_nuclei.csv").read_text() == "someone else's file"
     assert sorted(p.name for p in out.iterdir()) == ["tile"]  # no staging folder left beside it
@@ -169,12 +172,12 @@ def test_a_link_inside_the_output_folder_is_never_written_through(tmp_path):
 def test_a_link_where_the_incomplete_flag_goes_is_never_followed(tmp_path):
     """The flag marking a move in progress was touched through a link, creating the link's target outside."""
     from scripts.core.errors import InferenceError
-    from scripts.workflows.predict.writer import INCOMPLETE_FLAG, NucleiOutputsWriterd
+    from scripts.workflows.predict.image_outputs import INCOMPLETE_FLAG, ImageOutputs
 
     out = tmp_path / "out"
     (out / "tile").mkdir(parents=True)
     (out / "tile" / INCOMPLETE_FLAG).symlink_to(tmp_path / "created_outside")
-    _, item = one_nucleus_tile()
+    _, write = one_nucleus_tile()
     with pytest.raises(InferenceError, match=f"{INCOMPLETE_FLAG} is a symbolic link out of --output_dir"):
-        NucleiOutputsWriterd(output_dir=str(out), overwrite=True)(item)
+        write(ImageOutputs(output_dir=str(out), overwrite=True))
     assert not (tmp_path / "created_outside").exists()

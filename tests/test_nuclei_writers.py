@@ -17,18 +17,27 @@ from scripts.core.qupath import label_outlines, outline_polygon
 from scripts.workflows.predict.nuclei_writers import (
     overlay_image,
     overlay_png,
-    write_geojson,
     write_label_nifti,
     write_label_tiff,
 )
-from scripts.workflows.predict.nucleus_record import NUCLEUS_COLUMNS, image_nuclei, nucleus_table, write_nuclei_csv
+from scripts.workflows.predict.nucleus_record import (
+    NUCLEUS_COLUMNS,
+    nucleus_features,
+    nucleus_outlines,
+    nucleus_table,
+    write_nuclei_csv,
+    write_nuclei_geojson,
+)
 from scripts.data.pannuke.format import TYPE_COLOURS, TYPE_NAMES
 
 H, W = 48, 80  # non-square so a swapped x/y would leave the image
 
 
 def instances_to_geojson(inst, types, probs, tolerance=0.0) -> dict:
-    return image_nuclei(inst, types, probs, PANNUKE, tolerance=tolerance)[1]
+    """The detections of an image analysed whole, as its GeoJSON file holds them (ids = label-map ids)."""
+    table = nucleus_table(inst, types, probs, PANNUKE)
+    outlines = nucleus_outlines(inst, table["nucleus_id"], tolerance=tolerance)
+    return {"type": "FeatureCollection", "features": nucleus_features(table, outlines, PANNUKE)}
 
 
 def _shoelace(ring: list[list[int]]) -> float:
@@ -145,8 +154,10 @@ def test_empty_image_gives_empty_outputs(tmp_path) -> None:
 def test_write_geojson_reloads(sample, tmp_path) -> None:
     inst, types, probs, _ = sample
     fc = instances_to_geojson(inst, types, probs)
-    path = write_geojson(tmp_path / "out" / "nuclei.geojson", fc)
+    path = write_nuclei_geojson(tmp_path / "out" / "nuclei.geojson", fc["features"])
     assert json.loads(path.read_text(encoding="utf-8")) == fc
+    write_nuclei_geojson(tmp_path / "none.geojson", [])
+    assert json.loads((tmp_path / "none.geojson").read_text()) == {"type": "FeatureCollection", "features": []}
 
 
 def test_measurements_csv(sample, tmp_path) -> None:
@@ -216,7 +227,7 @@ def test_writers_refuse_to_overwrite(sample, tmp_path) -> None:
     writers = {
         "a.tif": lambda p, **kw: write_label_tiff(p, inst, **kw),
         "a.nii.gz": lambda p, **kw: write_label_nifti(p, inst, **kw),
-        "a.geojson": lambda p, **kw: write_geojson(p, fc, **kw),
+        "a.geojson": lambda p, **kw: write_nuclei_geojson(p, fc["features"], **kw),
         "a.csv": lambda p, **kw: write_nuclei_csv(p, table, **kw),
         "a.png": lambda p, **kw: overlay_png(p, image, inst, types, **kw),
     }

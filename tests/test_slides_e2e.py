@@ -100,7 +100,12 @@ def agree_with_tile_inference(work, name: str, decoded: np.ndarray, folder) -> N
     tile_csv = tile_inference_rows(work, name, decoded, folder)
     slide_csv = (work / "eval" / name / f"{name}_nuclei.csv").read_text().splitlines()
     assert tile_csv[0] == slide_csv[0]  # one nucleus record: the same columns
-    tile_count = len(json.loads((folder / "out" / name / f"{name}_nuclei.geojson").read_text())["features"])
+    tile_geojson = (folder / "out" / name / f"{name}_nuclei.geojson").read_text()
+    slide_geojson = (work / "eval" / name / f"{name}_nuclei.geojson").read_text()
+    lines = [text.splitlines() for text in (tile_geojson, slide_geojson)]
+    assert lines[0][0] == lines[1][0] and lines[0][-1] == lines[1][-1]  # one GeoJSON text: a feature per line
+    assert len(lines[0]) - 2 == len(json.loads(tile_geojson)["features"])
+    tile_count = len(json.loads(tile_geojson)["features"])
     slide_count = json.loads((work / "eval" / name / f"{name}_summary.json").read_text())["nuclei"]
     assert len(tile_csv) - 1 == tile_count and len(slide_csv) - 1 == slide_count
     assert abs(slide_count - tile_count) <= 0.02 * tile_count, (slide_count, tile_count)
@@ -116,8 +121,8 @@ def test_slide_nuclei_agree_with_tile_inference_on_the_same_pixels(slide_run, tm
 
 
 def test_a_field_up_to_one_window_gives_exactly_the_nuclei_of_tile_inference(tmp_path):
-    """A 1000 x 900 field is one window in both workflows (never padded with glass), so the slide's CSV is the
-    image's, row for row."""
+    """A 1000 x 900 field is one window in both workflows (never padded with glass) and one tile of the one writer,
+    so the slide's CSV and GeoJSON are the image's, byte for byte."""
     import tifffile
 
     write_slide(tmp_path / "slides" / "field.ome.tif", size=(1000, 900), tissue=(0, 0, 1000, 900), seed=2)
@@ -125,7 +130,12 @@ def test_a_field_up_to_one_window_gives_exactly_the_nuclei_of_tile_inference(tmp
     decoded = tifffile.imread(tmp_path / "slides" / "field.ome.tif")
     tile_rows = tile_inference_rows(tmp_path, "field", decoded, tmp_path / "tiles")
     slide_rows = (tmp_path / "eval" / "field" / "field_nuclei.csv").read_text().splitlines()
-    assert len(tile_rows) > 50 and sorted(slide_rows[1:]) == sorted(tile_rows[1:])
+    assert len(tile_rows) > 50 and slide_rows == tile_rows
+    geojson = [
+        (folder / "field" / "field_nuclei.geojson").read_text()
+        for folder in (tmp_path / "eval", tmp_path / "tiles" / "out")
+    ]
+    assert geojson[0] == geojson[1]  # one writer: the same file, byte for byte
 
 
 def test_a_dicom_folder_is_read_like_the_same_pixels_in_a_tiff(slide_run, tmp_path):

@@ -75,8 +75,41 @@ def test_every_tile_read_and_post_processed_trims_the_heap(monkeypatch, tmp_path
             return np.zeros(pred.shape[1:], np.int32), np.zeros(1, int), np.zeros(1)
 
     tile = planner.plans[0].tiles[0]
-    table, outlines = tile_nuclei.tile_nuclei(
-        NoNuclei(), np.zeros((8, 288, 288), np.float32), tile, PANNUKE, 1, 0.25, 1
-    )
-    assert len(table["nucleus_id"]) == 0 and outlines == []
+    nuclei = tile_nuclei.tile_nuclei(NoNuclei(), np.zeros((8, 288, 288), np.float32), tile, PANNUKE, 1, 0.25, 1)
+    assert len(nuclei.table["nucleus_id"]) == 0 and nuclei.outlines == []
     assert calls == ["read", "post-process"]
+
+
+def test_the_post_processing_queue_is_bounded_by_bytes_too(monkeypatch):
+    """Predictions waiting for the pool are handed over, oldest first, once they hold more than MAX_PENDING_BYTES,
+    even while fewer than twice the workers wait: a folder of large images must not pile up in memory."""
+    import threading
+    from concurrent.futures import Future
+
+    import numpy as np
+
+    from scripts.core.classes import PANNUKE
+    from scripts.model.tiled import Tile
+    from scripts.workflows.predict import tile_nuclei
+
+    class HeldPool:  # stands for the process pool: results arrive when the test says
+        def __init__(self):
+            self.futures = []
+
+        def submit(self, *args):
+            self.futures.append(Future())
+            return self.futures[-1]
+
+    def queue(limit):
+        monkeypatch.setattr(tile_nuclei, "MAX_PENDING_BYTES", limit)
+        pool = tile_nuclei.TileNucleiPool(None, PANNUKE, workers=4)
+        pool.pool = held = HeldPool()
+        tile = Tile(0, (0, 0, 10, 10), (0, 0, 10, 10))
+        for key in range(3):
+            pool.submit(tile_nuclei.TileJob(key, tile, 1.0, 0.25), np.zeros(1000, np.uint8))
+        held.futures[0].set_result("first")
+        threading.Timer(0.2, held.futures[1].set_result, ["second"]).start()
+        return [job.key for job, _ in pool.finished()], pool.pending_bytes
+
+    assert queue(limit=10**9) == ([0], 2000)  # 3 of 4 x 2 may wait: only what is done
+    assert queue(limit=1500) == ([0, 1], 1000)  # 3000 bytes waited: the second is waited for, the third may wait

@@ -60,6 +60,13 @@ def bundle_error_in(error: BaseException | None) -> BundleError | None:
     return None
 
 
+def root_cause(error: BaseException) -> str:
+    """The innermost exception as "Type: message": MONAI wraps a failing transform's error in 'applying transform'."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return f"{type(error).__name__}: {error}"
+
+
 def report_bundle_errors(kind: type[BaseException], error: BaseException, tb: TracebackType | None) -> None:
     """sys.excepthook: one readable message for expected errors, the full traceback for anything else.
 

@@ -1,4 +1,4 @@
-"""Writers for one image's inference output: label maps, the QuPath GeoJSON file and a PNG overlay.
+"""Writers for one image's inference output: label maps and a PNG overlay.
 
 Inputs shared by every writer (one image):
   inst         (H, W) integer instance map, 0 = background, one id per nucleus
@@ -6,8 +6,8 @@ Inputs shared by every writer (one image):
   inst_probs   (N+1,) float32, probability of the predicted type per id
   image        (H, W, 3) uint8 RGB
 
-Outlines follow QuPath's conventions (qupath.py); the nucleus record (CSV rows and GeoJSON detections, tiles and
-slides alike) is built in nucleus_record.py.
+Outlines follow QuPath's conventions (qupath.py); the nucleus record (CSV rows and GeoJSON detections, images and
+slides alike) is built and written in nucleus_record.py.
 
 Every writer writes a temp file next to the target and renames it into place, so a reader never sees half a file,
 and refuses to replace an existing file unless overwrite=True.
@@ -16,12 +16,11 @@ and refuses to replace an existing file unless overwrite=True.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from scripts.core.atomic import atomic_write, write_json
+from scripts.core.atomic import atomic_write
 from scripts.core.classes import PANNUKE, NucleusClasses
 
 PathLike = str | os.PathLike
@@ -99,16 +98,6 @@ def write_label_nifti(path: PathLike, inst: np.ndarray, overwrite: bool = False)
     img = nib.Nifti1Image(np.ascontiguousarray(inst.T.astype(_label_dtype(inst))), affine=np.eye(4))
     img.header.set_intent("label")
     return atomic_write(path, lambda tmp: nib.save(img, str(tmp)), overwrite)
-
-
-# ---------------------------------------------------------------- GeoJSON
-
-
-def write_geojson(path: PathLike, fc: Mapping, overwrite: bool = False) -> Path:
-    """Compact UTF-8 GeoJSON; QuPath imports it by drag and drop or File > Import objects."""
-    if fc.get("type") != "FeatureCollection":
-        raise ValueError("write_geojson expects a GeoJSON FeatureCollection dict (see instances_to_geojson)")
-    return write_json(path, fc, overwrite, indent=None)
 
 
 # ---------------------------------------------------------------- overlay

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -47,6 +48,8 @@ NUCLEUS_COLUMNS = (
     "probability",
 )
 CSV_HEADER = ",".join(NUCLEUS_COLUMNS) + "\n"
+GEOJSON_HEAD = '{"type":"FeatureCollection","features":[\n'  # a slide's file grows between the two
+GEOJSON_TAIL = "\n]}\n"
 TYPE_ID_COLUMN = NUCLEUS_COLUMNS.index("type_id")
 _FORMATS = {"x_px": ".2f", "y_px": ".2f", "x_um": ".3f", "y_um": ".3f", "area_px": ".1f", "area_um2": ".2f"}
 _FORMATS |= {"perimeter_px": ".2f", "perimeter_um": ".2f", "eccentricity": ".4f", "probability": ".4f"}
@@ -220,18 +223,19 @@ def csv_type_id(line: str) -> int:
     return int(next(csv.reader([line]))[TYPE_ID_COLUMN])
 
 
-def image_nuclei(
-    inst: np.ndarray,
-    inst_types: np.ndarray,
-    inst_probs: np.ndarray,
-    classes: NucleusClasses,
-    mpp: float = 0.25,
-    tolerance: float = 0.0,
-) -> tuple[dict[str, np.ndarray], dict]:
-    """An image analysed as it is: its record table and its QuPath FeatureCollection (ids = label-map ids)."""
-    table = nucleus_table(inst, inst_types, inst_probs, classes, mpp)
-    outlines = nucleus_outlines(np.asarray(inst), table["nucleus_id"], tolerance=tolerance)
-    return table, {"type": "FeatureCollection", "features": nucleus_features(table, outlines, classes)}
+def feature_text(feature: dict) -> str:
+    """One GeoJSON feature as the compact line a nuclei GeoJSON file holds."""
+    return json.dumps(feature, separators=(",", ":"), ensure_ascii=False)
+
+
+def geojson_text(features: Sequence[dict]) -> str:
+    """A nuclei GeoJSON file's whole text: the head, one feature per line, the tail (as a slide's file grows)."""
+    return GEOJSON_HEAD + ",\n".join(feature_text(f) for f in features) + GEOJSON_TAIL
+
+
+def write_nuclei_geojson(path: str | os.PathLike, features: Sequence[dict], overwrite: bool = False) -> Path:
+    """The detections of `nucleus_features` as a QuPath GeoJSON file (File > Import objects, or drag and drop)."""
+    return write_text(path, geojson_text(features), overwrite)
 
 
 def write_nuclei_csv(path: str | os.PathLike, table: dict[str, np.ndarray], overwrite: bool = False) -> Path:

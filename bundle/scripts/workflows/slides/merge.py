@@ -5,12 +5,15 @@ process's."""
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 
-from scripts.workflows.predict.nucleus_record import csv_type_id, renumber_feature
-from scripts.workflows.slides.outputs import SlideOutputs, feature_text
+from scripts.workflows.predict.nucleus_record import csv_type_id, feature_text, renumber_feature
 from scripts.workflows.slides.progress import SlideProgress
+
+if TYPE_CHECKING:  # the outputs call merge_ranks
+    from scripts.workflows.slides.outputs import SlideOutputs
 
 
 def merge_ranks(outputs: SlideOutputs) -> None:

@@ -1,19 +1,24 @@
-"""Each slide's outputs as its tiles' nuclei come in: the GeoJSON and CSV (through `SlideProgress`), then, when its
-last tile is in, the summary JSON and the overlay; the run's summary and exit status at the end."""
+"""Each slide's outputs as its tiles' nuclei come in from the one writer (predict/writer.py): the GeoJSON and CSV
+(through `SlideProgress`), then, when its last tile is in, the summary JSON and the overlay; under torchrun the ranks'
+shares put together (merge.py); the run's summary and exit status at the end.  A tile the reader could not read, or
+whose post-processing or writing failed, fails its slide; the other slides go on."""
 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import time
+from collections.abc import Hashable, Mapping
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
 from scripts.core.atomic import atomic_write
 from scripts.core.classes import NucleusClasses
-from scripts.workflows.predict.nucleus_record import csv_lines, nucleus_features, renumber
+from scripts.core.errors import root_cause
+from scripts.workflows.predict.nucleus_record import csv_lines, feature_text, nucleus_features, renumber
+from scripts.workflows.predict.tile_nuclei import TileJob, TileNuclei
+from scripts.workflows.slides.merge import merge_ranks
 from scripts.workflows.slides.plan import SlidePlan, SlidePlanner, rank_share
 from scripts.workflows.slides.progress import SlideProgress
 
@@ -29,6 +34,8 @@ class SlideOutputs:
         model: what made the nuclei (the checkpoint path), for the summary.
     """
 
+    label_maps = False  # a slide's nuclei are its records and outlines; a label map of a slide would not fit
+
     def __init__(self, slides: SlidePlanner, classes: NucleusClasses, model: str = "") -> None:
         self.plans: list[SlidePlan] = slides.plans
         self.classes, self.model = classes, str(model)
@@ -42,9 +49,21 @@ class SlideOutputs:
                 if not plan.todo and self.world == 1:
                     self.finish(index)
 
-    def start(self, index: int) -> None:
-        """The slide's first tile of this run is in (its time counts from here)."""
-        self.started.setdefault(index, time.perf_counter())
+    def start(self, data: Mapping[Hashable, object]) -> TileJob | None:
+        """The tile of a decollated item, whose prediction the writer post-processes next; None for a tile of a
+        failed slide (the tile that could not be read fails it here)."""
+        index, tile_index = int(data["slide"]), int(data["tile"])
+        plan = self.plans[index]
+        if plan.error:
+            return None
+        if data.get("error"):
+            self.fail(index, str(data["error"]))
+            return None
+        self.started.setdefault(index, time.perf_counter())  # the slide's time counts from its first tile
+        return TileJob((index, tile_index), plan.tiles[tile_index], plan.slide.scale, plan.slide.target_mpp)
+
+    def given_up(self, key: Hashable) -> bool:
+        return bool(self.plans[key[0]].error)
 
     def fail(self, index: int, error: str) -> None:
         """The slide is given up with `error`; what it wrote so far stays for a later run to go on from."""
@@ -53,12 +72,18 @@ class SlideOutputs:
         logger.error(f"{plan.name}: FAILED, {error}")
         self.progress[index].close()
 
-    def add(self, index: int, tile_index: int, table: dict, outlines: list) -> None:
+    def tile_failed(self, job: TileJob, error: BaseException) -> None:
+        """A tile's post-processing (or a worker's death) or writing raised `error`: its slide fails."""
+        index = job.key[0]
+        self.fail(index, f"{self.plans[index].path}: tile {job.tile.index} failed ({root_cause(error)})")
+
+    def add(self, job: TileJob, nuclei: TileNuclei) -> None:
         """Append one tile's nuclei (numbered after the slide's earlier ones); finish the slide on its last tile."""
+        index = job.key[0]
         plan, progress = self.plans[index], self.progress[index]
-        table = renumber(table, progress.nuclei + 1)
-        features = [feature_text(f) for f in nucleus_features(table, outlines, self.classes)]
-        progress.add_tile(tile_index, features, csv_lines(table), table["type_id"].tolist())
+        table = renumber(nuclei.table, progress.nuclei + 1)
+        features = [feature_text(f) for f in nucleus_features(table, nuclei.outlines, self.classes)]
+        progress.add_tile(job.tile.index, features, csv_lines(table), table["type_id"].tolist())
         if self.world == 1 and len(progress.done) == len(plan.tiles):
             self.finish(index)
 
@@ -88,7 +113,10 @@ class SlideOutputs:
         plan.slide.close()
         logger.info(f"{plan.name}: {progress.nuclei} nuclei on {plan.tissue_mm2:.2f} mm² of tissue -> {plan.folder}")
 
-    def summarise(self) -> None:
+    def finish_run(self) -> None:
+        """After the last tile: put the ranks' shares together under torchrun, then log the run's summary."""
+        if self.world > 1:
+            merge_ranks(self)
         failed = [p for p in self.plans if p.error]
         logger.info(f"slides: {len(self.plans) - len(failed)} done, {len(failed)} failed")
         for plan in failed:
@@ -99,11 +127,6 @@ class SlideOutputs:
         failed = [p for p in self.plans if p.error]
         if failed:
             raise SystemExit(f"{len(failed)} of {len(self.plans)} slides failed (see the log)")
-
-
-def feature_text(feature: dict) -> str:
-    """One GeoJSON feature as the compact line the slide's GeoJSON holds."""
-    return json.dumps(feature, separators=(",", ":"), ensure_ascii=False)
 
 
 def overlay_png(plan: SlidePlan, progress: SlideProgress, classes: NucleusClasses) -> None:

@@ -17,12 +17,10 @@ from pathlib import Path
 from typing import IO
 
 from scripts.core.atomic import fsync_folder, umask, write_json
-from scripts.workflows.predict.nucleus_record import CSV_HEADER
+from scripts.workflows.predict.nucleus_record import CSV_HEADER, GEOJSON_HEAD, GEOJSON_TAIL
 
 logger = logging.getLogger(__name__)
 
-GEOJSON_HEAD = '{"type":"FeatureCollection","features":[\n'
-GEOJSON_TAIL = "\n]}\n"
 FSYNC_EVERY = 64  # tiles between fsyncs (a flush per tile already survives a killed process)
 
 
