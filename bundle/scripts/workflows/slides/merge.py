@@ -5,37 +5,44 @@ process's."""
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import torch.distributed as dist
 
 from scripts.workflows.predict.nucleus_record import csv_type_id, feature_text, renumber_feature
+from scripts.workflows.slides.plan import SlidePlan
 from scripts.workflows.slides.progress import SlideProgress
 
-if TYPE_CHECKING:  # the outputs call merge_ranks
-    from scripts.workflows.slides.outputs import SlideOutputs
 
-
-def merge_ranks(outputs: SlideOutputs) -> None:
-    """Share the ranks' failures, then (on rank 0) merge every slide no rank failed; all ranks wait for the end."""
-    for progress in outputs.progress.values():
-        progress.close()
-    errors: list[dict[int, str]] = [{}] * outputs.world
-    dist.all_gather_object(errors, {i: p.error for i, p in enumerate(outputs.plans) if p.error})
+def merge_ranks(
+    plans: list[SlidePlan], progress: dict[int, SlideProgress], rank: int, world: int, finish: Callable[[int], None]
+) -> None:
+    """Share the ranks' failures, then (on rank 0) merge every slide no rank failed into `progress` and `finish`
+    it (its summary and overlay); all ranks wait for the end."""
+    for part in progress.values():
+        part.close()
+    errors: list[dict[int, str]] = [{}] * world
+    dist.all_gather_object(errors, {i: p.error for i, p in enumerate(plans) if p.error})
     for found in errors:
         for index, error in found.items():
-            outputs.plans[index].error = outputs.plans[index].error or error
-    if outputs.rank == 0:
-        for index in outputs.progress:
-            if not outputs.plans[index].error:
-                merge_slide(outputs, index)
+            plans[index].error = plans[index].error or error
+    if rank == 0:
+        for index in progress:
+            if not plans[index].error:
+                progress[index] = merge_slide(plans[index], world)
+                finish(index)
+                for part in rank_parts(plans[index], world):  # only once the slide is finished
+                    part.remove()
     dist.barrier()
 
 
-def merge_slide(outputs: SlideOutputs, index: int) -> None:
-    """One slide's rank files -> its single-process files, then its summary and overlay."""
-    plan, world = outputs.plans[index], outputs.world
-    parts = [SlideProgress(plan.folder, plan.name, f".rank{r}of{world}") for r in range(world)]
+def rank_parts(plan: SlidePlan, world: int) -> list[SlideProgress]:
+    return [SlideProgress(plan.folder, plan.name, f".rank{r}of{world}") for r in range(world)]
+
+
+def merge_slide(plan: SlidePlan, world: int) -> SlideProgress:
+    """One slide's rank files -> its single-process files (still partial, for `finish` to publish)."""
+    parts = rank_parts(plan, world)
     ranges = [part.tile_ranges() for part in parts]
     whole = SlideProgress(plan.folder, plan.name)
     whole.reset()
@@ -64,7 +71,4 @@ def merge_slide(outputs: SlideOutputs, index: int) -> None:
             for f in pair:
                 if f is not None:
                     f.close()
-    outputs.progress[index] = whole
-    outputs.finish(index)
-    for part in parts:
-        part.remove()
+    return whole

@@ -116,7 +116,7 @@ class SlideOutputs:
     def finish_run(self) -> None:
         """After the last tile: put the ranks' shares together under torchrun, then log the run's summary."""
         if self.world > 1:
-            merge_ranks(self)
+            merge_ranks(self.plans, self.progress, self.rank, self.world, self.finish)
         failed = [p for p in self.plans if p.error]
         logger.info(f"slides: {len(self.plans) - len(failed)} done, {len(failed)} failed")
         for plan in failed:
