@@ -144,6 +144,29 @@ def segment_images(folder, out, **settings):
     return parser.get_parsed_content("outputs")
 
 
+def test_images_with_complete_outputs_are_skipped_before_they_are_read(tmp_path, caplog):
+    """The outputs plan the run: a finished image is skipped without reading its file (here since damaged); with
+    --overwrite it is read, fails in one line, and the other image is redone."""
+    from PIL import Image
+
+    image, _ = seam_image()
+    (tmp_path / "images").mkdir()
+    for name in ("a", "b"):
+        Image.fromarray((image[0, :, :64, :64].permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(
+            tmp_path / "images" / f"{name}.png"
+        )
+    first = segment_images(tmp_path / "images", tmp_path / "out")
+    assert [o.status for o in first.outcomes.values()] == ["done", "done"]
+    (tmp_path / "images" / "a.png").write_bytes(b"not a png any more")
+    again = segment_images(tmp_path / "images", tmp_path / "out")
+    assert [(o.name, o.status) for o in again.outcomes.values()] == [("a", "skipped"), ("b", "skipped")]
+    with caplog.at_level("INFO"):
+        redone = segment_images(tmp_path / "images", tmp_path / "out", overwrite=True)
+    assert [(o.name, o.status) for o in redone.outcomes.values()] == [("a", "failed"), ("b", "done")]
+    assert "a: FAILED" in caplog.text and "a.png" in caplog.text
+    assert (tmp_path / "out" / "a" / "a_nuclei.csv").is_file()  # a failed image keeps what an earlier run wrote
+
+
 @pytest.mark.slow
 def test_images_post_processed_in_worker_processes_give_the_same_files(tmp_path):
     """The one writer runs an image's post-processing in a pool as it does a slide tile's: same files, same order."""

@@ -9,7 +9,10 @@ Per image (name = the input file's stem):
     <name>_instances.nii.gz the label map as NIfTI, only with save_nifti=True
 and for the run, `<output_dir>/inference_summary.csv`: one row per image (done, skipped or failed, nuclei, seconds).
 
-An image is one tile of the one writer (writer.py): its core is the whole image, so it keeps every nucleus.
+An image is one tile of the one writer (writer.py): its core is the whole image, so it keeps every nucleus.  What
+happens to each image is its outcome: skipped before anything is read when its outputs are complete (`plan`, unless
+`overwrite`), failed when its file cannot be read or its post-processing or writing fails (the others go on), else
+done; the run's summary lists them, and `raise_if_failed` makes the run exit with status 1 after a failure.
 
 An image's outputs are complete or absent: they are all written into a hidden staging folder next to the image's
 folder and moved into place only when every one of them was written, so a full disk or a crash mid-way leaves the
@@ -38,6 +41,7 @@ from scripts.core.classes import PANNUKE, NucleusClasses
 from scripts.core.errors import InferenceError, root_cause
 from scripts.core.flags import as_bool
 from scripts.model.tiled import Tile
+from scripts.workflows.predict.inputs import InputImage
 from scripts.workflows.predict.nuclei_writers import overlay_png, write_label_nifti, write_label_tiff
 from scripts.workflows.predict.nucleus_record import nucleus_features, write_nuclei_csv, write_nuclei_geojson
 from scripts.workflows.predict.tile_nuclei import TileJob, TileNuclei
@@ -60,7 +64,7 @@ SUMMARY_FILE = "inference_summary.csv"
 class ImageOutcome:
     name: str
     source: str
-    status: str  # "done", "skipped" or "failed" ("running" until then)
+    status: str  # "done", "skipped" or "failed" ("pending" until then)
     nuclei: int | None = None
     seconds: float | None = None
     detail: str = ""
@@ -132,10 +136,23 @@ class ImageOutputs:
 
     # ------------------------------------------------------------ one image's way through the run
 
-    def begin(self, name: str, source: str) -> None:
-        """The image is next (its time counts from here)."""
-        self.outcomes[name] = ImageOutcome(name, source, "running")
-        self.started[name] = time.perf_counter()
+    def plan(self, inputs: list[InputImage]) -> list[InputImage]:
+        """The inputs (in the run's order) to segment: an image whose outputs are complete is skipped
+        unless `overwrite`, before anything is read; an incomplete set (an interrupted run) is redone, with a
+        warning.  Every input gets its row in the run's summary, in this order."""
+        todo = []
+        for item in inputs:
+            self.outcomes[item.name] = ImageOutcome(item.name, item.source, "pending")
+            existing = self.existing(item.name)
+            if existing and not self.overwrite:
+                if self.complete(item.name):
+                    detail = f"{len(existing)} outputs already in {existing[0].parent}"
+                    self.skip(item.name, f"{detail} (pass --overwrite true to replace them)")
+                    continue
+                missing = ", ".join(p.name for p in self.missing(item.name)) or "an interrupted write"
+                logger.warning(f"{item.name}: outputs in {existing[0].parent} are incomplete ({missing}): redoing it")
+            todo.append(item)
+        return todo
 
     def skip(self, name: str, detail: str) -> None:
         self._end(name, "skipped", detail=detail)
@@ -152,14 +169,20 @@ class ImageOutputs:
     def given_up(self, key: Hashable) -> bool:
         return self.outcomes[key].status == "failed"
 
-    def start(self, data: Mapping[Hashable, object]) -> TileJob:
-        """The image of a decollated item, whose prediction the writer post-processes next: one tile, the image."""
-        name, image = str(data["name"]), _rgb(data["rgb"])
-        if not self.overwrite and self.complete(name):
-            raise FileExistsError(f"{name}: outputs exist in {self.output_dir / name}; pass --overwrite true")
-        if name not in self.outcomes:  # run without the guard (a test, a benchmark)
-            self.begin(name, name)
-        self.images[name] = image
+    def start(self, data: Mapping[Hashable, object]) -> TileJob | None:
+        """The image of a decollated item, whose prediction the writer post-processes next: one tile, the image;
+        None for a file that could not be read (the dataset's record says why; it is reported here)."""
+        name = str(data["name"])
+        if name not in self.outcomes:  # an item of no planned run (a test, a benchmark)
+            self.outcomes[name] = ImageOutcome(name, str(data.get("source", name)), "pending")
+        self.started[name] = float(data.get("read_at", time.monotonic()))
+        if data.get("error"):
+            self.fail(name, str(data["error"]))
+            return None
+        if not self.overwrite and self.complete(name):  # written since the run planned it
+            self.fail(name, f"{name}: outputs exist in {self.output_dir / name}; pass --overwrite true")
+            return None
+        self.images[name] = image = _rgb(data["rgb"])
         height, width = image.shape[:2]
         return TileJob(name, Tile(0, (0, 0, width, height), (0, 0, width, height)), 1.0, self.mpp)
 
@@ -209,7 +232,7 @@ class ImageOutputs:
         outcome = self.outcomes.setdefault(name, ImageOutcome(name, name, status))
         outcome.status, outcome.nuclei, outcome.detail = status, nuclei, detail
         if status == "done":
-            outcome.seconds = round(time.perf_counter() - self.started.get(name, time.perf_counter()), 2)
+            outcome.seconds = round(time.monotonic() - self.started.get(name, time.monotonic()), 2)
             logger.info(f"{name}: {nuclei} nuclei in {outcome.seconds:.1f} s")
         elif status == "skipped":
             logger.warning(f"{name}: skipped, {detail}")

@@ -7,13 +7,15 @@ An input is a folder (its PNG / JPEG / TIFF files, not its subfolders), a single
 Each file is read by the bundle's one image reader, `scripts.data.images.read_rgb`, whose docstring lists what is
 converted (RGBA, palette, 16-bit, planar) and what is refused (grayscale, stacks, other dtypes); images of more than
 `max_pixels` pixels are refused before decoding.  Tiles of a .npy are checked by training's rule (NaN, 0-255 scale).
-A file that fails becomes an error record (name, source, message) instead of an exception; the run reports it.
+A file that fails becomes an error record (name, source, message, a white stand-in) instead of an exception; the
+run reports it.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,12 +27,13 @@ from monai.transforms import apply_transform
 
 from scripts.core.errors import DataError, InferenceError
 from scripts.core.atomic import safe_name
-from scripts.data.images import IMAGE_SUFFIXES, read_rgb
+from scripts.data.images import IMAGE_SUFFIXES, WHITE, read_rgb
 from scripts.data.pannuke.cache import check_images
 from scripts.data.pannuke.files import read_npy_header
 
 logger = logging.getLogger(__name__)
 
+STAND_IN = 16  # pixels a side of the white image an unreadable file's record carries through the network
 DEFAULT_MAX_PIXELS = 60_000_000  # about 7700 x 7700; a few GB of memory on the CPU (docs/inference.md)
 
 
@@ -143,23 +146,38 @@ def _npy_tile(path: Path, index: int) -> np.ndarray:
 
 
 class InferenceImages(Dataset):
-    """The run's images as dicts {"image": (H, W, 3) uint8, "name", "source"}, transformed; a file that cannot be
-    read gives {"name", "source", "error"} instead of raising, so that the engine can report it and go on."""
+    """The run's images as dicts {"image": (H, W, 3) uint8, "name", "source", "error", "read_at"}, transformed.
+
+    A file that cannot be read gives a white stand-in image and its message in "error" instead of raising, so the
+    run goes on and the outputs report it (as a slide's unreadable tile is); "read_at" (time.monotonic(), one clock
+    for the loader's processes) starts the image's time.  With `plan`, the images it says are done already are
+    left out before anything is read.
+
+    Args:
+        input_dir: a folder of images, one image, or a PanNuke images.npy (`@input_dir`).
+        transform: the preprocessing (`@preprocessing`).
+        max_pixels: larger images are refused before decoding (`@max_pixels`).
+        plan: the images of the run -> those to do (`$@outputs.plan`: skips those with complete outputs).
+    """
 
     def __init__(
-        self, input_dir: str | os.PathLike, transform: Callable | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+        self,
+        input_dir: str | os.PathLike,
+        transform: Callable | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        plan: Callable[[list[InputImage]], list[InputImage]] | None = None,
     ) -> None:
         self.max_pixels = int(max_pixels)
         inputs = find_inputs(input_dir)
         logger.info(f"{len(inputs)} images to segment from {input_dir}")
-        super().__init__(data=inputs, transform=transform)
+        super().__init__(data=plan(inputs) if plan is not None else inputs, transform=transform)
 
     def _transform(self, index: int) -> dict:
         item: InputImage = self.data[index]
-        record = {"name": item.name, "source": item.source}
+        record = {"name": item.name, "source": item.source, "error": "", "read_at": time.monotonic()}
         try:
             image = read_input(item, self.max_pixels)
         except DataError as e:  # its message starts with the file's path
-            return {**record, "error": str(e)}
+            image, record["error"] = np.full((STAND_IN, STAND_IN, 3), WHITE, np.uint8), str(e)
         data = {**record, "image": image}
         return apply_transform(self.transform, data) if self.transform is not None else data

@@ -5,7 +5,10 @@ is many tiles (stardist's `big.py` idea).  The writer asks the run's outputs whi
 (`outputs.start`), hands the prediction to the tile post-processing (`TileNucleiPool`: instances, the nuclei whose
 centroid lies in the tile's core, their records and outlines; in this process or in a pool while the network goes
 on) and gives each finished tile's nuclei to the outputs in submission order (`outputs.add`).  A tile whose
-post-processing or writing fails fails its source alone (`outputs.tile_failed`); the others go on.
+post-processing or writing fails fails its source alone (`outputs.tile_failed`); the others go on.  So does one the
+reader could not read: its dataset record carries the message (and a stand-in image through the network), and
+`outputs.start` fails its source.  This is the whole of per-image and per-slide error isolation: MONAI's evaluator
+runs unchanged.
 
 The outputs say what is written, and when a source is done:
   `ImageOutputs` (image_outputs.py)    an image's folder of label maps, nuclei and overlay, all or nothing
