@@ -6,10 +6,10 @@
 1. end to end: the README's inference command (`configs/train.json` + `configs/inference.json`, shipped model) on
    the last --count real 1000² MoNuSeg images, once per --backends entry (alternating), each in a fresh process.
    A warm-up run on one image makes the ONNX export first (cached, as after a user's first run).  Printed per run:
-   the per-image seconds of its inference_summary.csv added up (network, post-processing and writing; reading is
-   not in them), the whole command's wall time (start-up and reading included), and the binary PQ of its instance
-   maps against the truth (mean over images).  The shipped model trained on MoNuSeg images 1-27, so the PQ only
-   compares backends; it is not a score of the model.
+   the per-image seconds of its inference_summary.csv added up (from reading each image to its files written:
+   reading, network, post-processing and writing), the whole command's wall time (start-up included), and the
+   binary PQ of its instance maps against the truth (mean over images).  The shipped model trained on MoNuSeg
+   images 1-27, so the PQ only compares backends; it is not a score of the model.
 2. network: tiles of 256² per second of the network with the shipped weights, on batches of 4 x 256² (the sliding
    window's default) and on one 1024² window: eager PyTorch in contiguous memory (the path before the backends),
    PyTorch in channels-last memory (`--backend torch`), OpenVINO (`--backend openvino`, what `auto` picks on a CPU)
