@@ -167,6 +167,40 @@ def test_images_with_complete_outputs_are_skipped_before_they_are_read(tmp_path,
     assert (tmp_path / "out" / "a" / "a_nuclei.csv").is_file()  # a failed image keeps what an earlier run wrote
 
 
+def test_an_error_of_the_network_stops_the_run_instead_of_ending_it_as_done(tmp_path):
+    """ignite hands an exception to EXCEPTION_RAISED handlers rather than raising it; the progress bar is one, and
+    returning from it ended the run as if it had completed (exit status 0, the later images never segmented)."""
+    from PIL import Image
+
+    class FailsOnSecond(DarknessNet):
+        calls = 0
+
+        def forward(self, x):
+            FailsOnSecond.calls += 1
+            if FailsOnSecond.calls == 2:
+                raise RuntimeError("CUDA out of memory (stand-in)")
+            return super().forward(x)
+
+    (tmp_path / "images").mkdir()
+    for name in ("a", "b", "c"):
+        Image.fromarray(np.full((48, 48, 3), 200, np.uint8)).save(tmp_path / "images" / f"{name}.png")
+    with pytest.raises(RuntimeError, match="out of memory"):
+        segment_images(tmp_path / "images", tmp_path / "out", network=FailsOnSecond(), backend="torch")
+    assert (tmp_path / "out" / "a" / "a_nuclei.csv").is_file() and not (tmp_path / "out" / "c").exists()
+
+
+def test_an_image_that_never_reached_the_writer_counts_as_failed(tmp_path):
+    from scripts.workflows.predict.image_outputs import ImageOutputs
+    from scripts.workflows.predict.inputs import InputImage
+
+    outputs = ImageOutputs(str(tmp_path))
+    assert [i.name for i in outputs.plan([InputImage("a", tmp_path / "a.png")])] == ["a"]
+    outputs.finish_run()
+    assert outputs.outcomes["a"].status == "failed" and "never reached the writer" in outputs.outcomes["a"].detail
+    with pytest.raises(SystemExit, match="1 of 1 images failed"):
+        outputs.raise_if_failed()
+
+
 @pytest.mark.slow
 def test_images_post_processed_in_worker_processes_give_the_same_files(tmp_path):
     """The one writer runs an image's post-processing in a pool as it does a slide tile's: same files, same order."""

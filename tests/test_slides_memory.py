@@ -113,3 +113,32 @@ def test_the_post_processing_queue_is_bounded_by_bytes_too(monkeypatch):
 
     assert queue(limit=10**9) == ([0], 2000)  # 3 of 4 x 2 may wait: only what is done
     assert queue(limit=1500) == ([0, 1], 1000)  # 3000 bytes waited: the second is waited for, the third may wait
+
+
+@pytest.mark.slow
+def test_a_pool_whose_worker_died_is_replaced(monkeypatch):
+    """A killed post-processing process (the kernel's out-of-memory killer) fails the tiles it held; the next tile
+    gets a new pool instead of stopping the run with BrokenProcessPool."""
+    import os
+    import signal
+
+    import numpy as np
+
+    from scripts.core.classes import PANNUKE
+    from scripts.model.postprocess import NucleiInstancesd
+    from scripts.model.tiled import Tile
+    from scripts.workflows.predict import tile_nuclei
+
+    pool = tile_nuclei.TileNucleiPool(NucleiInstancesd("pred", target="boundary"), PANNUKE, workers=1)
+    tile = Tile(0, (0, 0, 32, 32), (0, 0, 32, 32))
+    pred = np.zeros((7, 32, 32), np.float32)
+    pool.submit(tile_nuclei.TileJob("first", tile, 1.0, 0.25), pred)
+    assert [job.key for job, future in pool.finished(everything=True) if future.exception() is None] == ["first"]
+    for pid in list(pool.pool._processes):
+        os.kill(pid, signal.SIGKILL)
+    pool.submit(tile_nuclei.TileJob("held", tile, 1.0, 0.25), pred)  # fails if the pool has not noticed yet
+    list(pool.finished(everything=True))
+    pool.submit(tile_nuclei.TileJob("after", tile, 1.0, 0.25), pred)
+    outcome = {job.key: future.exception() for job, future in pool.finished(everything=True)}
+    pool.close()
+    assert outcome == {"after": None}

@@ -245,7 +245,11 @@ class ImageOutputs:
         return {s: sum(o.status == s for o in self.outcomes.values()) for s in ("done", "skipped", "failed")}
 
     def finish_run(self) -> None:
-        """Log one line per status and every failure again, and write the summary table."""
+        """Log one line per status and every failure again, and write the summary table.  An image still pending
+        never reached the writer: it counts as failed, so the run cannot end with status 0 without it."""
+        for outcome in list(self.outcomes.values()):
+            if outcome.status == "pending":
+                self.fail(outcome.name, f"{outcome.source}: not segmented (its prediction never reached the writer)")
         counts = self.counts()
         nuclei = sum(o.nuclei or 0 for o in self.outcomes.values())
         lines = [

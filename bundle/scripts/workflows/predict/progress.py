@@ -1,7 +1,8 @@
 """ignite's ProgressBar, with log lines printed above the bar instead of through it.
 
 Per-image messages (done, skipped, failed) are logged while the bar is drawn; without this, a terminal shows them
-glued to half-drawn bars.  tqdm's own logging redirect is switched on for the run only.
+glued to half-drawn bars.  tqdm's own logging redirect is switched on for the run only.  An exception that stops the
+run still stops it: ignite gives it to the EXCEPTION_RAISED handlers instead of raising it, so this one raises it.
 """
 
 from __future__ import annotations
@@ -25,8 +26,15 @@ class LoggingProgressBar(ProgressBar):
     def attach(self, engine: Engine, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         super().attach(engine, *args, **kwargs)
         engine.add_event_handler(Events.STARTED, self._start_redirect)
-        for event in (Events.COMPLETED, Events.EXCEPTION_RAISED, Events.TERMINATE):
+        for event in (Events.COMPLETED, Events.TERMINATE):
             engine.add_event_handler(event, self._stop_redirect)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._stop_and_raise)
+
+    def _stop_and_raise(self, engine: Engine, error: BaseException) -> None:
+        """ignite hands an exception to its EXCEPTION_RAISED handlers instead of raising it: one that returns would
+        end the run as if it had completed, so this one raises it again (as MONAI's StatsHandler does)."""
+        self._stop_redirect(engine)
+        raise error
 
     def _start_redirect(self, _: Engine) -> None:
         self._stop_redirect(_)

@@ -16,6 +16,7 @@ import os
 from collections import deque
 from collections.abc import Hashable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -110,7 +111,12 @@ class TileNucleiPool:
             trim_heap()  # the pool post-processes, so this process's per-tile arrays are the prediction's alone
             if self.pool is None:
                 self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
-            future = self.pool.submit(tile_nuclei, *args)
+            try:
+                future = self.pool.submit(tile_nuclei, *args)
+            except BrokenProcessPool:  # a worker died (killed, out of memory) since the last tile: a new pool
+                self.pool.shutdown(wait=False)
+                self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+                future = self.pool.submit(tile_nuclei, *args)
         self.pending.append((job, future, pred.nbytes))
         self.pending_bytes += pred.nbytes
 
@@ -125,7 +131,9 @@ class TileNucleiPool:
                 return
             self.pending.popleft()
             self.pending_bytes -= size
-            future.exception()  # waits for it
+            if isinstance(future.exception(), BrokenProcessPool) and self.pool is not None:  # waits for it
+                self.pool.shutdown(wait=False)  # a worker died: what it held fails, the next tile gets a new pool
+                self.pool = None
             yield job, future
 
     def close(self) -> None:

@@ -67,7 +67,10 @@ class NucleiWriterd(MapTransform):
         job = self.outputs.start(d)
         if job is None:  # its source failed already
             return d
-        self.nuclei.submit(job, _numpy(d.pop(self.pred_key)), label_map=self.outputs.label_maps)
+        try:
+            self.nuclei.submit(job, _numpy(d.pop(self.pred_key)), label_map=self.outputs.label_maps)
+        except Exception as err:  # noqa: BLE001 - a pool that cannot take the tile fails its source only
+            self.outputs.tile_failed(job, err)
         self.write_finished()
         return d
 

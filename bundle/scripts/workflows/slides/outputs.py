@@ -117,6 +117,10 @@ class SlideOutputs:
         """After the last tile: put the ranks' shares together under torchrun, then log the run's summary."""
         if self.world > 1:
             merge_ranks(self.plans, self.progress, self.rank, self.world, self.finish)
+        for index, progress in self.progress.items():  # tiles that never reached the writer: the slide is not done
+            plan = self.plans[index]
+            if self.world == 1 and not plan.error and not progress.finished():
+                self.fail(index, f"{plan.path}: {len(plan.tiles) - len(progress.done)} tiles never reached the writer")
         failed = [p for p in self.plans if p.error]
         logger.info(f"slides: {len(self.plans) - len(failed)} done, {len(failed)} failed")
         for plan in failed:
