@@ -24,18 +24,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from synthetic_folds import FOLD_TILES, cpu_name, fold_bytes, require_free_disk, write_folds  # noqa: E402
+from synthetic_folds import FOLD_TILES, cpu_name, fold_bytes, require_free_disk, status_mb, write_folds  # noqa: E402
 
 BUDGET_MB = 1536
 CACHE_BYTES_PER_TILE = 256 * 256 * (3 + 2 + 1 + 1)  # uint8 RGB, uint16 instances, uint8 types, uint8 labels
-
-
-def status_mb(field: str) -> float:
-    """A memory figure of this process from /proc/self/status, in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
 
 
 def convert_in_this_process(dataset_dir: str, cache_dir: str) -> dict:

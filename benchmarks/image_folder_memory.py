@@ -4,17 +4,15 @@
 
 The images (500-1500 px a side, cut from one synthetic H&E mosaic) go through the bundle's inference evaluator in
 this process, as `inference_pipeline_speed.py`'s whole run does.  Printed: the seconds per image, the resident memory
-(VmRSS) after the 10th image, half-way and at the end, and the peak (ru_maxrss).  `--no_trim` leaves out handing the
+(VmRSS) after the 10th image, half-way and at the end, and the peak (VmHWM).  `--no_trim` leaves out handing the
 heap's free pages back after each image (`scripts/core/memory.trim_heap`), to show what it buys and costs.
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,16 +21,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bundle"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from ignite.engine import Events  # noqa: E402
-
 import inference_pipeline_speed as pipeline  # noqa: E402
 import scripts.workflows.predict.tile_nuclei as tile_nuclei  # noqa: E402
-from synthetic_folds import cpu_name  # noqa: E402
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS"))
+from synthetic_folds import cpu_name, status_mb  # noqa: E402
 
 
 def main() -> None:
@@ -53,18 +44,12 @@ def main() -> None:
         for i, side in enumerate(rng.integers(500, 1500, size=args.images)):
             field = np.roll(mosaic, 37 * i, axis=0)[:side, : int(side * 0.9)]
             Image.fromarray(field).save(folder / f"image_{i:04d}.png")
-        run = pipeline.bundle_parser(settings, input_dir=str(folder), output_dir=str(Path(tmp) / "out"))
-        run["handlers"] = [h for h in run["handlers"] if "WeightsLoader" not in str(h)]
-        run["network"] = network
-        evaluator, writer = run.get_parsed_content("evaluator"), run.get_parsed_content("writer")
         after: list[float] = []
-        evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda _: after.append(rss_mb()))
-        start = time.perf_counter()
-        evaluator.run()
-        writer.complete()
-        seconds = time.perf_counter() - start
+        seconds, _ = pipeline.segment_folder(
+            settings, network, folder, Path(tmp) / "out", watch=lambda _: after.append(status_mb("VmRSS"))
+        )
     n = len(after)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = status_mb("VmHWM")
     print(f"{cpu_name()}, weights {weights}, heap trimmed after each image: {not args.no_trim}")
     print(
         f"{n} images of 500-1500 px in {seconds:.0f} s ({seconds / n:.2f} s each); RSS after image 10: "

@@ -22,11 +22,13 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import monai
 import numpy as np
 import torch
+from ignite.engine import Events
 from monai.bundle import ConfigParser
 from PIL import Image
 
@@ -58,6 +60,23 @@ def bundle_parser(args: argparse.Namespace, **overrides: object) -> ConfigParser
     for key, value in settings.items():
         parser[key] = value
     return parser
+
+
+def segment_folder(
+    args: argparse.Namespace, network: torch.nn.Module, folder: Path, out: Path, watch: Callable | None = None
+) -> tuple[float, ImageOutputs]:
+    """The bundle's image inference over `folder` in this process, with `network` already loaded (with or without
+    a checkpoint); `watch(engine)` runs after each image.  The seconds it took and the run's outputs."""
+    run = bundle_parser(args, input_dir=str(folder), output_dir=str(out), overwrite=True)
+    run["handlers"] = [h for h in run["handlers"] if "WeightsLoader" not in str(h)]
+    run["network"] = network
+    evaluator, writer = run.get_parsed_content("evaluator"), run.get_parsed_content("writer")
+    if watch is not None:
+        evaluator.add_event_handler(Events.ITERATION_COMPLETED, watch)
+    start = time.perf_counter()
+    evaluator.run()
+    writer.complete()
+    return time.perf_counter() - start, run.get_parsed_content("outputs")
 
 
 def load_network(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
@@ -182,15 +201,7 @@ def main() -> None:
         folder.mkdir()
         for i in range(args.images):
             Image.fromarray(he_image(args.image_size, 10 + i)).save(folder / f"image_{i}.png")
-        run = bundle_parser(args, input_dir=str(folder), output_dir=str(Path(tmp) / "out"), overwrite=True)
-        run["handlers"] = [h for h in run["handlers"] if "WeightsLoader" not in str(h)]
-        run["network"] = network  # already loaded above, with or without a checkpoint
-        evaluator, writer = run.get_parsed_content("evaluator"), run.get_parsed_content("writer")
-        start = time.perf_counter()
-        evaluator.run()
-        writer.complete()
-        seconds = time.perf_counter() - start
-        outputs = run.get_parsed_content("outputs")
+        seconds, outputs = segment_folder(args, network, folder, Path(tmp) / "out")
         found = sum(o.nuclei or 0 for o in outputs.outcomes.values())
         print(
             f"4. whole run:         {args.images * tiles_per_image / seconds:7.2f} tiles/s  "
