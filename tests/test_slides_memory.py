@@ -116,7 +116,7 @@ def test_the_post_processing_queue_is_bounded_by_bytes_too(monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_pool_whose_worker_died_is_replaced(monkeypatch):
+def test_a_pool_whose_worker_died_is_replaced():
     """A killed post-processing process (the kernel's out-of-memory killer) fails the tiles it held; the next tile
     gets a new pool instead of stopping the run with BrokenProcessPool."""
     import os
